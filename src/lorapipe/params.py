@@ -1,0 +1,241 @@
+"""The typed schema of params.yaml: load, check every key, and say exactly what is wrong.
+
+Every hyperparameter lives in params.yaml; this module only knows each key's type and
+allowed range. Loading is cheap and happens before any heavy import or work, so a typo
+costs the user a second, not a half-finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lorapipe.errors import LorapipeError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-sd",)
+
+
+class ParamsError(LorapipeError):
+    """params.yaml is missing, unreadable or breaks the schema; lists every problem."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts, beyond its Python type."""
+
+    help: str
+    minimum: float | None = None  # inclusive
+    above: float | None = None  # exclusive
+    maximum: float | None = None  # inclusive
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+    path: str | None = None  # "dir": must be an existing folder; "model": builtin:... or exists
+
+
+def key(help: str, **rule) -> typing.Any:
+    """A required schema field; params.yaml must set it (no hidden defaults in code)."""
+    return dataclasses.field(metadata={"rule": Rule(help, **rule)})
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dir: str = key("folder with the images and their metadata.csv", path="dir")
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_side: int = key("smallest allowed image side in pixels", minimum=1)
+    max_pixels: int = key("pixel count above which an image is refused", minimum=1)
+    on_error: str = key("what to do with bad rows", choices=("fail", "skip"))
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    resolution: int = key("output side in pixels", minimum=8, multiple_of=8)
+    workers: int = key("worker processes, 0 = one per CPU core", minimum=0)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base: str = key("builtin:tiny-sd, a diffusers folder or a .safetensors file", path="model")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    rank: int = key("LoRA rank (dimension)", minimum=1)
+    alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    learning_rate: float = key("AdamW learning rate", above=0)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    validate: ValidateParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    lora: LoraParams
+    train: TrainParams
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float, as DVC's YAML 1.2 parser does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot ("1.0e-4"); without this, a
+    learning rate written "1e-4" would be a string here and a number in `dvc params diff`.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Params)
+
+
+def _fields(cls: type) -> dict[str, tuple[type, Rule]]:
+    """name -> (type, rule) for one section, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata["rule"]) for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key the schema knows, e.g. 'lora.rank'."""
+    return [
+        f"{section}.{name}" for section, cls in _sections().items() for name in _fields(cls)
+    ]
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+
+
+def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[object, list]:
+    """Return (converted value, problems) for one key."""
+    ok = (
+        (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (t is str and isinstance(value, str))
+        or (t is bool and isinstance(value, bool))
+    )
+    if not ok:
+        got = "nothing" if value is None else f"{type(value).__name__} {value!r}"
+        return value, [f"{dotted} must be {_type_name(t)}, got {got}"]
+    if t is float:
+        value = float(value)
+    problems = []
+    if rule.minimum is not None and value < rule.minimum:
+        problems.append(f"{dotted} must be at least {rule.minimum:g}, got {value!r}")
+    if rule.above is not None and value <= rule.above:
+        problems.append(f"{dotted} must be greater than {rule.above:g}, got {value!r}")
+    if rule.maximum is not None and value > rule.maximum:
+        problems.append(f"{dotted} must be at most {rule.maximum:g}, got {value!r}")
+    if rule.multiple_of and value % rule.multiple_of:
+        problems.append(f"{dotted} must be a multiple of {rule.multiple_of}, got {value!r}")
+    if rule.choices and value not in rule.choices:
+        problems.append(
+            f"{dotted} must be one of {', '.join(rule.choices)}, got {value!r}"
+            + _did_you_mean(str(value), list(rule.choices))
+        )
+    if rule.path:
+        problems += _check_path(dotted, value, rule.path, root)
+    return value, problems
+
+
+def _check_path(dotted: str, value: str, kind: str, root: Path) -> list[str]:
+    if kind == "model" and value.startswith(BUILTIN_PREFIX):
+        if value in BUILTIN_MODELS:
+            return []
+        return [
+            f"{dotted}: unknown builtin model {value!r}; the builtin models are "
+            + ", ".join(BUILTIN_MODELS)
+        ]
+    path = root / value
+    if not path.exists():
+        return [f"{dotted}: path {value!r} does not exist (relative to {root})"]
+    if kind == "dir" and not path.is_dir():
+        return [f"{dotted}: {value!r} is not a folder"]
+    return []
+
+
+def parse_params(raw: object, root: Path, source: str = "params.yaml") -> Params:
+    """Check a loaded params mapping against the schema; raise ParamsError listing all problems."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected sections like 'lora:' at the top level")
+    problems: list[str] = []
+    sections = _sections()
+    built = {}
+    for name in raw:
+        if name not in sections:
+            problems.append(
+                f"unknown section {name}{_did_you_mean(str(name), list(sections))}"
+            )
+    for name, cls in sections.items():
+        values = raw.get(name)
+        if values is None:
+            problems.append(f"missing section {name}; add it to {source}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{name} must be a section of keys, got {values!r}")
+            continue
+        fields = _fields(cls)
+        for k in values:
+            if k not in fields:
+                dotted = f"{name}.{k}"
+                problems.append(f"unknown key {dotted}{_did_you_mean(dotted, all_keys())}")
+        kwargs = {}
+        for k, (t, rule) in fields.items():
+            dotted = f"{name}.{k}"
+            if k not in values:
+                problems.append(f"missing key {dotted} ({rule.help}); add it to {source}")
+                continue
+            kwargs[k], found = _check_value(dotted, values[k], t, rule, root)
+            problems += found
+        if len(kwargs) == len(fields):
+            built[name] = cls(**kwargs)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ParamsError(f"{source} has {len(problems)} problem(s):\n{listing}")
+    return Params(**built)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check params.yaml; relative paths in it are relative to its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found; run from the repository root") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, path.resolve().parent, source=str(path))

@@ -1,0 +1,80 @@
+"""validate: check every image against metadata.csv; write the report and the usable rows.
+
+    python -m stages.validate --images data/example --report reports/validation.json \
+        --usable reports/usable.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections import Counter
+
+from lorapipe import outputs
+from lorapipe.cli import run_stage
+from lorapipe.metadata import Report, validate_dataset
+from lorapipe.params import load_params
+
+SHOWN_PER_CODE = 5  # the terminal gets a sample; the report has every finding
+
+
+def usable_csv(report: Report) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file_name", "text"])
+    writer.writerows([row.file_name, row.text] for row in report.usable)
+    return buf.getvalue()
+
+
+def print_summary(report: Report, on_error: str, out=None) -> None:
+    out = out or sys.stdout
+    s = report.summary()
+    print(
+        f"validate: {s['rows']} rows, {s['usable']} usable, "
+        f"{s['errors']} errors, {s['warnings']} warnings",
+        file=out,
+    )
+    shown = Counter()
+    for finding in report.findings:
+        shown[finding.code] += 1
+        if shown[finding.code] <= SHOWN_PER_CODE:
+            print(f"  {finding}", file=out)
+    for code, count in shown.items():
+        if count > SHOWN_PER_CODE:
+            print(f"  ... {count - SHOWN_PER_CODE} more {code}", file=out)
+    if report.errors and on_error == "skip" and report.usable:
+        print(f"validate: skipped {s['rows_with_errors']} rows with errors "
+              "(validate.on_error: skip)", file=out)
+
+
+def main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__)
+    parser.add_argument("--images", required=True, help="folder with images and metadata.csv")
+    parser.add_argument("--report", required=True, help="JSON report to write")
+    parser.add_argument("--usable", required=True, help="CSV of usable rows to write")
+    args = parser.parse_args(argv)
+    params = load_params().validate
+
+    report = validate_dataset(args.images, params.min_side, params.max_pixels)
+    failed = bool(report.errors) and (params.on_error == "fail" or not report.usable)
+    outputs.write_json(args.report, {
+        **report.summary(),
+        "passed": not failed,
+        "findings": [f.to_dict() for f in report.findings],
+    })
+    print_summary(report, params.on_error)
+    if failed:
+        if report.usable:
+            hint = "fix the rows above or set validate.on_error: skip to drop them"
+        else:
+            hint = "no usable rows are left"
+        print(f"validate: failed: {hint}; every finding is in {args.report}", file=sys.stderr)
+        return 1
+    outputs.write_text(args.usable, usable_csv(report))
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage("validate", main)

@@ -1,0 +1,135 @@
+"""The params.yaml schema: every kind of mistake is refused with the key's name."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from lorapipe.params import ParamsError, all_keys, load_params
+
+
+def write(tmp_path, mutate) -> object:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["dir"] = str(tmp_path)
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def error_for(tmp_path, mutate) -> str:
+    with pytest.raises(ParamsError) as exc:
+        load_params(write(tmp_path, mutate))
+    return str(exc.value)
+
+
+def test_repository_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.preprocess.resolution % 8 == 0
+    assert params.validate.on_error in ("fail", "skip")
+
+
+def test_every_key_has_a_comment_in_params_yaml():
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    for dotted in all_keys():
+        section, key = dotted.split(".")
+        section_line = lines.index(f"{section}:")
+        assert lines[section_line - 1].startswith("#"), f"section {section} has no comment"
+        key_line = next(
+            i for i in range(section_line, len(lines)) if lines[i].startswith(f"  {key}:")
+        )
+        assert lines[key_line - 1].strip().startswith("#"), f"{dotted} has no comment"
+
+
+def test_unknown_key(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["lora"].update(rnak=8))
+    assert "unknown key lora.rnak; did you mean lora.rank?" in msg
+
+
+def test_unknown_section(tmp_path):
+    msg = error_for(tmp_path, lambda p: p.update(lroa={"rank": 4}))
+    assert "unknown section lroa; did you mean lora?" in msg
+
+
+def test_wrong_type(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["lora"].update(rank="four"))
+    assert "lora.rank must be an integer, got str 'four'" in msg
+
+
+def test_bool_is_not_a_number(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["preprocess"].update(workers=True))
+    assert "preprocess.workers must be an integer" in msg
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("lora", "rank", 0, "lora.rank must be at least 1, got 0"),
+        ("lora", "rank", -4, "lora.rank must be at least 1"),
+        ("preprocess", "resolution", 60, "preprocess.resolution must be a multiple of 8, got 60"),
+        ("train", "learning_rate", -1e-4, "train.learning_rate must be greater than 0"),
+        ("validate", "on_error", "skpi", "validate.on_error must be one of fail, skip, got 'skpi'"),
+    ],
+)
+def test_out_of_range(tmp_path, section, key, value, expected):
+    msg = error_for(tmp_path, lambda p: p[section].update({key: value}))
+    assert expected in msg
+
+
+def test_missing_path(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["data"].update(dir="no/such/folder"))
+    assert "data.dir: path 'no/such/folder' does not exist" in msg
+
+
+def test_model_path_or_builtin(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["model"].update(base="models/sd15.safetensors"))
+    assert "model.base: path 'models/sd15.safetensors' does not exist" in msg
+    msg = error_for(tmp_path, lambda p: p["model"].update(base="builtin:huge-sd"))
+    assert "unknown builtin model 'builtin:huge-sd'" in msg
+
+
+def test_missing_key_and_section(tmp_path):
+    msg = error_for(tmp_path, lambda p: (p["lora"].pop("alpha"), p.pop("train")))
+    assert "missing key lora.alpha" in msg
+    assert "missing section train" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    msg = error_for(tmp_path, lambda p: (p["lora"].update(rank=0, rnak=1),
+                                         p["preprocess"].update(resolution=63)))
+    assert re.search(r"has 3 problem", msg)
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    path = write(tmp_path, lambda p: None)
+    text = re.sub(r"learning_rate: .*", "learning_rate: 3e-4", path.read_text())
+    path.write_text(text)
+    assert "3e-4" in text
+    assert load_params(path).train.learning_rate == pytest.approx(3e-4)
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("lora:\n  rank: [4\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_stage_exits_cleanly_on_bad_params(tmp_path, dataset):
+    """A stage started with a broken params.yaml names the key and shows no traceback."""
+    write(tmp_path, lambda p: p["validate"].update(min_sid=64))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.validate", "--images", str(dataset),
+         "--report", "r.json", "--usable", "u.csv"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert "unknown key validate.min_sid; did you mean validate.min_side?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
