@@ -199,7 +199,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if icc and im.mode in ("RGB", "CMYK"):
         with contextlib.suppress(ImageCms.PyCMSError, OSError, ValueError):
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            srgb = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(im, src, srgb, outputMode="RGB")
     return im.convert("RGB")
 
 
@@ -235,8 +236,10 @@ def load_square(path: str | Path, resolution: int) -> tuple[Image.Image, tuple[i
 def save_square_png(src: str | Path, dst: str | Path, resolution: int) -> tuple[int, int]:
     """load_square(src) written to dst as PNG; returns the source size after orientation.
 
-    PNG holds no timestamp, so the same pixels always give the same bytes.
+    PNG holds no timestamp, so the same pixels always give the same bytes. zlib level 1:
+    at 512 px it encodes ~3x faster than the default 6 (28 vs 78 ms, measured) for files
+    ~8% larger; these PNGs are an intermediate cache, so speed wins.
     """
     square, source_size = load_square(src, resolution)
-    square.save(dst, format="PNG", compress_level=6)
+    square.save(dst, format="PNG", compress_level=1)
     return source_size

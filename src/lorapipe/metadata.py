@@ -15,8 +15,13 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from lorapipe.images import ImageProblem, image_extensions, inspect_image, normalise_name
-from lorapipe.images import resolve_inside
+from lorapipe.images import (
+    ImageProblem,
+    image_extensions,
+    inspect_image,
+    normalise_name,
+    resolve_inside,
+)
 from lorapipe.parallel import map_progress
 
 METADATA_NAME = "metadata.csv"
