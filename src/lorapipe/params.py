@@ -36,7 +36,9 @@ class Rule:
     maximum: float | None = None  # inclusive
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
-    path: str | None = None  # "dir": must be an existing folder; "model": builtin:... or exists
+    path: str | None = None  # "dir": an existing folder; "model": builtin:... or exists;
+    #                          "any": must exist
+    optional: bool = False  # for paths: "" means none
 
 
 def key(help: str, **rule) -> typing.Any:
@@ -65,17 +67,46 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class ModelParams:
     base: str = key("builtin:tiny-sd, a diffusers folder or a .safetensors file", path="model")
+    config: str = key("diffusers folder with configs for a single-file base", path="dir",
+                      optional=True)
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    batch_size: int = key("images per VAE / text-encoder batch", minimum=1)
 
 
 @dataclass(frozen=True)
 class LoraParams:
     rank: int = key("LoRA rank (dimension)", minimum=1)
     alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
+    dropout: float = key("dropout on the LoRA path", minimum=0, maximum=0.9)
+    targets: list[str] = key("UNet module names that get a LoRA")
+    init: str = key("existing LoRA to continue from", path="any", optional=True)
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    seed: int = key("seed for LoRA init, data order, noise and timesteps", minimum=0)
     learning_rate: float = key("AdamW learning rate", above=0)
+    lr_scheduler: str = key("learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = key("steps of linear warm-up", minimum=0)
+    adam_weight_decay: float = key("AdamW weight decay", minimum=0)
+    batch_size: int = key("images per micro-batch", minimum=1)
+    grad_accum: int = key("micro-batches per optimizer step", minimum=1)
+    max_steps: int = key("optimizer steps; 0 = use train.epochs", minimum=0)
+    epochs: int = key("passes over the data when max_steps is 0", minimum=0)
+    mixed_precision: str = key("no, fp16 or bf16", choices=PRECISIONS)
+    gradient_checkpointing: bool = key("recompute activations to save memory")
+    noise_offset: float = key("offset-noise strength", minimum=0)
+    min_snr_gamma: float = key("Min-SNR loss weighting gamma; 0 = off", minimum=0)
+    max_grad_norm: float = key("gradient clipping norm; 0 = off", minimum=0)
+    eval_every: int = key("fixed-noise loss every N steps; 0 = start and end", minimum=0)
+    checkpoint_every: int = key("checkpoint every N steps; 0 = off", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -84,8 +115,22 @@ class Params:
     validate: ValidateParams
     preprocess: PreprocessParams
     model: ModelParams
+    encode: EncodeParams
     lora: LoraParams
     train: TrainParams
+
+
+def _cross_checks(p: Params) -> list[str]:
+    """Rules that involve more than one key."""
+    problems = []
+    if p.train.max_steps == 0 and p.train.epochs == 0:
+        problems.append("train.max_steps and train.epochs are both 0; set one of them")
+    if p.train.lr_warmup_steps and p.train.lr_scheduler == "constant":
+        problems.append("train.lr_warmup_steps is set but train.lr_scheduler is constant; "
+                        "use constant_with_warmup, cosine or linear")
+    if p.model.config and p.model.base.startswith(BUILTIN_PREFIX):
+        problems.append("model.config is only for single-file checkpoints; set it to \"\"")
+    return problems
 
 
 class _Loader(yaml.SafeLoader):
@@ -132,8 +177,9 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _type_name(t: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+def _type_name(t) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(t, "a list of strings")
 
 
 def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[object, list]:
@@ -143,6 +189,8 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         or (t is float and isinstance(value, int | float) and not isinstance(value, bool))
         or (t is str and isinstance(value, str))
         or (t is bool and isinstance(value, bool))
+        or (t == list[str] and isinstance(value, list) and bool(value)
+            and all(isinstance(v, str) and v for v in value))
     )
     if not ok:
         got = "nothing" if value is None else f"{type(value).__name__} {value!r}"
@@ -163,7 +211,7 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
             f"{dotted} must be one of {', '.join(rule.choices)}, got {value!r}"
             + _did_you_mean(str(value), list(rule.choices))
         )
-    if rule.path:
+    if rule.path and not (rule.optional and value == ""):
         problems += _check_path(dotted, value, rule.path, root)
     return value, problems
 
@@ -219,10 +267,13 @@ def parse_params(raw: object, root: Path, source: str = "params.yaml") -> Params
             problems += found
         if len(kwargs) == len(fields):
             built[name] = cls(**kwargs)
+    if not problems:
+        params = Params(**built)
+        problems = _cross_checks(params)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ParamsError(f"{source} has {len(problems)} problem(s):\n{listing}")
-    return Params(**built)
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,0 +1,133 @@
+"""The encode cache: VAE latents and text-encoder states for every processed image.
+
+Encoding is the same for every LoRA experiment on one base model, so it is done once and
+sweeps over lora.* and train.* read this file instead of running the VAE and text encoder.
+One safetensors file holds everything; its metadata names the images and the base.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from lorapipe import outputs
+from lorapipe.errors import LorapipeError
+
+CACHE_FILE = "latents.safetensors"
+
+
+@dataclass
+class Cache:
+    latents: torch.Tensor  # [N, 4, H/8, W/8], already multiplied by the VAE scaling factor
+    text_states: torch.Tensor  # [N, 77, D], the text encoder's last hidden state
+    files: list[str]
+    captions: list[str]
+    meta: dict
+
+
+def read_processed(folder: str | Path) -> list[tuple[str, str]]:
+    path = Path(folder) / "metadata.csv"
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [(r["file_name"], r["text"]) for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise LorapipeError(f"{path} not found; run the preprocess stage first") from None
+    if not rows:
+        raise LorapipeError(f"{path} lists no images")
+    return rows
+
+
+def image_tensor(path: Path) -> torch.Tensor:
+    """An RGB image as a [3, H, W] float tensor in [-1, 1], the VAE's input range."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_texts(pipe, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Text-encoder last hidden states, and the indices of captions cut at the token limit."""
+    tok = pipe.tokenizer
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids
+    full = tok(captions, truncation=False).input_ids
+    cut = [i for i, seq in enumerate(full) if len(seq) > tok.model_max_length]
+    return pipe.text_encoder(ids)[0].float(), cut
+
+
+@torch.no_grad()
+def encode_dataset(pipe, folder: str | Path, batch_size: int) -> Cache:
+    folder = Path(folder)
+    rows = read_processed(folder)
+    files = [f for f, _ in rows]
+    captions = [c for _, c in rows]
+    vae = pipe.vae.eval()
+    scale = vae.config.scaling_factor
+    latents, texts, truncated = [], [], []
+    size = None
+    bar = tqdm(total=len(rows), desc="encode", unit="img", dynamic_ncols=True)
+    with bar:
+        for start in range(0, len(rows), batch_size):
+            names = files[start:start + batch_size]
+            pixels = []
+            for name in names:
+                tensor = image_tensor(folder / name)
+                if size is None:
+                    size = tensor.shape[1:]
+                elif tensor.shape[1:] != size:
+                    raise LorapipeError(
+                        f"{name} is {tuple(tensor.shape[1:])}, not {tuple(size)} like the "
+                        "others; rerun the preprocess stage"
+                    )
+                pixels.append(tensor)
+            # The posterior mean: a random-init VAE has posterior std ~1, so a sample would
+            # be mostly noise; for trained VAEs the std is tiny and mean ~ sample.
+            z = vae.encode(torch.stack(pixels)).latent_dist.mode() * scale
+            for name, latent in zip(names, z, strict=True):
+                if not torch.isfinite(latent).all():
+                    raise LorapipeError(
+                        f"{name}: the VAE gave non-finite latents; check the image, or the "
+                        "base model's VAE (fp16 SD VAEs overflow: use an fp32 VAE)"
+                    )
+            states, cut = encode_texts(pipe, captions[start:start + batch_size])
+            truncated += [files[start + i] for i in cut]
+            latents.append(z.float())
+            texts.append(states)
+            bar.update(len(names))
+    meta = {"scaling_factor": scale, "image_size": list(size), "truncated": truncated}
+    return Cache(torch.cat(latents), torch.cat(texts), files, captions, meta)
+
+
+def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
+    path = Path(folder) / CACHE_FILE
+    metadata = {
+        "files": json.dumps(cache.files, ensure_ascii=False),
+        "captions": json.dumps(cache.captions, ensure_ascii=False),
+        "base": base,
+        "meta": json.dumps(cache.meta),
+    }
+    tensors = {"latents": cache.latents.contiguous(), "text_states": cache.text_states.contiguous()}
+    with outputs.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def load_cache(folder: str | Path) -> Cache:
+    path = Path(folder) / CACHE_FILE
+    if not path.exists():
+        raise LorapipeError(f"{path} not found; run the encode stage first")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        latents = f.get_tensor("latents")
+        text_states = f.get_tensor("text_states")
+    return Cache(latents, text_states, json.loads(meta["files"]), json.loads(meta["captions"]),
+                 {**json.loads(meta["meta"]), "base": meta["base"]})

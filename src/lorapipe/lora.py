@@ -1,0 +1,156 @@
+"""LoRA on the UNet: attach (peft), save in the diffusers and WebUI/kohya formats, load back,
+and continue from an existing LoRA.
+
+Two files are written to the output folder:
+- pytorch_lora_weights.safetensors: diffusers/peft format with the adapter config in its
+  metadata, so `pipe.load_lora_weights(folder)` restores the right alpha/rank scale;
+- lora_webui.safetensors: one file for AUTOMATIC1111/Forge/ComfyUI in kohya's layout
+  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) with `ss_*` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from lorapipe.errors import LorapipeError
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+WEBUI_FILE = "lora_webui.safetensors"
+KOHYA_PREFIX = "lora_unet_"
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+    # Gaussian A, zero B (Hu et al., 2021): the LoRA starts as a no-op on the base model.
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                      init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def attach_lora(unet: torch.nn.Module, config: LoraConfig) -> None:
+    """Freeze the UNet and add the LoRA adapter; raises if a target matches nothing."""
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(config)
+    except ValueError as exc:
+        raise LorapipeError(
+            f"lora.targets {sorted(config.target_modules)} match no UNet layer ({exc}); use "
+            "attention projections such as to_q, to_k, to_v, to_out.0"
+        ) from None
+
+
+def peft_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft naming ('<module>.lora_A.weight'), contiguous fp32 copies."""
+    return {k: v.detach().float().contiguous().clone()
+            for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def adapter_metadata(config: LoraConfig) -> dict:
+    """The peft config as JSON-safe values, sets sorted: set order differs between processes,
+    and the saved bytes must not."""
+    out = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value"):  # enums such as PeftType
+            value = value.value
+        out[key] = value
+    return out
+
+
+def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: Path) -> Path:
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(folder),
+        unet_lora_layers=convert_state_dict_to_diffusers(state),
+        safe_serialization=True,
+        weight_name=DIFFUSERS_FILE,
+        unet_lora_adapter_metadata=adapter_metadata(config),
+    )
+    return folder / DIFFUSERS_FILE
+
+
+def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft names -> kohya/WebUI names: 'a.b.lora_A.weight' -> 'lora_unet_a_b.lora_down.weight'."""
+    out = {}
+    for key, tensor in state.items():
+        module, kind, _ = key.rsplit(".", 2)
+        name = KOHYA_PREFIX + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return dict(sorted(out.items()))
+
+
+def save_webui(state: dict[str, torch.Tensor], alpha: float, metadata: dict, path: Path) -> Path:
+    """kohya-layout single file; metadata values must be strings (safetensors' rule)."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    save_file(to_kohya(state, alpha), str(path), metadata=meta)
+    return path
+
+
+def load_init(unet: torch.nn.Module, path: str, config: LoraConfig) -> int:
+    """Load an existing LoRA (diffusers folder/file or a kohya/WebUI file) into the attached
+    adapter, so training continues from it. Returns the number of tensors loaded.
+
+    A LoRA saved with another alpha is rescaled (up weights * file_alpha / alpha) so the model
+    starts out computing exactly what that LoRA computed.
+    """
+    try:
+        loaded, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            path, local_files_only=True, return_lora_metadata=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None
+    unet_part = {k.removeprefix("unet."): v for k, v in loaded.items() if k.startswith("unet.")}
+    if not unet_part:
+        raise LorapipeError(f"lora.init: {path!r} holds no UNet LoRA weights")
+    incoming = convert_unet_state_dict_to_peft(unet_part)
+    current = get_peft_model_state_dict(unet)
+    missing = sorted(set(current) - set(incoming))
+    extra = sorted(set(incoming) - set(current))
+    if missing or extra:
+        detail = "; ".join(
+            f"{len(keys)} LoRA tensors {what} (e.g. {keys[0]})"
+            for keys, what in ((missing, "missing from it"), (extra, "it has that we do not"))
+            if keys
+        )
+        raise LorapipeError(
+            f"lora.init: {path!r} was trained on other layers than lora.targets "
+            f"{sorted(config.target_modules)}: {detail}; set lora.targets to the layers it "
+            "was trained on"
+        )
+    for key, tensor in incoming.items():
+        if tensor.shape != current[key].shape:
+            file_rank = min(tensor.shape)
+            raise LorapipeError(
+                f"lora.init: {path!r} has rank {file_rank} but lora.rank is {config.r}; "
+                f"set lora.rank: {file_rank} to continue training it"
+            )
+    file_alpha = _file_alpha(path, alphas, metadata, config)
+    if file_alpha != config.lora_alpha:
+        for key in incoming:
+            if key.endswith("lora_B.weight"):
+                incoming[key] = incoming[key] * (file_alpha / config.lora_alpha)
+    set_peft_model_state_dict(unet, incoming, adapter_name="default")
+    return len(incoming)
+
+
+def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: LoraConfig):
+    """The alpha a LoRA file was saved with: kohya files store one per module, our diffusers
+    files store the peft config; a file with neither is taken to use ours."""
+    if alphas:
+        values = {float(v) for v in alphas.values()}
+        if len(values) > 1:
+            raise LorapipeError(
+                f"lora.init: {path!r} uses different alphas per layer {sorted(values)}; "
+                "continuing such a LoRA is not supported"
+            )
+        return values.pop()
+    if metadata and "unet.lora_alpha" in metadata:
+        return float(metadata["unet.lora_alpha"])
+    return float(config.lora_alpha)

@@ -1,0 +1,172 @@
+"""Base models: the builtin tiny SD, a local diffusers folder, or a single .safetensors file.
+
+Everything loads offline (lorapipe/__init__ sets the Hugging Face offline switches before
+any HF library is imported). Pickle checkpoints are refused: loading one runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lorapipe.errors import LorapipeError
+from lorapipe.params import BUILTIN_PREFIX
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+TINY_SEED = 0
+
+# Measured on data/example at 64 px (tests/test_models.py keeps it true): the random tiny
+# VAE's latent means have a std of 0.363 there, so SD's 0.18215 would shrink them to ~0.07 and
+# the diffusion loss would barely depend on the image. 1/0.363 = 2.76 gives unit variance.
+TINY_VAE_SCALING = 2.76
+
+# Words the builtin tokenizer knows whole (everything else falls back to characters):
+# the example captions plus the words most captions are made of.
+TINY_WORDS = """
+a an the of in on at with and or for to from by is are this that photo picture image
+painting drawing illustration render style lpstyle sks art artwork portrait landscape
+red blue green yellow purple orange pink black white grey gray brown teal cyan magenta
+circle square triangle star shape shapes round bold outline outlined highlight stripes
+striped pastel background foreground dark light bright soft sharp simple flat
+cat dog man woman person face girl boy tree sky sea water mountain city house car
+small large big tiny one two three high quality detailed best
+""".split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The byte-to-character table of GPT-2/CLIP byte-level BPE (Radford et al., 2019)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer with a small vocabulary made here, so nothing is downloaded."""
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_sd() -> StableDiffusionPipeline:
+    """An SD1.x-shaped pipeline small enough to train in minutes on 2 CPU cores.
+
+    Same architecture family as SD 1.5 (cross-attention UNet, KL VAE with 8x downsampling,
+    CLIP text encoder, scaled-linear DDPM schedule), with tiny widths. Seeded: identical
+    weights every time, on every machine with the same torch.
+    """
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(TINY_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    torch.manual_seed(TINY_SEED + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        sample_size=64, scaling_factor=TINY_VAE_SCALING,
+    )
+    torch.manual_seed(TINY_SEED + 2)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(base: str, config: str = "", root: Path | None = None
+                  ) -> StableDiffusionPipeline:
+    """The base model named by model.base (and model.config for single files), on the CPU."""
+    if base.startswith(BUILTIN_PREFIX):
+        return build_tiny_sd()
+    path = (root or Path.cwd()) / base
+    if not path.exists():
+        raise LorapipeError(f"model.base: {base!r} does not exist")
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise LorapipeError(
+                f"model.base: {base!r} is a folder but not a diffusers model (no "
+                "model_index.json); give a diffusers folder (save_pretrained) or a "
+                ".safetensors file"
+            )
+        try:
+            return StableDiffusionPipeline.from_pretrained(
+                path, local_files_only=True, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LorapipeError(
+                f"model.base: cannot load diffusers folder {base!r}: {exc}") from None
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise LorapipeError(
+            f"model.base: {base!r} is a pickle checkpoint ({suffix}), which can run code when "
+            "loaded; lorapipe loads only .safetensors. Convert it once where you trust the "
+            "file, e.g. `StableDiffusionPipeline.from_single_file(path).save_pretrained(dir)` "
+            "and set model.base to dir"
+        )
+    if suffix != ".safetensors":
+        raise LorapipeError(
+            f"model.base: {base!r} is not a .safetensors checkpoint or a diffusers folder"
+        )
+    kwargs = {"local_files_only": True, "safety_checker": None, "requires_safety_checker": False}
+    if config:
+        kwargs["config"] = str((root or Path.cwd()) / config)
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as exc:  # diffusers raises many types for a file it cannot map
+        hint = "" if config else (
+            "; offline, diffusers needs the model's configs: set model.config to a diffusers "
+            "folder of the same architecture (e.g. a saved SD 1.5 pipeline)"
+        )
+        raise LorapipeError(
+            f"model.base: {base!r} is not a Stable Diffusion checkpoint diffusers recognises "
+            f"({type(exc).__name__}: {exc}){hint}"
+        ) from None
+
+
+def training_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
+    """The DDPM noise schedule the base was trained with (epsilon or v-prediction)."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)

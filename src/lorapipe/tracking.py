@@ -1,0 +1,83 @@
+"""dvclive + TensorBoard + a plain-text log behind one small interface, with one set of names.
+
+Names follow kohya's trainers, the de facto standard: loss/current, loss/average,
+loss/epoch_average, lr/unet. Each TensorBoard run gets its own folder under logs/tensorboard/
+(named after the DVC experiment under `dvc exp run`), so runs never mix and
+`tensorboard --logdir logs/tensorboard` shows them side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from dvclive import Live
+
+
+def run_name() -> str:
+    """The DVC experiment's name under `dvc exp run`, else a timestamp."""
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
+
+
+class Tracker:
+    """Logs one training run. Create it on the main process only.
+
+    `history` is every (step, metrics) logged so far: stored in checkpoints and replayed on
+    resume, so the dvclive files of a resumed run equal those of an uninterrupted one.
+    """
+
+    def __init__(self, live_dir: Path, logs_dir: Path, name: str, params: dict,
+                 history: list | None = None, resume_step: int = 0):
+        self.name = name
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+        self.live.log_params(params)
+        tb_dir = Path(logs_dir) / "tensorboard" / name
+        # purge_step drops events a killed run wrote after its last checkpoint
+        self.tb = SummaryWriter(str(tb_dir), purge_step=resume_step if history else None)
+        self.text_path = Path(logs_dir) / "train.log"
+        self.text_path.parent.mkdir(parents=True, exist_ok=True)
+        self._text = open(self.text_path, "a" if history else "w", encoding="utf-8")  # noqa: SIM115
+        if not history:
+            self.tb.add_text("params", _markdown(params), 0)
+        for step, metrics in history or []:
+            self._to_live(step, metrics)
+            self.history.append((step, metrics))
+
+    def _to_live(self, step: int, metrics: dict[str, float]) -> None:
+        self.live.step = step
+        for name, value in metrics.items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._to_live(step, metrics)
+        for name, value in metrics.items():
+            self.tb.add_scalar(name, value, step)
+        self.history.append((step, dict(metrics)))
+
+    def text(self, line: str) -> None:
+        self._text.write(line + "\n")
+        self._text.flush()
+
+    def summary(self, step: int, values: dict) -> None:
+        """Final numbers for `dvc exp show` (dvclive's metrics.json) and TensorBoard."""
+        self.live.summary.update(values)
+        self.live.step = step
+        self.live.make_summary()
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self.tb.add_scalar(f"summary/{key}", value, step)
+
+    def close(self) -> None:
+        self.tb.close()
+        self._text.close()
+
+
+def _markdown(params: dict) -> str:
+    lines = ["| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in params.items()]
+    return "\n".join(lines)

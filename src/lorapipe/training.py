@@ -1,0 +1,391 @@
+"""The one training loop: LoRA on the UNet over cached latents, through accelerate.
+
+Reads in the order it runs: set up, derive and print the plan, resume, then per step:
+evaluate, micro-steps (forward, backward), clip, optimizer step, log, checkpoint; finally
+save the LoRA in both formats.
+
+Randomness is a pure function of (train.seed, position): the data order of epoch e comes from
+seed and e, the noise and timesteps of micro-batch k from seed and k. A resumed run therefore
+draws exactly what an uninterrupted one would, and on CPU ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lorapipe import checkpoints, lora, outputs
+from lorapipe.cache import CACHE_FILE, load_cache
+from lorapipe.errors import LorapipeError
+from lorapipe.models import load_pipeline, training_scheduler
+from lorapipe.tracking import Tracker, run_name
+
+# Timesteps of the fixed-noise loss: spread over the schedule, so it covers coarse and fine
+# denoising alike. Fixed noise + fixed timesteps remove the sampling noise that makes the raw
+# per-step loss jump around; what is left moves only when the model does.
+FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
+FIXED_IMAGES = 8
+CHECKPOINT_LORA = "lora.safetensors"
+
+
+class Diverged(LorapipeError):
+    """The loss or gradient became non-finite; the weights were not updated with it."""
+
+    def __init__(self, step: int, lr: float, what: str):
+        super().__init__(
+            f"{what} became non-finite at step {step} (lr {lr:.2e}). The last good LoRA "
+            f"(before step {step}) was saved. Try: a lower train.learning_rate (e.g. "
+            f"{lr / 10:.0e}), a larger train.batch_size or train.grad_accum, gradient "
+            "clipping (train.max_grad_norm: 1.0), mixed_precision 'no'; and check the data"
+        )
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How micro-batches tile the data stream; every count derived once, here."""
+
+    images: int
+    batch_size: int
+    grad_accum: int
+    max_steps: int
+
+    @classmethod
+    def from_params(cls, p, images: int) -> Plan:
+        per_step = p.batch_size * p.grad_accum
+        steps = p.max_steps or math.ceil(p.epochs * images / per_step)
+        return cls(images, p.batch_size, p.grad_accum, steps)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.images / (self.batch_size * self.grad_accum)))
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch the last image of optimizer step `step` (0-based) belongs to."""
+        last = (step + 1) * self.batch_size * self.grad_accum - 1
+        return last // self.images
+
+    def batch_indices(self, micro: int, seed: int) -> torch.Tensor:
+        """Image indices of micro-batch `micro`: epochs are seeded permutations, batches
+        run across epoch ends so every batch is full."""
+        positions = range(micro * self.batch_size, (micro + 1) * self.batch_size)
+        out = []
+        for pos in positions:
+            epoch, i = divmod(pos, self.images)
+            order = torch.randperm(self.images, generator=_gen(seed, "epoch", epoch))
+            out.append(int(order[i]))
+        return torch.tensor(out)
+
+
+def _gen(seed: int, purpose: str, index: int) -> torch.Generator:
+    """A generator seeded from (seed, purpose, index), independent of anything run before."""
+    salt = {"epoch": 1, "micro": 2, "fixed": 3}[purpose]
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt) * 1_000_003 + index)
+
+
+def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_snr_gamma=0.0,
+                   timesteps=None):
+    """DDPM training loss (Ho et al., 2020) for epsilon or v-prediction bases."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    if noise_offset:
+        # offset noise (Guttenberg, 2023): lets the model shift whole-image brightness
+        noise = noise + noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=gen)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy, timesteps, text).sample
+    if not min_snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    # Min-SNR-gamma weighting (Hang et al., 2023), as in diffusers' training examples
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=min_snr_gamma)
+    weights = weights / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+@torch.no_grad()
+def fixed_loss(unet, scheduler, latents, text, seed: int) -> float:
+    """Loss on the first FIXED_IMAGES images at FIXED_TIMESTEPS with noise fixed by the seed.
+    Dropout off; draws nothing from any shared RNG, so training is unaffected."""
+    was_training = unet.training
+    unet.eval()
+    latents, text = latents[:FIXED_IMAGES], text[:FIXED_IMAGES]
+    total = 0.0
+    for t in FIXED_TIMESTEPS:
+        gen = _gen(seed, "fixed", t)
+        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
+        total += diffusion_loss(unet, scheduler, latents, text, gen, timesteps=ts).item()
+    unet.train(was_training)
+    return total / len(FIXED_TIMESTEPS)
+
+
+def flat_params(params) -> dict:
+    out = {}
+    for section in ("model", "lora", "train"):
+        for key, value in asdict(getattr(params, section)).items():
+            out[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+    return out
+
+
+def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
+        ckpt_dir: Path) -> dict:
+    """Train, log and save; returns the summary metrics. Raises Diverged on NaN/Inf."""
+    p, lp = params.train, params.lora
+    if p.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
+    accelerator = Accelerator(mixed_precision=p.mixed_precision,
+                              gradient_accumulation_steps=p.grad_accum)
+    main = accelerator.is_main_process
+    cache = load_cache(cache_dir)
+    if cache.meta["base"] != params.model.base:
+        raise LorapipeError(f"the cache in {cache_dir} was encoded with {cache.meta['base']}, "
+                            f"not model.base {params.model.base}; rerun the encode stage")
+    pipe = load_pipeline(params.model.base, params.model.config)
+    unet, scheduler = pipe.unet, training_scheduler(pipe)
+    del pipe  # the VAE and text encoder are not needed: their outputs are cached
+
+    torch.manual_seed(p.seed)  # the LoRA's Gaussian init
+    config = lora.lora_config(lp.rank, lp.alpha, lp.dropout, lp.targets)
+    lora.attach_lora(unet, config)
+    if lp.init:
+        lora.load_init(unet, lp.init, config)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        # frozen base in half precision, trainable LoRA weights in fp32 (diffusers' recipe)
+        unet.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
+        cast_training_params(unet, dtype=torch.float32)
+    if p.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [q for q in unet.parameters() if q.requires_grad]
+    n_trainable = sum(q.numel() for q in trainable)
+
+    plan = Plan.from_params(p, len(cache.files))
+    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        p.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=p.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.max_steps * accelerator.num_processes,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    _register_lora_hooks(accelerator)
+    latents = cache.latents.to(accelerator.device)
+    text = cache.text_states.to(accelerator.device)
+
+    fp = checkpoints.fingerprint(params, Path(cache_dir) / CACHE_FILE)
+    found, notes = checkpoints.find(ckpt_dir, fp)
+    state = {"run_name": run_name(), "history": [], "wall_time": 0.0}
+    if found:
+        accelerator.load_state(str(found))
+        state = checkpoints.read_state(found)
+    start_step = state.get("step", 0)
+
+    tracker = None
+    if main:
+        for note in notes:
+            print(f"train: {note}")
+        tracker = Tracker(live_dir, logs_dir, state["run_name"], flat_params(params),
+                          history=state["history"], resume_step=start_step)
+        header = (
+            f"train: {len(cache.files)} images, batch {p.batch_size} x grad_accum "
+            f"{p.grad_accum} x {accelerator.num_processes} process(es) = global batch "
+            f"{p.batch_size * p.grad_accum * accelerator.num_processes}; {plan.max_steps} steps "
+            f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
+            f"epochs); {n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
+            f"{lp.alpha:g}); TensorBoard run {state['run_name']}"
+        )
+        if found:
+            header += f"; resumed from {found} at step {start_step}"
+        print(header)
+        tracker.text(header)
+
+    step_losses = [v["loss/current"] for _, v in state["history"] if "loss/current" in v]
+    epoch_losses = list(state.get("epoch_losses", []))
+    fixed_start = state.get("fixed_start")
+    t0 = time.perf_counter() - state["wall_time"]
+    timed_from, timed_steps = time.perf_counter(), 0
+    bar = tqdm(total=plan.max_steps, initial=start_step, desc="train", unit="step",
+               dynamic_ncols=True, disable=not main, mininterval=1.0)
+    unet.train()
+    for step in range(start_step, plan.max_steps):
+        lr = lr_scheduler.get_last_lr()[0]
+        # evaluate: the fixed-noise loss, before this step's update
+        if main and (step == 0 or (p.eval_every and step % p.eval_every == 0)):
+            fixed = fixed_loss(unet, scheduler, latents, text, p.seed)
+            fixed_start = fixed if step == 0 else fixed_start
+            tracker.log(step, {"loss/fixed": fixed})
+
+        # micro-steps: forward and backward; accelerate syncs and steps on the last one
+        micro_losses = []
+        for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
+            idx = plan.batch_indices(micro, p.seed)
+            gen = _gen(p.seed, "micro", micro)
+            torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
+            with accelerator.accumulate(unet), accelerator.autocast():
+                loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,
+                                      p.noise_offset, p.min_snr_gamma)
+                if not torch.isfinite(loss):
+                    raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
+                                    "the loss")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
+                    if not torch.isfinite(norm):
+                        raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
+                                        "the gradient")
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(accelerator.reduce(loss.detach(), "mean").item())
+
+        # log
+        step_loss = sum(micro_losses) / len(micro_losses)
+        step_losses.append(step_loss)
+        epoch_losses.append(step_loss)
+        window = step_losses[-plan.steps_per_epoch:]  # moving mean over one epoch of steps
+        average = sum(window) / len(window)
+        timed_steps += 1
+        if main:
+            metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
+            if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
+                metrics["loss/epoch_average"] = sum(epoch_losses) / len(epoch_losses)
+                epoch_losses = []
+            tracker.log(step + 1, metrics)
+            tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
+                         f"average {average:.5f} lr {lr:.3e}")
+            bar.set_postfix(loss=f"{average:.4f}", lr=f"{lr:.1e}")
+        bar.update()
+
+        # checkpoint
+        if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
+                and step + 1 < plan.max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                checkpoints.save(accelerator, ckpt_dir, step + 1, {
+                    "fingerprint": fp, "run_name": state["run_name"],
+                    "history": tracker.history, "epoch_losses": epoch_losses,
+                    "fixed_start": fixed_start, "wall_time": time.perf_counter() - t0,
+                })
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    summary = {}
+    if main:
+        steps_per_s = timed_steps / max(time.perf_counter() - timed_from, 1e-9)
+        fixed_end = fixed_loss(unet, scheduler, latents, text, p.seed)
+        tracker.log(plan.max_steps, {"loss/fixed": fixed_end})
+        averages = _averages(step_losses, plan.steps_per_epoch)
+        summary = {
+            "final_average_loss": averages[-1], "min_average_loss": min(averages),
+            "fixed_loss_start": fixed_start, "fixed_loss_end": fixed_end,
+            "steps": plan.max_steps, "epochs": round(plan.max_steps / plan.steps_per_epoch, 2),
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+            "steps_per_s": round(steps_per_s, 3), "trainable_params": n_trainable,
+            "health": {"status": "ok", "step": plan.max_steps},
+        }
+        save_lora(accelerator.unwrap_model(unet), config, params, plan, len(cache.files),
+                  out_dir, cache.meta)
+        tracker.summary(plan.max_steps, summary)
+        tracker.text(f"done: {summary}")
+        tracker.close()
+        checkpoints.clear(ckpt_dir)
+    return summary
+
+
+def _averages(losses: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(losses)):
+        chunk = losses[max(0, i + 1 - window):i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what) -> Diverged:
+    """Save the last good LoRA (the weights before this step), record the health, and return
+    the error to raise."""
+    error = Diverged(step, lr, what)
+    if accelerator.is_main_process:
+        state = lora.peft_state(accelerator.unwrap_model(unet))
+        if all(torch.isfinite(t).all() for t in state.values()):
+            with outputs.atomic_dir(out_dir) as tmp:
+                lora.save_diffusers(state, config, tmp)
+        tracker.summary(step, {"health": {"status": "diverged", "step": step, "lr": lr}})
+        tracker.text(f"diverged: {error}")
+        tracker.close()
+    return error
+
+
+def save_lora(unet, config, params, plan: Plan, n_images: int, out_dir: Path, meta) -> None:
+    """Both formats into out_dir, atomically; refuses non-finite weights."""
+    state = lora.peft_state(unet)
+    bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
+    with outputs.atomic_dir(out_dir) as tmp:
+        lora.save_diffusers(state, config, tmp)
+        lora.save_webui(state, params.lora.alpha, kohya_metadata(params, plan, n_images, meta),
+                        tmp / lora.WEBUI_FILE)
+
+
+def kohya_metadata(params, plan: Plan, n_images: int, meta: dict) -> dict:
+    """The ss_* fields kohya's sd-scripts write, which WebUI extensions display.
+
+    No timestamps: the file must be byte-identical for identical runs."""
+    p, lp = params.train, params.lora
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": lp.rank,
+        "ss_network_alpha": lp.alpha, "ss_network_dropout": lp.dropout,
+        "ss_network_args": {"targets": lp.targets},
+        "ss_base_model_version": "sd_v1", "ss_sd_model_name": params.model.base,
+        "ss_v2": False, "ss_resolution": f"({meta['image_size'][1]}, {meta['image_size'][0]})",
+        "ss_num_train_images": n_images, "ss_max_train_steps": plan.max_steps,
+        "ss_steps": plan.max_steps,
+        "ss_num_epochs": math.ceil(plan.max_steps / plan.steps_per_epoch),
+        "ss_learning_rate": p.learning_rate, "ss_unet_lr": p.learning_rate,
+        "ss_text_encoder_lr": 0, "ss_lr_scheduler": p.lr_scheduler,
+        "ss_lr_warmup_steps": p.lr_warmup_steps, "ss_batch_size_per_device": p.batch_size,
+        "ss_gradient_accumulation_steps": p.grad_accum, "ss_seed": p.seed,
+        "ss_mixed_precision": p.mixed_precision,
+        "ss_gradient_checkpointing": p.gradient_checkpointing,
+        "ss_noise_offset": p.noise_offset, "ss_min_snr_gamma": p.min_snr_gamma,
+        "ss_max_grad_norm": p.max_grad_norm, "ss_optimizer": "torch.optim.AdamW",
+        "ss_training_comment": "trained with lorapipe",
+        "ss_output_name": "lora_webui",
+    }
+
+
+def _register_lora_hooks(accelerator: Accelerator) -> None:
+    """Checkpoints hold the LoRA weights only, not the whole UNet (MBs, not GBs)."""
+
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            for model in models:
+                save_file(lora.peft_state(accelerator.unwrap_model(model)),
+                          str(Path(folder) / CHECKPOINT_LORA))
+        weights.clear()
+
+    def load_hook(models, folder):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            set_peft_model_state_dict(model, load_file(str(Path(folder) / CHECKPOINT_LORA)),
+                                      adapter_name="default")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
