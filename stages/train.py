@@ -28,7 +28,7 @@ def main(argv: list[str] | None) -> int:
 
     try:
         summary = run(params, Path(args.cache), Path(args.out), Path(args.live),
-                      Path(args.logs), Path(args.checkpoints))
+                      Path(args.logs), Path(args.checkpoints)).summary
     except Diverged as exc:
         print(f"train: diverged: {exc}", file=sys.stderr)
         return 1

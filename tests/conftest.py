@@ -88,3 +88,54 @@ def copy_repo(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     return dest
+
+
+@pytest.fixture(scope="session")
+def example_cache(tmp_path_factory):
+    """The example data preprocessed to 64 px and encoded with the builtin model, once."""
+    from lorapipe.cache import encode_dataset, save_cache
+    from lorapipe.images import save_square_png
+    from lorapipe.models import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("example")
+    processed = root / "processed"
+    processed.mkdir()
+    rows = []
+    with open(REPO / "data/example/metadata.csv", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            name = Path(row["file_name"]).with_suffix(".png").name
+            save_square_png(REPO / "data/example" / row["file_name"], processed / name, 64)
+            rows.append([name, row["text"]])
+    write_csv(processed / "metadata.csv", rows)
+    cache = encode_dataset(build_tiny_sd(), processed, batch_size=8)
+    save_cache(cache, root / "cache", "builtin:tiny-sd")
+    return root / "cache"
+
+
+def make_params(root: Path, **overrides):
+    """params.yaml in `root` from the repository's, with {"section__key": value} overrides;
+    returns the checked Params."""
+    from lorapipe.params import load_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["dir"] = str(root)
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_params(root / "params.yaml")
+
+
+def train_in(root: Path, cache: Path, **overrides):
+    """Run the training loop in `root` with small defaults; returns TrainResult."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from lorapipe.training import run
+
+    # accelerate keeps one state per process; each in-process run is a fresh "process"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    settings = {"train__max_steps": 20, "train__eval_every": 10, "train__checkpoint_every": 0}
+    settings.update(overrides)
+    params = make_params(root, **settings)
+    return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt")

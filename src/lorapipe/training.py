@@ -146,9 +146,15 @@ def flat_params(params) -> dict:
     return out
 
 
+@dataclass
+class TrainResult:
+    summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
+    unet: torch.nn.Module  # the trained UNet with its LoRA, for callers that go on using it
+
+
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
-        ckpt_dir: Path) -> dict:
-    """Train, log and save; returns the summary metrics. Raises Diverged on NaN/Inf."""
+        ckpt_dir: Path) -> TrainResult:
+    """Train, log and save. Raises Diverged on NaN/Inf."""
     p, lp = params.train, params.lora
     if p.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
@@ -224,66 +230,68 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     bar = tqdm(total=plan.max_steps, initial=start_step, desc="train", unit="step",
                dynamic_ncols=True, disable=not main, mininterval=1.0)
     unet.train()
-    for step in range(start_step, plan.max_steps):
-        lr = lr_scheduler.get_last_lr()[0]
-        # evaluate: the fixed-noise loss, before this step's update
-        if main and (step == 0 or (p.eval_every and step % p.eval_every == 0)):
-            fixed = fixed_loss(unet, scheduler, latents, text, p.seed)
-            fixed_start = fixed if step == 0 else fixed_start
-            tracker.log(step, {"loss/fixed": fixed})
+    try:
+        for step in range(start_step, plan.max_steps):
+            lr = lr_scheduler.get_last_lr()[0]
+            # evaluate: the fixed-noise loss, before this step's update
+            if main and (step == 0 or (p.eval_every and step % p.eval_every == 0)):
+                fixed = fixed_loss(unet, scheduler, latents, text, p.seed)
+                fixed_start = fixed if step == 0 else fixed_start
+                tracker.log(step, {"loss/fixed": fixed})
 
-        # micro-steps: forward and backward; accelerate syncs and steps on the last one
-        micro_losses = []
-        for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
-            idx = plan.batch_indices(micro, p.seed)
-            gen = _gen(p.seed, "micro", micro)
-            torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
-            with accelerator.accumulate(unet), accelerator.autocast():
-                loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,
-                                      p.noise_offset, p.min_snr_gamma)
-                if not torch.isfinite(loss):
-                    raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                    "the loss")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
-                    if not torch.isfinite(norm):
+            # micro-steps: forward and backward; accelerate syncs and steps on the last one
+            micro_losses = []
+            for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
+                idx = plan.batch_indices(micro, p.seed)
+                gen = _gen(p.seed, "micro", micro)
+                torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
+                with accelerator.accumulate(unet), accelerator.autocast():
+                    loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,
+                                          p.noise_offset, p.min_snr_gamma)
+                    if not torch.isfinite(loss):
                         raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                        "the gradient")
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(accelerator.reduce(loss.detach(), "mean").item())
+                                        "the loss")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
+                        if not torch.isfinite(norm):
+                            raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
+                                            "the gradient")
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(accelerator.reduce(loss.detach(), "mean").item())
 
-        # log
-        step_loss = sum(micro_losses) / len(micro_losses)
-        step_losses.append(step_loss)
-        epoch_losses.append(step_loss)
-        window = step_losses[-plan.steps_per_epoch:]  # moving mean over one epoch of steps
-        average = sum(window) / len(window)
-        timed_steps += 1
-        if main:
-            metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
-            if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
-                metrics["loss/epoch_average"] = sum(epoch_losses) / len(epoch_losses)
-                epoch_losses = []
-            tracker.log(step + 1, metrics)
-            tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
-                         f"average {average:.5f} lr {lr:.3e}")
-            bar.set_postfix(loss=f"{average:.4f}", lr=f"{lr:.1e}")
-        bar.update()
-
-        # checkpoint
-        if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
-                and step + 1 < plan.max_steps:
-            accelerator.wait_for_everyone()
+            # log
+            step_loss = sum(micro_losses) / len(micro_losses)
+            step_losses.append(step_loss)
+            epoch_losses.append(step_loss)
+            window = step_losses[-plan.steps_per_epoch:]  # moving mean over one epoch of steps
+            average = sum(window) / len(window)
+            timed_steps += 1
             if main:
-                checkpoints.save(accelerator, ckpt_dir, step + 1, {
-                    "fingerprint": fp, "run_name": state["run_name"],
-                    "history": tracker.history, "epoch_losses": epoch_losses,
-                    "fixed_start": fixed_start, "wall_time": time.perf_counter() - t0,
-                })
-    bar.close()
+                metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
+                if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
+                    metrics["loss/epoch_average"] = sum(epoch_losses) / len(epoch_losses)
+                    epoch_losses = []
+                tracker.log(step + 1, metrics)
+                tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
+                             f"average {average:.5f} lr {lr:.3e}")
+                bar.set_postfix(loss=f"{average:.4f}", lr=f"{lr:.1e}")
+            bar.update()
+
+            # checkpoint
+            if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
+                    and step + 1 < plan.max_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    checkpoints.save(accelerator, ckpt_dir, step + 1, {
+                        "fingerprint": fp, "run_name": state["run_name"],
+                        "history": tracker.history, "epoch_losses": epoch_losses,
+                        "fixed_start": fixed_start, "wall_time": time.perf_counter() - t0,
+                    })
+    finally:
+        bar.close()
 
     accelerator.wait_for_everyone()
     summary = {}
@@ -306,7 +314,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(ckpt_dir)
-    return summary
+    return TrainResult(summary, accelerator.unwrap_model(unet))
 
 
 def _averages(losses: list[float], window: int) -> list[float]:
