@@ -133,3 +133,14 @@ def test_stage_exits_cleanly_on_bad_params(tmp_path, dataset):
     assert "unknown key validate.min_sid; did you mean validate.min_side?" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_yaml_1_2_scalars_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` writes `no` unquoted; it must stay the string 'no'."""
+    path = write(tmp_path, lambda p: None)
+    text = re.sub(r"mixed_precision: .*", "mixed_precision: no", path.read_text())
+    text = re.sub(r"gradient_checkpointing: .*", "gradient_checkpointing: true", text)
+    path.write_text(text)
+    params = load_params(path)
+    assert params.train.mixed_precision == "no"
+    assert params.train.gradient_checkpointing is True

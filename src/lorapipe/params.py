@@ -134,12 +134,23 @@ def _cross_checks(p: Params) -> list[str]:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float, as DVC's YAML 1.2 parser does.
+    """SafeLoader that reads scalars as YAML 1.2 does, like DVC's parser (ruamel).
 
-    PyYAML follows YAML 1.1, where a float needs a dot ("1.0e-4"); without this, a
-    learning rate written "1e-4" would be a string here and a number in `dvc params diff`.
+    PyYAML follows YAML 1.1: there a float needs a dot ("1.0e-4" but not "1e-4") and
+    yes/no/on/off are booleans. `dvc exp run -S` writes params.yaml in YAML 1.2 style, e.g.
+    `mixed_precision: no` for the string "no"; read as 1.1 that would become False.
     """
 
+
+# YAML 1.2 core schema booleans: true/false only.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

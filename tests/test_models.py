@@ -1,0 +1,112 @@
+"""Base models: the builtin tiny SD is fixed and offline; other sources load or are refused
+with a message that says what to do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO
+from lorapipe.cache import load_cache
+from lorapipe.errors import LorapipeError
+from lorapipe.models import build_tiny_sd, load_pipeline, tiny_tokenizer, training_scheduler
+
+DIGEST = """
+import hashlib, sys
+from lorapipe.models import build_tiny_sd
+pipe = build_tiny_sd()
+h = hashlib.sha256()
+for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for name, t in sorted(part.state_dict().items()):
+        h.update(name.encode()); h.update(t.numpy().tobytes())
+h.update(str(pipe.tokenizer("a red circle, lpstyle").input_ids).encode())
+print(h.hexdigest())
+"""
+
+
+def digest_here() -> str:
+    out = subprocess.run([sys.executable, "-c", DIGEST], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONHASHSEED": "random"})
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_builtin_model_is_identical_every_time():
+    assert digest_here() == digest_here()
+
+
+def test_builtin_tokenizer_is_a_real_clip_bpe():
+    tok = tiny_tokenizer()
+    ids = tok("a red circle, lpstyle", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77
+    tokens = tok.convert_ids_to_tokens(ids[:8])
+    assert tokens[:5] == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", ",</w>"]
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "a red circle , lpstyle"
+    unknown = tok("zebra").input_ids  # unknown words fall back to characters, never fail
+    assert len(unknown) > 3
+
+
+def test_offline_switches_are_set():
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_latents_have_unit_variance_on_the_example_data(example_cache):
+    cache = load_cache(example_cache)
+    assert 0.8 < cache.latents.std().item() < 1.25
+    assert cache.latents.shape == (20, 4, 8, 8) and cache.text_states.shape == (20, 77, 32)
+    assert cache.files[0] == "00_red_circle.png"
+
+
+def test_local_diffusers_folder_loads(tmp_path):
+    pipe = build_tiny_sd()
+    pipe.save_pretrained(tmp_path / "sd")
+    loaded = load_pipeline("sd", root=tmp_path)
+    for a, b in zip(pipe.unet.state_dict().values(), loaded.unet.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert training_scheduler(loaded).config.prediction_type == "epsilon"
+
+
+def test_v_prediction_folder(tmp_path):
+    build_tiny_sd().save_pretrained(tmp_path / "sd2")
+    config_path = tmp_path / "sd2/scheduler/scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    assert training_scheduler(load_pipeline("sd2", root=tmp_path)).config.prediction_type == \
+        "v_prediction"
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(LorapipeError, match="not a diffusers model .no model_index.json"):
+        load_pipeline("weights", root=tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt"])
+def test_pickle_checkpoints_are_refused(tmp_path, suffix):
+    (tmp_path / f"model{suffix}").write_bytes(b"not even read")
+    with pytest.raises(LorapipeError, match="pickle checkpoint.*Convert it once"):
+        load_pipeline(f"model{suffix}", root=tmp_path)
+
+
+def test_unrecognised_checkpoint(tmp_path):
+    save_file({"some.weight": torch.zeros(3)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LorapipeError, match="not a Stable Diffusion checkpoint"):
+        load_pipeline("odd.safetensors", root=tmp_path)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(LorapipeError, match="does not exist"):
+        load_pipeline("nowhere", root=tmp_path)
+
+
+def test_repository_default_is_the_builtin_model():
+    text = (REPO / "params.yaml").read_text()
+    assert "base: builtin:tiny-sd" in text
+    assert hashlib.sha256(text.encode()).hexdigest()  # params.yaml is readable UTF-8
