@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
+
 from dvclive import Live
 
 
@@ -32,6 +34,7 @@ class Tracker:
     def __init__(self, live_dir: Path, logs_dir: Path, name: str, params: dict,
                  history: list | None = None, resume_step: int = 0):
         self.name = name
+        self._summary_at = 0.0
         self.history: list[tuple[int, dict[str, float]]] = []
         self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         self.live.log_params(params)
@@ -48,10 +51,15 @@ class Tracker:
             self.history.append((step, metrics))
 
     def _to_live(self, step: int, metrics: dict[str, float]) -> None:
+        # log_metric appends to dvclive's .tsv files at once. Live.next_step() would also
+        # re-read every logged point each step to offer it to DVC Studio (measured: 10 ms a
+        # step at 200 steps, and growing), so the summary is refreshed once a second instead.
         self.live.step = step
         for name, value in metrics.items():
             self.live.log_metric(name, value)
-        self.live.next_step()
+        if time.monotonic() - self._summary_at > SUMMARY_EVERY_S:
+            self.live.make_summary()
+            self._summary_at = time.monotonic()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._to_live(step, metrics)
@@ -73,6 +81,7 @@ class Tracker:
                 self.tb.add_scalar(f"summary/{key}", value, step)
 
     def close(self) -> None:
+        self.live.make_summary()
         self.tb.close()
         self._text.close()
 

@@ -1,0 +1,243 @@
+"""Benchmark training steps.
+
+    python bench/train_step.py [--steps 200] [--sd15-steps 2] [--skip-sd15]
+
+1. Overhead of lorapipe's train loop (logging to dvclive + TensorBoard + text, tqdm, the NaN
+   guard, the fixed-noise evaluations at start and end) vs a bare
+   forward/backward/optimizer step on the same tiny UNet + LoRA and batch.
+2. Cached latents (what lorapipe does) vs running the VAE and text encoder every step
+   (the diffusers example's way), bare loops on the tiny model.
+3. An SD1.5-shaped UNet (random init, SD 1.5's real config) with a rank-4 LoRA at 64x64
+   latents, batch 1: s/step and peak memory with and without gradient checkpointing. Peak
+   memory is the process's peak RSS on CPU, torch's peak allocated memory on CUDA. Each
+   configuration runs in its own process so peaks do not mix.
+
+Prints a table and writes bench/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+HERE = Path(__file__).parent
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def example_cache(root: Path) -> Path:
+    """The example data at 64 px, encoded with the builtin model (as the pipeline does)."""
+    from lorapipe.cache import encode_dataset, save_cache
+    from lorapipe.images import save_square_png
+    from lorapipe.models import build_tiny_sd
+
+    processed = root / "processed"
+    processed.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(REPO / "data/example/metadata.csv", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            save_square_png(REPO / "data/example" / row["file_name"],
+                            processed / row["file_name"], 64)
+            rows.append([row["file_name"], row["text"]])
+    with open(processed / "metadata.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text"], *rows])
+    save_cache(encode_dataset(build_tiny_sd(), processed, 8), root / "cache", "builtin:tiny-sd")
+    return root / "cache"
+
+
+def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> float:
+    """s/step of the minimal LoRA step on the tiny model; optionally encoding images and
+    captions every step like diffusers' train_text_to_image_lora.py."""
+    from lorapipe import lora
+    from lorapipe.cache import image_tensor, load_cache
+    from lorapipe.models import build_tiny_sd, training_scheduler
+    from lorapipe.training import diffusion_loss
+
+    pipe = build_tiny_sd()
+    unet, sched = pipe.unet, training_scheduler(pipe)
+    torch.manual_seed(0)
+    lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    cache = load_cache(root / "cache")
+    pixels = torch.stack([image_tensor(root / "processed" / f) for f in cache.files])
+    gen = torch.Generator().manual_seed(0)
+    unet.train()
+
+    def step(i: int) -> None:
+        idx = torch.arange(i * batch, (i + 1) * batch) % len(cache.files)
+        if encode_every_step:
+            with torch.no_grad():
+                latents = pipe.vae.encode(pixels[idx]).latent_dist.sample() * \
+                    pipe.vae.config.scaling_factor
+                ids = pipe.tokenizer([cache.captions[j] for j in idx], padding="max_length",
+                                     max_length=77, truncation=True, return_tensors="pt")
+                text = pipe.text_encoder(ids.input_ids)[0]
+        else:
+            latents, text = cache.latents[idx], cache.text_states[idx]
+        loss = diffusion_loss(unet, sched, latents, text, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(5):  # warm-up
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return (time.perf_counter() - start) / steps
+
+
+def real_loop(steps: int, root: Path) -> float:
+    """s/step of lorapipe's train loop (the stage's own code), from its summary."""
+    import yaml
+
+    from lorapipe.params import load_params
+    from lorapipe.training import run
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["dir"] = str(REPO / "data/example")
+    params["train"].update(max_steps=steps, eval_every=0, checkpoint_every=0, batch_size=4)
+    work = root / "real"
+    work.mkdir(exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    summary = run(load_params(work / "params.yaml"), root / "cache", work / "lora",
+                  work / "dvclive", work / "logs", work / "ckpt").summary
+    return 1.0 / summary["steps_per_s"]
+
+
+def sd15_step(checkpointing: bool, steps: int) -> dict:
+    """Runs in a child process: one SD1.5-shaped UNet LoRA configuration."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from lorapipe import lora
+    from lorapipe.training import diffusion_loss
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device).train()
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    latents = torch.randn(1, 4, 64, 64, device=device)
+    text = torch.randn(1, 77, 768, device=device)
+    gen = torch.Generator().manual_seed(0)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):  # the first is warm-up
+        start = time.perf_counter()
+        loss = diffusion_loss(unet, sched, latents, text, gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    out = {"checkpointing": checkpointing, "device": device,
+           "s_per_step": sum(times[1:]) / steps,
+           "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+           "lora_params": sum(p.numel() for p in params)}
+    if cuda:
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["device_name"] = torch.cuda.get_device_name()
+    else:
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        out["rss_after_setup_gib"] = rss_before
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sd15-steps", type=int, default=2)
+    parser.add_argument("--skip-sd15", action="store_true")
+    parser.add_argument("--sd15-child", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
+    args = parser.parse_args()
+    if args.sd15_child:
+        print(json.dumps(sd15_step(args.sd15_child == "checkpointing", args.sd15_steps)))
+        return
+
+    torch.set_num_threads(torch.get_num_threads())
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    example_cache(root)
+    # alternate the runs and keep each one's best of `--repeats`: on a shared 2-core machine
+    # the minimum is the figure least disturbed by whatever else ran at the time
+    bare, real, encoding = [], [], []
+    for _ in range(args.repeats):
+        bare.append(bare_loop(args.steps, 4, False, root))
+        real.append(real_loop(args.steps, root))
+        encoding.append(bare_loop(args.steps, 4, True, root))
+    bare, real, encoding = min(bare), min(real), min(encoding)
+    rows = [
+        {"run": "bare step, cached latents (tiny, batch 4)", "s_per_step": bare},
+        {"run": "lorapipe train loop (tiny, batch 4)", "s_per_step": real,
+         "vs_bare": real / bare},
+        {"run": "bare step, VAE + text encoder every step", "s_per_step": encoding,
+         "vs_bare": encoding / bare},
+    ]
+    sd15 = []
+    if not args.skip_sd15:
+        for mode in ("plain", "checkpointing"):
+            child = subprocess.run(
+                [sys.executable, __file__, "--sd15-child", mode, "--sd15-steps",
+                 str(args.sd15_steps)], capture_output=True, text=True, check=True)
+            sd15.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    result = {
+        "benchmark": "train_step", "steps": args.steps, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "tiny": rows, "sd15": sd15,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\ntiny SD, {args.steps} steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'run':<45} {'s/step':>8} {'vs bare':>8}")
+    for r in rows:
+        ratio = f"{r['vs_bare']:.2f}x" if "vs_bare" in r else "1.00x"
+        print(f"{r['run']:<45} {r['s_per_step']:>8.4f} {ratio:>8}")
+    if sd15:
+        print(f"\nSD1.5-shaped UNet ({sd15[0]['unet_params_m']}M params, LoRA "
+              f"{sd15[0]['lora_params']:,}), 64x64 latents, batch 1, {sd15[0]['device']}")
+        print(f"{'gradient checkpointing':<25} {'s/step':>8} {'peak GiB':>9}")
+        for r in sd15:
+            peak = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
+            print(f"{str(r['checkpointing']):<25} {r['s_per_step']:>8.2f} {peak:>9.2f}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
