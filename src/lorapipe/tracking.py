@@ -12,11 +12,10 @@ import os
 import time
 from pathlib import Path
 
+from dvclive import Live
 from torch.utils.tensorboard import SummaryWriter
 
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
-
-from dvclive import Live
 
 
 def run_name() -> str:
