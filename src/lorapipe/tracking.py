@@ -12,8 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from dvclive import Live
 from torch.utils.tensorboard import SummaryWriter
+
+from dvclive import Live
 
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
 
