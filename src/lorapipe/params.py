@@ -107,6 +107,26 @@ class TrainParams:
     max_grad_norm: float = key("gradient clipping norm; 0 = off", minimum=0)
     eval_every: int = key("fixed-noise loss every N steps; 0 = start and end", minimum=0)
     checkpoint_every: int = key("checkpoint every N steps; 0 = off", minimum=0)
+    sample_every: int = key("log sample images every N steps; 0 = off", minimum=0)
+    sample_prompts: list[str] = key("prompts of the images logged during training")
+    sample_steps: int = key("denoising steps of those images", minimum=1)
+
+
+SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompts: list[str] = key("prompts to generate, one grid row each")
+    negative_prompt: str = key("what to steer away from; empty = none")
+    images_per_prompt: int = key("images (seeds) per prompt", minimum=1)
+    seed: int = key("first seed; image k of every prompt uses seed + k", minimum=0)
+    steps: int = key("denoising steps", minimum=1)
+    guidance_scale: float = key("classifier-free guidance scale", minimum=0)
+    scheduler: str = key("sampler", choices=SAMPLERS)
+    lora_scale: float = key("strength of the LoRA", minimum=0)
+    width: int = key("image width in pixels", minimum=8, multiple_of=8)
+    height: int = key("image height in pixels", minimum=8, multiple_of=8)
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,7 @@ class Params:
     encode: EncodeParams
     lora: LoraParams
     train: TrainParams
+    sample: SampleParams
 
 
 def _cross_checks(p: Params) -> list[str]:

@@ -67,6 +67,14 @@ class Tracker:
             self.tb.add_scalar(name, value, step)
         self.history.append((step, dict(metrics)))
 
+    def log_image(self, step: int, image) -> None:
+        """A sample grid: one TensorBoard image with a step slider, and one dvclive image
+        per step (named by step, so `dvc plots show` puts early and late side by side)."""
+        import numpy as np
+
+        self.tb.add_image("samples", np.asarray(image).transpose(2, 0, 1), step)
+        self.live.log_image(f"samples/step_{step:06d}.png", image)
+
     def text(self, line: str) -> None:
         self._text.write(line + "\n")
         self._text.flush()

@@ -29,6 +29,7 @@ from lorapipe import checkpoints, lora, outputs
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.models import load_pipeline, training_scheduler
+from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, run_name
 
 # Timesteps of the fixed-noise loss: spread over the schedule, so it covers coarse and fine
@@ -37,6 +38,10 @@ from lorapipe.tracking import Tracker, run_name
 FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
 FIXED_IMAGES = 8
 CHECKPOINT_LORA = "lora.safetensors"
+# Images logged during training (train.sample_every): Euler ancestral at SD's usual guidance;
+# params.yaml says so beside train.sample_steps.
+TRAIN_SAMPLER = "euler_a"
+TRAIN_GUIDANCE = 7.5
 
 
 class Diverged(LorapipeError):
@@ -167,7 +172,11 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                             f"not model.base {params.model.base}; rerun the encode stage")
     pipe = load_pipeline(params.model.base, params.model.config)
     unet, scheduler = pipe.unet, training_scheduler(pipe)
-    del pipe  # the VAE and text encoder are not needed: their outputs are cached
+    if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
+        pipe.scheduler = make_scheduler(TRAIN_SAMPLER, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        del pipe  # the VAE and text encoder are not needed: their outputs are cached
 
     torch.manual_seed(p.seed)  # the LoRA's Gaussian init
     config = lora.lora_config(lp.rank, lp.alpha, lp.dropout, lp.targets)
@@ -238,6 +247,8 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                 fixed = fixed_loss(unet, scheduler, latents, text, p.seed)
                 fixed_start = fixed if step == 0 else fixed_start
                 tracker.log(step, {"loss/fixed": fixed})
+            if main and p.sample_every and step % p.sample_every == 0:
+                tracker.log_image(step, _samples(pipe, unet, accelerator, p, cache.meta))
 
             # micro-steps: forward and backward; accelerate syncs and steps on the last one
             micro_losses = []
@@ -299,6 +310,8 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         steps_per_s = timed_steps / max(time.perf_counter() - timed_from, 1e-9)
         fixed_end = fixed_loss(unet, scheduler, latents, text, p.seed)
         tracker.log(plan.max_steps, {"loss/fixed": fixed_end})
+        if p.sample_every:
+            tracker.log_image(plan.max_steps, _samples(pipe, unet, accelerator, p, cache.meta))
         averages = _averages(step_losses, plan.steps_per_epoch)
         summary = {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
@@ -315,6 +328,20 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         tracker.close()
         checkpoints.clear(ckpt_dir)
     return TrainResult(summary, accelerator.unwrap_model(unet))
+
+
+def _samples(pipe, unet, accelerator, p, meta):
+    """A base-vs-LoRA grid of train.sample_prompts at the train seed, with the UNet as it is
+    now. Draws only from its own seeded generators, so training is unaffected."""
+    height, width = meta["image_size"]
+    settings = SampleSettings(steps=p.sample_steps, guidance_scale=TRAIN_GUIDANCE,
+                              negative_prompt="", width=width, height=height, lora_scale=1.0)
+    was_training = unet.training
+    unet.eval()
+    with accelerator.autocast():
+        image, _ = sample_grid(pipe, p.sample_prompts, [p.seed], settings)
+    unet.train(was_training)
+    return image
 
 
 def _averages(losses: list[float], window: int) -> list[float]:

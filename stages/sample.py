@@ -1,0 +1,78 @@
+"""sample: images from the trained LoRA beside the base model's, and a grid of them.
+
+    python -m stages.sample --lora models/lora --out samples --logs logs/sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lorapipe.cli import run_stage
+from lorapipe.errors import LorapipeError
+from lorapipe.params import load_params
+
+
+def main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.sample", description=__doc__)
+    parser.add_argument("--lora", required=True, help="folder with the trained LoRA")
+    parser.add_argument("--out", required=True, help="folder for the images and grid.png")
+    parser.add_argument("--logs", required=True, help="TensorBoard folder for the grid")
+    args = parser.parse_args(argv)
+    params = load_params()  # checked before the heavy imports below
+    p = params.sample
+
+    from diffusers.utils import logging as diffusers_logging
+    from dvclive import Live
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from lorapipe import outputs
+    from lorapipe.lora import DIFFUSERS_FILE
+    from lorapipe.models import load_pipeline
+    from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
+    from lorapipe.tracking import run_name
+
+    if not (Path(args.lora) / DIFFUSERS_FILE).exists():
+        raise LorapipeError(f"{args.lora} holds no {DIFFUSERS_FILE}; run the train stage first")
+    diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
+    pipe = load_pipeline(params.model.base, params.model.config)
+    pipe.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(args.lora)  # exactly as a user loads it
+    settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
+                              p.lora_scale)
+    seeds = seeds_for(p.seed, p.images_per_prompt)
+
+    with tqdm(total=len(p.prompts) * len(seeds), desc="sample", unit="pair") as bar:
+        grid, images = sample_grid(pipe, p.prompts, seeds, settings, progress=bar)
+    with outputs.atomic_dir(args.out) as tmp:
+        for index, seed, base, lora in images:
+            lora.save(tmp / f"prompt{index:02d}_seed{seed}.png")
+            base.save(tmp / f"prompt{index:02d}_seed{seed}_base.png")
+        grid.save(tmp / "grid.png")
+        (tmp / "prompts.json").write_text(json.dumps(
+            {f"prompt{i:02d}": prompt for i, prompt in enumerate(p.prompts)}, indent=2) + "\n")
+        live = Live(str(tmp / "dvclive"), dvcyaml=False, save_dvc_exp=False)
+        live.log_image("grid.png", grid)  # for `dvc plots show`, beside the loss curves
+        live.make_summary()
+
+    with outputs.atomic_dir(Path(args.logs) / run_name()) as tmp:
+        writer = SummaryWriter(str(tmp))
+        writer.add_image("samples/grid", _chw(grid), 0)
+        writer.close()
+    print(f"sample: {len(images)} base/LoRA pairs for {len(p.prompts)} prompts "
+          f"({p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
+          f"{p.lora_scale:g}) -> {args.out}/grid.png")
+    return 0
+
+
+def _chw(image):
+    import numpy as np
+
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+if __name__ == "__main__":
+    run_stage("sample", main)
