@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,13 @@ def repo(tmp_path_factory):
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout + result.stderr
 
-    # a short training run keeps this test quick; every rule below holds at any length
+    # short runs keep this test quick; every rule below holds at any length
     set_param(root, "train.max_steps", 20)
     set_param(root, "train.eval_every", 10)
+    set_param(root, "train.sample_every", 0)
+    set_param(root, "sample.steps", 4)
+    set_param(root, "sample.images_per_prompt", 1)
+    set_param(root, "sample.prompts", '["a red circle, lpstyle", "a blue star"]')
     sh("git", "init", "-q")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "copy")
@@ -64,12 +69,15 @@ def set_param(root: Path, dotted: str, value) -> None:
     (root / "params.yaml").write_text(text)
 
 
+ALL = ["validate", "preprocess", "encode", "train", "sample"]
+
+
 def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     root, sh = repo
     raw_before = tree_digest(root / "data/example")
 
     out = sh("dvc", "repro")
-    assert ran(out) == ["validate", "preprocess", "encode", "train"]
+    assert ran(out) == ALL
     processed = sorted((root / "data/processed").glob("*.png"))
     assert len(processed) == 20
     assert Image.open(processed[0]).size == (64, 64)
@@ -77,6 +85,7 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert (report["rows"], report["usable"], report["errors"]) == (20, 20, 0)
     assert (root / "data/cache/latents.safetensors").exists()
     assert (root / "models/lora/pytorch_lora_weights.safetensors").exists()
+    assert Image.open(root / "samples/grid.png").size[0] == 2 * 128
     metrics = sh("dvc", "metrics", "show")
     assert "reports/validation.json" in metrics and "dvclive/metrics.json" in metrics
 
@@ -93,23 +102,28 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert changed(sh) == {"preprocess"}
     assert ran(sh("dvc", "repro")) == ["preprocess"]
 
-    # lora.* and train.* rerun train only: the encode cache is reused
+    # lora.* and train.*: train and sample; the encode cache is reused
     set_param(root, "lora.rank", 8)
     set_param(root, "train.learning_rate", "2e-3")
     assert changed(sh) == {"train"}
-    assert ran(sh("dvc", "repro")) == ["train"]
+    assert ran(sh("dvc", "repro")) == ["train", "sample"]
+
+    # sample.*: sample only
+    set_param(root, "sample.steps", 3)
+    assert changed(sh) == {"sample"}
+    assert ran(sh("dvc", "repro")) == ["sample"]
 
     # preprocess.resolution: preprocess and everything downstream of its output
     set_param(root, "preprocess.resolution", 32)
     assert changed(sh) == {"preprocess"}
-    assert ran(sh("dvc", "repro")) == ["preprocess", "encode", "train"]
+    assert ran(sh("dvc", "repro")) == ["preprocess", "encode", "train", "sample"]
     assert Image.open(sorted((root / "data/processed").glob("*.png"))[0]).size == (32, 32)
 
     # a validate key that drops images: validate, then the rest on what is left
     set_param(root, "validate.min_side", 170)  # the 160-px-wide half of the examples
     set_param(root, "validate.on_error", "skip")
     assert changed(sh) == {"validate"}  # downstream is stale only once validate's output is
-    assert ran(sh("dvc", "repro")) == ["validate", "preprocess", "encode", "train"]
+    assert ran(sh("dvc", "repro")) == ALL
     assert len(list((root / "data/processed").glob("*.png"))) == 10
 
     # a validate key whose change leaves the usable rows as they were: validate reruns,
@@ -121,26 +135,65 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     set_param(root, "validate.on_error", "fail")
     result = sh("dvc", "repro", check=False)
     assert "smaller than validate.min_side=170" in result
-    set_param(root, "validate.on_error", "skip")
+    sh("git", "checkout", "params.yaml")  # back to the committed params for the next test
+    sh("dvc", "repro")
 
-    assert tree_digest(root / "data/example") == raw_before
+
+def experiments(shown) -> dict[str, dict]:
+    """Experiment name -> {"params": ..., "metrics": ...} from `dvc exp show --json`
+    (baselines such as the workspace and the branch are left out)."""
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = {
+                "params": data["params"]["params.yaml"]["data"],
+                "metrics": data.get("metrics", {}).get("dvclive/metrics.json", {}).get("data", {}),
+            }
+    return found
 
 
-def test_experiments_keep_their_own_tensorboard_runs(repo):
+def test_experiment_workflow(repo, tmp_path):
     root, sh = repo
     sh("dvc", "repro")
     before = {p.name for p in (root / "logs/tensorboard").iterdir()}
-    sh("dvc", "exp", "run", "-S", "lora.rank=2", "-n", "rank2")
-    sh("dvc", "exp", "run", "-S", "lora.rank=16", "-n", "rank16")
-    runs = {p.name for p in (root / "logs/tensorboard").iterdir()}
-    assert {"rank2", "rank16"} <= runs and before <= runs  # side by side, none lost
 
-    shown = json.loads(sh("dvc", "exp", "show", "--json"))
-    text = json.dumps(shown)
-    assert "rank2" in text and "rank16" in text and "final_average_loss" in text
+    out = sh("dvc", "exp", "run", "-S", "lora.rank=16", "-n", "rank16")
+    assert ran(out) == ["train", "sample"]
+    out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
+    assert ran(out) == ["sample"]
+
+    sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8")
+    sh("dvc", "queue", "start")
+    deadline = time.time() + 400
+    while True:
+        status = sh("dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status
+
+    exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert exps["rank16"]["params"]["lora"]["rank"] == 16
+    assert exps["steps6"]["params"]["sample"]["steps"] == 6
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16]
+    for name, exp in exps.items():  # rank16, steps6 and the two queued runs
+        assert exp["metrics"]["final_average_loss"] > 0, name
+        assert exp["metrics"]["health"]["status"] == "ok", name
+
+    # TensorBoard: every run side by side, none lost
+    runs = {p.name for p in (root / "logs/tensorboard").iterdir()}
+    assert "rank16" in runs and before <= runs
+    assert "steps6" in {p.name for p in (root / "logs/sample").iterdir()}
+
+    # plots diff between two experiments: both loss curves in one HTML page
+    queued = next(n for n, e in exps.items() if e["params"]["lora"]["rank"] == 4)
+    sh("dvc", "plots", "diff", "rank16", queued, "-o", str(tmp_path / "diff"))
+    html = (tmp_path / "diff/index.html").read_text()
+    assert "rank16" in html and queued in html and "loss/average" in html
 
     # applying an experiment brings back its own event files (and not later ones)
-    sh("dvc", "exp", "apply", "rank2")
-    runs = {p.name for p in (root / "logs/tensorboard").iterdir()}
-    assert "rank2" in runs and "rank16" not in runs
-    assert any((root / "logs/tensorboard/rank2").iterdir())
+    sh("dvc", "exp", "apply", "rank16")
+    assert "rank16" in {p.name for p in (root / "logs/tensorboard").iterdir()}
+    assert "steps6" not in {p.name for p in (root / "logs/sample").iterdir()}
