@@ -135,6 +135,7 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     set_param(root, "validate.on_error", "fail")
     result = sh("dvc", "repro", check=False)
     assert "smaller than validate.min_side=170" in result
+    assert tree_digest(root / "data/example") == raw_before  # the raw data never changed
     sh("git", "checkout", "params.yaml")  # back to the committed params for the next test
     sh("dvc", "repro")
 
