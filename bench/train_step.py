@@ -120,7 +120,7 @@ def real_loop(steps: int, root: Path) -> float:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
-    params["train"].update(max_steps=steps, eval_every=0, checkpoint_every=0, batch_size=4)
+    params["train"].update(max_steps=steps, checkpoint_every=0, batch_size=4)
     work = root / "real"
     work.mkdir(exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))

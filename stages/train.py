@@ -21,6 +21,7 @@ def main(argv: list[str] | None) -> int:
     parser.add_argument("--live", required=True, help="dvclive folder")
     parser.add_argument("--logs", required=True, help="TensorBoard runs and train.log")
     parser.add_argument("--checkpoints", required=True, help="resume checkpoints")
+    parser.add_argument("--health", required=True, help="the health report to write (.md)")
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports below
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None) -> int:
 
     try:
         summary = run(params, Path(args.cache), Path(args.out), Path(args.live),
-                      Path(args.logs), Path(args.checkpoints)).summary
+                      Path(args.logs), Path(args.checkpoints), Path(args.health)).summary
     except Diverged as exc:
         print(f"train: diverged: {exc}", file=sys.stderr)
         return 1

@@ -120,13 +120,16 @@ def make_params(root: Path, **overrides):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(root)
     for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        params[section][key] = value
+        *path, key = dotted.split("__")
+        node = params
+        for part in path:
+            node = node[part]
+        node[key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return load_params(root / "params.yaml")
 
 
-def train_in(root: Path, cache: Path, **overrides):
+def train_in(root: Path, cache: Path, health_report: Path | None = None, **overrides):
     """Run the training loop in `root` with small defaults; returns TrainResult."""
     from accelerate.state import AcceleratorState, GradientState
 
@@ -135,7 +138,9 @@ def train_in(root: Path, cache: Path, **overrides):
     # accelerate keeps one state per process; each in-process run is a fresh "process"
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    settings = {"train__max_steps": 20, "train__eval_every": 10, "train__checkpoint_every": 0}
+    settings = {"train__max_steps": 20, "train__validation__every": 10,
+                "train__checkpoint_every": 0, "train__sample_every": 0}
     settings.update(overrides)
     params = make_params(root, **settings)
-    return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt")
+    return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt",
+               health_report)

@@ -39,7 +39,7 @@ def repo(tmp_path_factory):
 
     # short runs keep this test quick; every rule below holds at any length
     set_param(root, "train.max_steps", 20)
-    set_param(root, "train.eval_every", 10)
+
     set_param(root, "train.sample_every", 0)
     set_param(root, "sample.steps", 4)
     set_param(root, "sample.images_per_prompt", 1)
@@ -163,8 +163,14 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["train", "sample"]
     out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
     assert ran(out) == ["sample"]
+    # a bad learning rate: the verdict shows in dvc exp show and reports/health.md
+    sh("dvc", "exp", "run", "-S", "train.learning_rate=0", "-S", "train.max_steps=60",
+       "-n", "lr0")
+    assert (root / "reports/health.md").read_text().startswith(
+        "# Training health: not_learning")
 
-    sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8")
+    sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8", "-S", "train.learning_rate=1e-3",
+       "-S", "train.max_steps=20")
     sh("dvc", "queue", "start")
     deadline = time.time() + 400
     while True:
@@ -178,10 +184,11 @@ def test_experiment_workflow(repo, tmp_path):
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
     assert exps["rank16"]["params"]["lora"]["rank"] == 16
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16]
-    for name, exp in exps.items():  # rank16, steps6 and the two queued runs
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]
+    for name, exp in exps.items():  # rank16, steps6, lr0 and the two queued runs
         assert exp["metrics"]["final_average_loss"] > 0, name
-        assert exp["metrics"]["health"]["status"] == "ok", name
+        expected = "not_learning" if name == "lr0" else "healthy"
+        assert exp["metrics"]["health"]["status"] == expected, name
 
     # TensorBoard: every run side by side, none lost
     runs = {p.name for p in (root / "logs/tensorboard").iterdir()}

@@ -62,7 +62,7 @@ def test_webui_file_is_kohya_layout_with_real_alpha_and_metadata(trained):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["ss_sd_model_name"] == "builtin:tiny-sd"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_steps"] == "30"
-    assert meta["ss_num_train_images"] == "20" and meta["ss_seed"] == "42"
+    assert meta["ss_num_train_images"] == "16" and meta["ss_seed"] == "42"  # 4 held out
     assert json.loads(meta["ss_network_args"]) == {"targets": ["to_q", "to_k", "to_v", "to_out.0"]}
 
 

@@ -37,13 +37,11 @@ def test_repository_params_load():
 def test_every_key_has_a_comment_in_params_yaml():
     lines = (REPO / "params.yaml").read_text().splitlines()
     for dotted in all_keys():
-        section, key = dotted.split(".")
-        section_line = lines.index(f"{section}:")
-        assert lines[section_line - 1].startswith("#"), f"section {section} has no comment"
-        key_line = next(
-            i for i in range(section_line, len(lines)) if lines[i].startswith(f"  {key}:")
-        )
-        assert lines[key_line - 1].strip().startswith("#"), f"{dotted} has no comment"
+        at = -1
+        for depth, part in enumerate(dotted.split(".")):
+            prefix = "  " * depth + f"{part}:"
+            at = next(i for i in range(at + 1, len(lines)) if lines[i].startswith(prefix))
+            assert lines[at - 1].strip().startswith("#"), f"{dotted}: {part} has no comment"
 
 
 def test_unknown_key(tmp_path):
@@ -72,7 +70,7 @@ def test_bool_is_not_a_number(tmp_path):
         ("lora", "rank", 0, "lora.rank must be at least 1, got 0"),
         ("lora", "rank", -4, "lora.rank must be at least 1"),
         ("preprocess", "resolution", 60, "preprocess.resolution must be a multiple of 8, got 60"),
-        ("train", "learning_rate", -1e-4, "train.learning_rate must be greater than 0"),
+        ("train", "learning_rate", -1e-4, "train.learning_rate must be at least 0"),
         ("validate", "on_error", "skpi", "validate.on_error must be one of fail, skip, got 'skpi'"),
     ],
 )
@@ -144,3 +142,15 @@ def test_yaml_1_2_scalars_as_dvc_writes_them(tmp_path):
     params = load_params(path)
     assert params.train.mixed_precision == "no"
     assert params.train.gradient_checkpointing is True
+
+
+def test_nested_keys(tmp_path):
+    msg = error_for(tmp_path, lambda p: p["train"]["validation"].update(splt=0.1))
+    assert "unknown key train.validation.splt; did you mean train.validation.split?" in msg
+    msg = error_for(tmp_path, lambda p: p["train"]["validation"].update(timesteps=[100, -5]))
+    assert "train.validation.timesteps must be a list of integers >= 0" in msg
+    msg = error_for(tmp_path, lambda p: p["train"].pop("early_stop"))
+    assert "missing section train.early_stop" in msg
+    msg = error_for(tmp_path, lambda p: (p["train"]["validation"].update(split=0),
+                                         p["train"]["early_stop"].update(patience=3)))
+    assert "train.early_stop.patience needs a validation set" in msg

@@ -16,13 +16,13 @@ from conftest import REPO, make_params
 STEPS = 60
 EVERY = 20
 FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lora_webui.safetensors",
-         "dvclive/plots/metrics/loss/current.tsv", "dvclive/plots/metrics/loss/fixed.tsv")
+         "dvclive/plots/metrics/loss/current.tsv", "dvclive/plots/metrics/loss/train/fixed.tsv")
 
 
 def start(root: Path, cache: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--cache", str(cache), "--out", "lora",
-         "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt"],
+         "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health", "health.md"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -51,7 +51,7 @@ def kill_after_checkpoint(root: Path, cache: Path) -> None:
 def setup(root: Path, **overrides) -> Path:
     root.mkdir()
     make_params(root, train__max_steps=STEPS, train__checkpoint_every=EVERY,
-                train__eval_every=EVERY, **overrides)
+                train__validation__every=EVERY, train__sample_every=0, **overrides)
     return root
 
 
@@ -71,7 +71,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache):
     other = setup(tmp_path / "other", train__seed=1)
     kill_after_checkpoint(other, example_cache)
     make_params(other, train__max_steps=STEPS, train__checkpoint_every=EVERY,
-                train__eval_every=EVERY)  # back to the straight run's params
+                train__validation__every=EVERY, train__sample_every=0)  # the straight run's
     out = run_to_end(other, example_cache)
     assert "made with other params or data" in out and "resumed from" not in out
     for name in FILES[:2]:

@@ -21,12 +21,13 @@ def tsv(root, name) -> list[tuple[int, float]]:
 
 
 def test_training_lowers_the_fixed_noise_loss(tmp_path, example_cache):
-    result = train_in(tmp_path, example_cache, train__max_steps=120, train__eval_every=40)
+    result = train_in(tmp_path, example_cache, train__max_steps=120,
+                      train__validation__every=40)
     s = result.summary
     assert s["fixed_loss_end"] < 0.85 * s["fixed_loss_start"], s
-    fixed = [v for _, v in tsv(tmp_path, "loss/fixed")]
+    fixed = [v for _, v in tsv(tmp_path, "loss/train/fixed")]
     assert len(fixed) == 4 and fixed[-1] < fixed[0]
-    assert s["health"] == {"status": "ok", "step": 120}
+    assert s["health"]["status"] == "healthy"
     assert s["trainable_params"] == 9984 and s["steps"] == 120
 
 
@@ -37,17 +38,23 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/current", "loss/average", "loss/epoch_average", "lr/unet", "loss/fixed"} <= tags
+    assert {"loss/current", "loss/average", "loss/epoch_average", "lr/unet", "loss/train/fixed",
+            "loss/validation/step_average", "loss/validation/divergence"} <= tags
     for name in ("loss/current", "loss/average", "lr/unet", "loss/epoch_average"):
         board = [(e.step, e.value) for e in events.Scalars(name)]
         live = tsv(tmp_path, name)
         assert [s for s, _ in board] == [s for s, _ in live]
         assert [v for _, v in board] == pytest.approx([v for _, v in live], rel=1e-6)
-    # 20 images / batch 4 = 5 steps per epoch: epoch averages at 5, 10 and the end
-    assert [s for s, _ in tsv(tmp_path, "loss/epoch_average")] == [5, 10, 12]
+    # 16 training images (4 held out) / batch 4 = 4 steps per epoch: averages at 4, 8, 12
+    assert [s for s, _ in tsv(tmp_path, "loss/epoch_average")] == [4, 8, 12]
     current = [v for _, v in tsv(tmp_path, "loss/current")]
     average = [v for _, v in tsv(tmp_path, "loss/average")]
-    assert average[6] == pytest.approx(sum(current[2:7]) / 5)  # moving mean over one epoch
+    assert average[6] == pytest.approx(sum(current[3:7]) / 4)  # moving mean over one epoch
+    train_fixed = dict(tsv(tmp_path, "loss/train/fixed"))
+    validation = dict(tsv(tmp_path, "loss/validation/step_average"))
+    divergence = dict(tsv(tmp_path, "loss/validation/divergence"))
+    assert sorted(validation) == [0, 10, 12] == sorted(train_fixed)
+    assert divergence[10] == pytest.approx(validation[10] - train_fixed[10])
     metrics = json.loads((tmp_path / "dvclive/metrics.json").read_text())
     for key in ("final_average_loss", "min_average_loss", "steps", "wall_time_s",
                 "steps_per_s", "trainable_params"):
@@ -101,8 +108,8 @@ def test_warmup_and_cosine_schedule(tmp_path, example_cache):
 def test_grad_accum_and_epochs(tmp_path, example_cache, capsys):
     result = train_in(tmp_path, example_cache, train__batch_size=2, train__grad_accum=3,
                       train__max_steps=0, train__epochs=2)
-    # 20 images / (2 x 3) per step -> 4 steps per epoch (rounded up), 2 epochs -> 7 steps
-    assert result.summary["steps"] == 7
+    # 16 training images / (2 x 3) per step -> 3 steps per epoch (rounded up), 2 epochs -> 6
+    assert result.summary["steps"] == 6
     assert "global batch 6" in capsys.readouterr().out
 
 

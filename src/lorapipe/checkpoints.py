@@ -15,6 +15,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from lorapipe import outputs
 
 STATE_FILE = "train_state.json"
@@ -45,12 +47,17 @@ def fingerprint(params, cache_file: Path) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def save(accelerator, folder: Path, step: int, state: dict) -> Path:
-    """Write checkpoint `step` atomically, then drop older ones (only the newest is kept)."""
+def save(accelerator, folder: Path, step: int, state: dict,
+         tensors: dict[str, dict | None] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then drop older ones (only the newest is kept).
+    `tensors` are extra safetensors files (name -> state dict; None = absent)."""
     final = Path(folder) / f"step_{step:07d}"
     with outputs.atomic_dir(final) as tmp:
         accelerator.save_state(str(tmp))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}))
+        for name, values in (tensors or {}).items():
+            if values is not None:
+                save_file(values, str(tmp / name))
     for old in Path(folder).glob("step_*"):
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -72,6 +79,11 @@ def find(folder: Path, fp: str) -> tuple[Path | None, list[str]]:
         elif state["step"] > best_step:
             best, best_step = path, state["step"]
     return best, notes
+
+
+def read_tensors(path: Path, name: str) -> dict | None:
+    file = path / name
+    return load_file(str(file)) if file.exists() else None
 
 
 def read_state(path: Path) -> dict:

@@ -85,6 +85,18 @@ class LoraParams:
     init: str = key("existing LoRA to continue from", path="any", optional=True)
 
 
+@dataclass(frozen=True)
+class ValidationParams:
+    split: float = key("fraction of images held out; 0 = off", minimum=0, maximum=0.5)
+    every: int = key("steps between evaluations", minimum=1)
+    timesteps: list[int] = key("fixed timesteps of the evaluation losses")
+
+
+@dataclass(frozen=True)
+class EarlyStopParams:
+    patience: int = key("evaluations without a better validation loss; 0 = off", minimum=0)
+
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -92,7 +104,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = key("seed for LoRA init, data order, noise and timesteps", minimum=0)
-    learning_rate: float = key("AdamW learning rate", above=0)
+    learning_rate: float = key("AdamW learning rate", minimum=0)
     lr_scheduler: str = key("learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = key("steps of linear warm-up", minimum=0)
     adam_weight_decay: float = key("AdamW weight decay", minimum=0)
@@ -105,11 +117,26 @@ class TrainParams:
     noise_offset: float = key("offset-noise strength", minimum=0)
     min_snr_gamma: float = key("Min-SNR loss weighting gamma; 0 = off", minimum=0)
     max_grad_norm: float = key("gradient clipping norm; 0 = off", minimum=0)
-    eval_every: int = key("fixed-noise loss every N steps; 0 = start and end", minimum=0)
     checkpoint_every: int = key("checkpoint every N steps; 0 = off", minimum=0)
     sample_every: int = key("log sample images every N steps; 0 = off", minimum=0)
     sample_prompts: list[str] = key("prompts of the images logged during training")
     sample_steps: int = key("denoising steps of those images", minimum=1)
+    validation: ValidationParams
+    early_stop: EarlyStopParams
+
+
+@dataclass(frozen=True)
+class HealthParams:
+    min_steps: int = key("steps before a run can be called not_learning", minimum=0)
+    min_improvement: float = key("fall of the fixed training loss a learning run shows",
+                                 minimum=0, maximum=1)
+    explode_factor: float = key("a loss above this multiple of its minimum = diverged",
+                                above=1)
+    swing: float = key("a rise of the fixed training loss between evaluations", above=0)
+    swing_count: int = key("that many such rises = unstable", minimum=1)
+    overfit_evals: int = key("evaluations in a row validation stays above its best",
+                             minimum=1)
+    overfit_margin: float = key("how far above its best validation must be", minimum=0)
 
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
@@ -138,6 +165,7 @@ class Params:
     encode: EncodeParams
     lora: LoraParams
     train: TrainParams
+    health: HealthParams
     sample: SampleParams
 
 
@@ -149,6 +177,9 @@ def _cross_checks(p: Params) -> list[str]:
     if p.train.lr_warmup_steps and p.train.lr_scheduler == "constant":
         problems.append("train.lr_warmup_steps is set but train.lr_scheduler is constant; "
                         "use constant_with_warmup, cosine or linear")
+    if p.train.early_stop.patience and not p.train.validation.split:
+        problems.append("train.early_stop.patience needs a validation set; set "
+                        "train.validation.split above 0 or patience to 0")
     if p.model.config and p.model.base.startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
     return problems
@@ -187,21 +218,29 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _sections() -> dict[str, type]:
-    return typing.get_type_hints(Params)
-
-
-def _fields(cls: type) -> dict[str, tuple[type, Rule]]:
-    """name -> (type, rule) for one section, in declaration order."""
+def _fields(cls: type) -> dict[str, tuple[type, Rule | None]]:
+    """name -> (type, rule) of a section, in declaration order; subsections have no rule."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], f.metadata["rule"]) for f in dataclasses.fields(cls)}
+    return {f.name: (hints[f.name], f.metadata.get("rule")) for f in dataclasses.fields(cls)}
 
 
-def all_keys() -> list[str]:
-    """Every dotted key the schema knows, e.g. 'lora.rank'."""
-    return [
-        f"{section}.{name}" for section, cls in _sections().items() for name in _fields(cls)
-    ]
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key the schema knows, e.g. 'lora.rank', 'train.validation.split'."""
+    out = []
+    for name, (t, _) in _fields(cls or Params).items():
+        if dataclasses.is_dataclass(t):
+            out += all_keys(t, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _all_sections(cls: type | None = None, prefix: str = "") -> list[str]:
+    out = []
+    for name, (t, _) in _fields(cls or Params).items():
+        if dataclasses.is_dataclass(t):
+            out += [f"{prefix}{name}", *_all_sections(t, f"{prefix}{name}.")]
+    return out
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
@@ -211,6 +250,8 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
 
 def _type_name(t) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if t == list[int]:
+        return "a list of integers >= 0"
     return names.get(t, "a list of strings")
 
 
@@ -223,6 +264,8 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         or (t is bool and isinstance(value, bool))
         or (t == list[str] and isinstance(value, list) and bool(value)
             and all(isinstance(v, str) and v for v in value))
+        or (t == list[int] and isinstance(value, list) and bool(value)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
     )
     if not ok:
         got = "nothing" if value is None else f"{type(value).__name__} {value!r}"
@@ -264,43 +307,46 @@ def _check_path(dotted: str, value: str, kind: str, root: Path) -> list[str]:
     return []
 
 
+def _build(cls: type, values: dict, prefix: str, problems: list[str], root: Path,
+           source: str):
+    """One (sub)section from its mapping; appends problems; None if it could not be built."""
+    fields = _fields(cls)
+    for k in values:
+        if k not in fields:
+            dotted = f"{prefix}{k}"
+            if prefix:
+                problems.append(
+                    f"unknown key {dotted}{_did_you_mean(dotted, all_keys() + _all_sections())}")
+            else:
+                problems.append(f"unknown section {k}{_did_you_mean(str(k), list(fields))}")
+    kwargs = {}
+    for k, (t, rule) in fields.items():
+        dotted = f"{prefix}{k}"
+        if dataclasses.is_dataclass(t):
+            sub = values.get(k)
+            if sub is None:
+                problems.append(f"missing section {dotted}; add it to {source}")
+            elif not isinstance(sub, dict):
+                problems.append(f"{dotted} must be a section of keys, got {sub!r}")
+            else:
+                built = _build(t, sub, f"{dotted}.", problems, root, source)
+                if built is not None:
+                    kwargs[k] = built
+        elif k not in values:
+            problems.append(f"missing key {dotted} ({rule.help}); add it to {source}")
+        else:
+            kwargs[k], found = _check_value(dotted, values[k], t, rule, root)
+            problems += found
+    return cls(**kwargs) if len(kwargs) == len(fields) else None
+
+
 def parse_params(raw: object, root: Path, source: str = "params.yaml") -> Params:
     """Check a loaded params mapping against the schema; raise ParamsError listing all problems."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected sections like 'lora:' at the top level")
     problems: list[str] = []
-    sections = _sections()
-    built = {}
-    for name in raw:
-        if name not in sections:
-            problems.append(
-                f"unknown section {name}{_did_you_mean(str(name), list(sections))}"
-            )
-    for name, cls in sections.items():
-        values = raw.get(name)
-        if values is None:
-            problems.append(f"missing section {name}; add it to {source}")
-            continue
-        if not isinstance(values, dict):
-            problems.append(f"{name} must be a section of keys, got {values!r}")
-            continue
-        fields = _fields(cls)
-        for k in values:
-            if k not in fields:
-                dotted = f"{name}.{k}"
-                problems.append(f"unknown key {dotted}{_did_you_mean(dotted, all_keys())}")
-        kwargs = {}
-        for k, (t, rule) in fields.items():
-            dotted = f"{name}.{k}"
-            if k not in values:
-                problems.append(f"missing key {dotted} ({rule.help}); add it to {source}")
-                continue
-            kwargs[k], found = _check_value(dotted, values[k], t, rule, root)
-            problems += found
-        if len(kwargs) == len(fields):
-            built[name] = cls(**kwargs)
+    params = _build(Params, raw, "", problems, root, source)
     if not problems:
-        params = Params(**built)
         problems = _cross_checks(params)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)

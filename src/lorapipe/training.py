@@ -11,11 +11,15 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -25,18 +29,18 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import checkpoints, lora, outputs
+from lorapipe import checkpoints, health, lora, outputs
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.models import load_pipeline, training_scheduler
 from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, run_name
 
-# Timesteps of the fixed-noise loss: spread over the schedule, so it covers coarse and fine
-# denoising alike. Fixed noise + fixed timesteps remove the sampling noise that makes the raw
-# per-step loss jump around; what is left moves only when the model does.
-FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
+# The fixed training loss uses the first FIXED_IMAGES training images; validation uses up to
+# VALIDATION_IMAGES held-out ones. Each evaluation costs len(timesteps) forward passes.
 FIXED_IMAGES = 8
+VALIDATION_IMAGES = 32
+BEST_LORA = "best_lora.safetensors"
 CHECKPOINT_LORA = "lora.safetensors"
 # Images logged during training (train.sample_every): Euler ancestral at SD's usual guidance;
 # params.yaml says so beside train.sample_steps.
@@ -128,19 +132,18 @@ def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_sn
 
 
 @torch.no_grad()
-def fixed_loss(unet, scheduler, latents, text, seed: int) -> float:
-    """Loss on the first FIXED_IMAGES images at FIXED_TIMESTEPS with noise fixed by the seed.
-    Dropout off; draws nothing from any shared RNG, so training is unaffected."""
+def fixed_loss(unet, scheduler, latents, text, seed: int, timesteps: list[int]) -> float:
+    """Loss on these images at these timesteps with noise fixed by the seed: no sampling
+    noise left, so it moves only when the model does. Dropout off."""
     was_training = unet.training
     unet.eval()
-    latents, text = latents[:FIXED_IMAGES], text[:FIXED_IMAGES]
     total = 0.0
-    for t in FIXED_TIMESTEPS:
+    for t in timesteps:
         gen = _gen(seed, "fixed", t)
         ts = torch.full((latents.shape[0],), t, dtype=torch.long)
         total += diffusion_loss(unet, scheduler, latents, text, gen, timesteps=ts).item()
     unet.train(was_training)
-    return total / len(FIXED_TIMESTEPS)
+    return total / len(timesteps)
 
 
 def flat_params(params) -> dict:
@@ -154,12 +157,90 @@ def flat_params(params) -> dict:
 @dataclass
 class TrainResult:
     summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
-    unet: torch.nn.Module  # the trained UNet with its LoRA, for callers that go on using it
+    unet: torch.nn.Module  # the trained UNet with its LoRA (the best one after early stopping)
+
+
+def holdout(files: list[str], split: float) -> tuple[list[int], list[int]]:
+    """(training, validation) indices. Held-out images are picked by the hash of their file
+    name: the same images whatever the row order, and adding images keeps earlier picks."""
+    if not split:
+        return list(range(len(files))), []
+    n_val = max(1, round(split * len(files)))
+    if n_val >= len(files):
+        raise LorapipeError(f"train.validation.split {split} would hold out all {len(files)} "
+                            "images; lower it or add images")
+    order = sorted(range(len(files)), key=lambda i: hashlib.sha256(files[i].encode()).digest())
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Every RNG state as it was on entry, restored on exit: evaluating never changes what
+    training draws next."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@dataclass
+class Evaluator:
+    """The fixed-noise losses: on a fixed subset of the training images and on the held-out
+    images, same noise and timesteps every time, so they move only when the model does."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    latents: torch.Tensor
+    text: torch.Tensor
+    train_subset: list[int]
+    validation: list[int]
+    seed: int
+    timesteps: list[int]
+
+    def __call__(self) -> dict[str, float]:
+        with preserved_rng():
+            idx = self.train_subset
+            train = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
+                               self.seed, self.timesteps)
+            out = {"loss/train/fixed": train}
+            if self.validation:
+                idx = self.validation
+                val = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
+                                 self.seed, self.timesteps)
+                out["loss/validation/step_average"] = val
+                out["loss/validation/divergence"] = val - train
+        return out
+
+
+@dataclass
+class EarlyStop:
+    """Tracks the best validation loss and the LoRA at that point."""
+
+    patience: int
+    best: float = math.inf
+    best_step: int = 0
+    since_best: int = 0
+    best_state: dict | None = None
+
+    def update(self, step: int, value: float, unet) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if value < self.best:
+            self.best, self.best_step, self.since_best = value, step, 0
+            self.best_state = lora.peft_state(unet)
+        else:
+            self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def to_state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
 
 
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
-        ckpt_dir: Path) -> TrainResult:
-    """Train, log and save. Raises Diverged on NaN/Inf."""
+        ckpt_dir: Path, health_report: Path | None = None) -> TrainResult:
+    """Train, log, diagnose and save. Raises Diverged on NaN/Inf."""
     p, lp = params.train, params.lora
     if p.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
@@ -170,6 +251,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     if cache.meta["base"] != params.model.base:
         raise LorapipeError(f"the cache in {cache_dir} was encoded with {cache.meta['base']}, "
                             f"not model.base {params.model.base}; rerun the encode stage")
+    train_idx, val_idx = holdout(cache.files, p.validation.split)
     pipe = load_pipeline(params.model.base, params.model.config)
     unet, scheduler = pipe.unet, training_scheduler(pipe)
     if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
@@ -192,7 +274,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     trainable = [q for q in unet.parameters() if q.requires_grad]
     n_trainable = sum(q.numel() for q in trainable)
 
-    plan = Plan.from_params(p, len(cache.files))
+    plan = Plan.from_params(p, len(train_idx))
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.adam_weight_decay)
     lr_scheduler = get_scheduler(
         p.lr_scheduler, optimizer=optimizer,
@@ -203,6 +285,12 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     _register_lora_hooks(accelerator)
     latents = cache.latents.to(accelerator.device)
     text = cache.text_states.to(accelerator.device)
+    train_pos = torch.tensor(train_idx)
+    # evaluations run on the main process only, so on the bare module (no DDP collectives)
+    evaluate = Evaluator(accelerator.unwrap_model(unet), scheduler, latents, text,
+                         train_idx[:FIXED_IMAGES],
+                         val_idx[:VALIDATION_IMAGES], p.seed, p.validation.timesteps)
+    stopper = EarlyStop(p.early_stop.patience)
 
     fp = checkpoints.fingerprint(params, Path(cache_dir) / CACHE_FILE)
     found, notes = checkpoints.find(ckpt_dir, fp)
@@ -210,6 +298,8 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     if found:
         accelerator.load_state(str(found))
         state = checkpoints.read_state(found)
+        stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
+                            best_state=checkpoints.read_tensors(found, BEST_LORA))
     start_step = state.get("step", 0)
 
     tracker = None
@@ -219,41 +309,50 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         tracker = Tracker(live_dir, logs_dir, state["run_name"], flat_params(params),
                           history=state["history"], resume_step=start_step)
         header = (
-            f"train: {len(cache.files)} images, batch {p.batch_size} x grad_accum "
-            f"{p.grad_accum} x {accelerator.num_processes} process(es) = global batch "
-            f"{p.batch_size * p.grad_accum * accelerator.num_processes}; {plan.max_steps} steps "
-            f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
-            f"epochs); {n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
-            f"{lp.alpha:g}); TensorBoard run {state['run_name']}"
+            f"train: {len(train_idx)} training + {len(val_idx)} validation images, batch "
+            f"{p.batch_size} x grad_accum {p.grad_accum} x {accelerator.num_processes} "
+            f"process(es) = global batch {p.batch_size * p.grad_accum * accelerator.num_processes}"
+            f"; {plan.max_steps} steps ({plan.steps_per_epoch} per epoch, "
+            f"~{plan.max_steps / plan.steps_per_epoch:.1f} epochs); {n_trainable:,} trainable "
+            f"LoRA parameters (rank {lp.rank}, alpha {lp.alpha:g}); TensorBoard run "
+            f"{state['run_name']}"
         )
         if found:
             header += f"; resumed from {found} at step {start_step}"
         print(header)
         tracker.text(header)
+        if not val_idx:
+            print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
 
     step_losses = [v["loss/current"] for _, v in state["history"] if "loss/current" in v]
     epoch_losses = list(state.get("epoch_losses", []))
-    fixed_start = state.get("fixed_start")
     t0 = time.perf_counter() - state["wall_time"]
     timed_from, timed_steps = time.perf_counter(), 0
+    end_step = plan.max_steps
     bar = tqdm(total=plan.max_steps, initial=start_step, desc="train", unit="step",
                dynamic_ncols=True, disable=not main, mininterval=1.0)
     unet.train()
     try:
         for step in range(start_step, plan.max_steps):
             lr = lr_scheduler.get_last_lr()[0]
-            # evaluate: the fixed-noise loss, before this step's update
-            if main and (step == 0 or (p.eval_every and step % p.eval_every == 0)):
-                fixed = fixed_loss(unet, scheduler, latents, text, p.seed)
-                fixed_start = fixed if step == 0 else fixed_start
-                tracker.log(step, {"loss/fixed": fixed})
+            # evaluate: the fixed-noise losses before this step's update; maybe stop early
+            stop = False
+            if main and step % p.validation.every == 0:
+                metrics = evaluate()
+                tracker.log(step, metrics)
+                if val_idx:
+                    stop = stopper.update(step, metrics["loss/validation/step_average"],
+                                          accelerator.unwrap_model(unet))
+            if p.early_stop.patience and _any_process(accelerator, stop):
+                end_step = step
+                break
             if main and p.sample_every and step % p.sample_every == 0:
                 tracker.log_image(step, _samples(pipe, unet, accelerator, p, cache.meta))
 
             # micro-steps: forward and backward; accelerate syncs and steps on the last one
             micro_losses = []
             for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
-                idx = plan.batch_indices(micro, p.seed)
+                idx = train_pos[plan.batch_indices(micro, p.seed)]
                 gen = _gen(p.seed, "micro", micro)
                 torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
                 with accelerator.accumulate(unet), accelerator.autocast():
@@ -261,13 +360,13 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                                           p.noise_offset, p.min_snr_gamma)
                     if not torch.isfinite(loss):
                         raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                        "the loss")
+                                        "the loss", health_report)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
                         if not torch.isfinite(norm):
-                            raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                            "the gradient")
+                            raise _diverged(accelerator, unet, config, out_dir, tracker, step,
+                                            lr, "the gradient", health_report)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -299,35 +398,85 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                     checkpoints.save(accelerator, ckpt_dir, step + 1, {
                         "fingerprint": fp, "run_name": state["run_name"],
                         "history": tracker.history, "epoch_losses": epoch_losses,
-                        "fixed_start": fixed_start, "wall_time": time.perf_counter() - t0,
-                    })
+                        "early_stop": stopper.to_state(),
+                        "wall_time": time.perf_counter() - t0,
+                    }, tensors={BEST_LORA: stopper.best_state})
     finally:
         bar.close()
 
     accelerator.wait_for_everyone()
     summary = {}
+    unwrapped = accelerator.unwrap_model(unet)
     if main:
         steps_per_s = timed_steps / max(time.perf_counter() - timed_from, 1e-9)
-        fixed_end = fixed_loss(unet, scheduler, latents, text, p.seed)
-        tracker.log(plan.max_steps, {"loss/fixed": fixed_end})
+        stopped_early = end_step < plan.max_steps
+        if not stopped_early:
+            metrics = evaluate()
+            tracker.log(end_step, metrics)
+            if val_idx:
+                stopper.update(end_step, metrics["loss/validation/step_average"], unwrapped)
         if p.sample_every:
-            tracker.log_image(plan.max_steps, _samples(pipe, unet, accelerator, p, cache.meta))
+            tracker.log_image(end_step, _samples(pipe, unet, accelerator, p, cache.meta))
+        if stopped_early:  # the LoRA to keep is the one from the best validation step
+            set_peft_model_state_dict(unwrapped, stopper.best_state, adapter_name="default")
+        verdict = _diagnose(tracker.history, params, len(train_idx))
+        fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
         averages = _averages(step_losses, plan.steps_per_epoch)
         summary = {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
-            "fixed_loss_start": fixed_start, "fixed_loss_end": fixed_end,
-            "steps": plan.max_steps, "epochs": round(plan.max_steps / plan.steps_per_epoch, 2),
+            "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
+            "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
             "wall_time_s": round(time.perf_counter() - t0, 2),
             "steps_per_s": round(steps_per_s, 3), "trainable_params": n_trainable,
-            "health": {"status": "ok", "step": plan.max_steps},
+            "health": verdict.summary(),
         }
-        save_lora(accelerator.unwrap_model(unet), config, params, plan, len(cache.files),
-                  out_dir, cache.meta)
-        tracker.summary(plan.max_steps, summary)
+        if val_idx:
+            summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
+                                     "saved_step": stopper.best_step if stopped_early
+                                     else end_step}
+        save_lora(unwrapped, config, params, plan, len(train_idx), out_dir, cache.meta,
+                  end_step)
+        tracker.summary(end_step, summary)
+        _report_health(tracker, verdict, health_report)
+        if stopped_early:
+            print(f"train: early stop at step {end_step}: no better validation loss for "
+                  f"{p.early_stop.patience} evaluations; saved the LoRA of step "
+                  f"{stopper.best_step}, the best validation loss ({stopper.best:.4f})")
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(ckpt_dir)
-    return TrainResult(summary, accelerator.unwrap_model(unet))
+    return TrainResult(summary, unwrapped)
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process when the main process says so (a collective: all must call)."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([int(flag)], device=accelerator.device)).item())
+
+
+def _series(history, name: str) -> health.Series:
+    return [(step, m[name]) for step, m in history if name in m]
+
+
+def _diagnose(history, params, images: int) -> health.Verdict:
+    facts = health.RunFacts(params.train.learning_rate, params.train.batch_size,
+                            params.lora.rank, images)
+    return health.diagnose(_series(history, "loss/train/fixed"),
+                           _series(history, "loss/validation/step_average"),
+                           _series(history, "loss/average"), facts, params.health)
+
+
+def _report_health(tracker, verdict: health.Verdict, path: Path | None) -> None:
+    """The verdict as reports/health.md, TensorBoard text and one line of output."""
+    text = health.to_markdown(verdict, tracker.name)
+    if path is not None:
+        outputs.write_text(path, text)
+    tracker.tb.add_text("health", text, 0)
+    print(f"train: health: {verdict.status}: {verdict.headline}"
+          + (f"; {verdict.advice[0]}" if verdict.status != "healthy" else ""))
 
 
 def _samples(pipe, unet, accelerator, p, meta):
@@ -352,7 +501,8 @@ def _averages(losses: list[float], window: int) -> list[float]:
     return out
 
 
-def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what) -> Diverged:
+def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
+              health_report) -> Diverged:
     """Save the last good LoRA (the weights before this step), record the health, and return
     the error to raise."""
     error = Diverged(step, lr, what)
@@ -361,13 +511,21 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what) -> Di
         if all(torch.isfinite(t).all() for t in state.values()):
             with outputs.atomic_dir(out_dir) as tmp:
                 lora.save_diffusers(state, config, tmp)
-        tracker.summary(step, {"health": {"status": "diverged", "step": step, "lr": lr}})
+        verdict = health.Verdict(
+            "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
+            [f"{what} at step {step} was NaN or Inf"],
+            [f"lower train.learning_rate (e.g. {lr / 10:.0e})",
+             "raise train.batch_size or train.grad_accum", "keep train.max_grad_norm at 1.0",
+             "check the data"], numbers={"step": step, "lr": lr})
+        tracker.summary(step, {"health": verdict.summary()})
+        _report_health(tracker, verdict, health_report)
         tracker.text(f"diverged: {error}")
         tracker.close()
     return error
 
 
-def save_lora(unet, config, params, plan: Plan, n_images: int, out_dir: Path, meta) -> None:
+def save_lora(unet, config, params, plan: Plan, n_images: int, out_dir: Path, meta,
+              steps: int) -> None:
     """Both formats into out_dir, atomically; refuses non-finite weights."""
     state = lora.peft_state(unet)
     bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
@@ -375,11 +533,11 @@ def save_lora(unet, config, params, plan: Plan, n_images: int, out_dir: Path, me
         raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
     with outputs.atomic_dir(out_dir) as tmp:
         lora.save_diffusers(state, config, tmp)
-        lora.save_webui(state, params.lora.alpha, kohya_metadata(params, plan, n_images, meta),
-                        tmp / lora.WEBUI_FILE)
+        lora.save_webui(state, params.lora.alpha,
+                        kohya_metadata(params, plan, n_images, meta, steps), tmp / lora.WEBUI_FILE)
 
 
-def kohya_metadata(params, plan: Plan, n_images: int, meta: dict) -> dict:
+def kohya_metadata(params, plan: Plan, n_images: int, meta: dict, steps: int) -> dict:
     """The ss_* fields kohya's sd-scripts write, which WebUI extensions display.
 
     No timestamps: the file must be byte-identical for identical runs."""
@@ -391,7 +549,7 @@ def kohya_metadata(params, plan: Plan, n_images: int, meta: dict) -> dict:
         "ss_base_model_version": "sd_v1", "ss_sd_model_name": params.model.base,
         "ss_v2": False, "ss_resolution": f"({meta['image_size'][1]}, {meta['image_size'][0]})",
         "ss_num_train_images": n_images, "ss_max_train_steps": plan.max_steps,
-        "ss_steps": plan.max_steps,
+        "ss_steps": steps,
         "ss_num_epochs": math.ceil(plan.max_steps / plan.steps_per_epoch),
         "ss_learning_rate": p.learning_rate, "ss_unet_lr": p.learning_rate,
         "ss_text_encoder_lr": 0, "ss_lr_scheduler": p.lr_scheduler,

@@ -1,0 +1,162 @@
+"""Loss-curve diagnosis: pure functions over the logged series, usable during and after a run.
+
+The per-step diffusion loss is dominated by the random timestep and noise of each step, so
+the verdict rests mainly on the fixed-noise losses (training subset and held-out images, same
+noise and timesteps at every evaluation): they move only when the model does. The moving
+average of the step loss adds a check for blow-ups between evaluations.
+
+Verdicts, checked in this order:
+- diverged: a non-finite value, or a loss exploding past `explode_factor` x its minimum;
+- unstable: the fixed training loss rising by more than `swing` between evaluations at least
+  `swing_count` times (it has no sampling noise: a well-tuned run lowers it almost
+  monotonically, repeated rises mean the optimizer overshoots);
+- not_learning: after `min_steps`, the fixed training loss fell by less than `min_improvement`;
+- overfitting: validation above its best by `overfit_margin` for `overfit_evals` evaluations
+  in a row while the fixed training loss kept falling;
+- healthy: none of the above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+Series = list[tuple[int, float]]  # (step, value), in step order
+
+
+@dataclass
+class Verdict:
+    status: str
+    headline: str
+    evidence: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+    best_step: int | None = None  # where validation was lowest, when there is validation
+    numbers: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The numbers for dvclive's metrics.json (`dvc exp show`)."""
+        out = {"status": self.status, **self.numbers}
+        if self.best_step is not None:
+            out["best_step"] = self.best_step
+        return out
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What advice needs to name concrete values."""
+
+    learning_rate: float
+    batch_size: int
+    rank: int
+    images: int
+
+
+def _finite(series: Series) -> bool:
+    return all(math.isfinite(v) for _, v in series)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def diagnose(train_fixed: Series, validation: Series, average: Series, facts: RunFacts,
+             t) -> Verdict:
+    """Classify a run from its series; `t` holds the thresholds (params.yaml `health`)."""
+    numbers = {}
+    if train_fixed:
+        numbers.update(train_fixed_start=train_fixed[0][1], train_fixed_end=train_fixed[-1][1])
+    best_step = None
+    if validation and _finite(validation):
+        best_step, best = min(validation, key=lambda sv: sv[1])
+        numbers.update(validation_best=best, validation_end=validation[-1][1])
+    lower_lr = _fmt(facts.learning_rate / 2)
+
+    for name, series in (("fixed training loss", train_fixed), ("validation loss", validation),
+                         ("average loss", average)):
+        if not _finite(series):
+            step = next(s for s, v in series if not math.isfinite(v))
+            return Verdict("diverged", f"the {name} became non-finite at step {step}",
+                           [f"{name} at step {step}: {dict(series)[step]}"],
+                           [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> "
+                            f"{lower_lr} or less)", "keep train.max_grad_norm at 1.0",
+                            "check the data and the model path"], best_step, numbers)
+    for name, series in (("fixed training loss", train_fixed), ("average loss", average)):
+        if len(series) >= 2:
+            low_step, low = min(series, key=lambda sv: sv[1])
+            later = [(s, v) for s, v in series if s > low_step]
+            peak_step, peak = max(later, key=lambda sv: sv[1]) if later else (low_step, low)
+            if low > 0 and peak > t.explode_factor * low:
+                return Verdict(
+                    "diverged", f"the {name} exploded after step {low_step}",
+                    [f"{name}: {_fmt(low)} at step {low_step}, then {_fmt(peak)} at step "
+                     f"{peak_step} ({peak / low:.1f}x; limit {t.explode_factor:g}x)"],
+                    [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> {lower_lr})",
+                     "use a warm-up (train.lr_scheduler: constant_with_warmup, "
+                     "train.lr_warmup_steps: 50)"], best_step, numbers)
+
+    rises = [(b[0], (b[1] - a[1]) / a[1]) for a, b in zip(train_fixed, train_fixed[1:],
+                                                          strict=False) if a[1] > 0]
+    jumps = [(s, r) for s, r in rises if r > t.swing]
+    if len(jumps) >= t.swing_count:
+        step, rise = max(jumps, key=lambda sr: sr[1])
+        advice = [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> {lower_lr})"]
+        if facts.batch_size < 4:
+            advice.append(f"raise train.batch_size to at least 4 (now {facts.batch_size}), "
+                          "or train.grad_accum")
+        return Verdict("unstable",
+                       f"the fixed training loss rose {len(jumps)} times between evaluations",
+                       [f"{len(jumps)} rises above {t.swing:.1%} (limit {t.swing_count}); the "
+                        f"largest, {rise:.1%}, ends at step {step}"], advice, best_step, numbers)
+
+    if train_fixed and train_fixed[-1][0] >= t.min_steps:
+        first = train_fixed[0][1]
+        fall = (first - min(v for _, v in train_fixed)) / first if first > 0 else 0.0
+        if fall < t.min_improvement:
+            return Verdict(
+                "not_learning",
+                f"the fixed training loss fell only {fall:.1%} in {train_fixed[-1][0]} steps",
+                [f"fixed training loss {_fmt(first)} at step 0, at best "
+                 f"{_fmt(min(v for _, v in train_fixed))}; a learning run falls by more than "
+                 f"{t.min_improvement:.0%}"],
+                [f"raise train.learning_rate (now {_fmt(facts.learning_rate)}; 1e-4 is usual "
+                 "for SD 1.x)", "check model.base and that the captions match the images",
+                 "train longer (train.max_steps) or raise lora.rank"], best_step, numbers)
+
+    if validation and best_step is not None and len(validation) > t.overfit_evals:
+        best = numbers["validation_best"]
+        tail = validation[-t.overfit_evals:]
+        train_at_best = min((abs(s - best_step), v) for s, v in train_fixed)[1]
+        if all(s > best_step and v > best * (1 + t.overfit_margin) for s, v in tail) \
+                and train_fixed[-1][1] < train_at_best:
+            advice = [f"stop earlier: the best validation loss was at step {best_step} "
+                      "(train.max_steps, or train.early_stop.patience)",
+                      "add more varied images", "check that captions describe what varies"]
+            if facts.rank > 4:
+                advice.insert(1, f"lower lora.rank ({facts.rank} -> {max(4, facts.rank // 2)})")
+            return Verdict(
+                "overfitting",
+                f"validation loss rising since step {best_step} while training loss falls",
+                [f"validation {_fmt(best)} at step {best_step}, {_fmt(tail[-1][1])} at step "
+                 f"{tail[-1][0]}; training fixed loss {_fmt(train_at_best)} -> "
+                 f"{_fmt(train_fixed[-1][1])}"], advice, best_step, numbers)
+
+    headline = "fixed losses falling or settled"
+    if train_fixed:
+        headline = (f"fixed training loss {_fmt(train_fixed[0][1])} -> "
+                    f"{_fmt(train_fixed[-1][1])}")
+    return Verdict("healthy", headline, [], ["nothing to change"], best_step, numbers)
+
+
+def to_markdown(v: Verdict, run: str) -> str:
+    lines = [f"# Training health: {v.status}", "", f"Run `{run}`: {v.headline}.", ""]
+    if v.evidence:
+        lines += ["## Evidence", "", *[f"- {e}" for e in v.evidence], ""]
+    if v.numbers:
+        lines += ["## Numbers", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(x) if isinstance(x, float) else x} |"
+                  for k, x in v.numbers.items()]
+        if v.best_step is not None:
+            lines.append(f"| best validation step | {v.best_step} |")
+        lines.append("")
+    lines += ["## What to do", "", *[f"- {a}" for a in v.advice], ""]
+    return "\n".join(lines)
