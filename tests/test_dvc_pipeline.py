@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,11 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert Image.open(root / "samples/grid.png").size[0] == 2 * 128
     metrics = sh("dvc", "metrics", "show")
     assert "reports/validation.json" in metrics and "dvclive/metrics.json" in metrics
+    sh("dvc", "plots", "show", "-o", "plots_out")  # loss curves and sample images, one page
+    html = (root / "plots_out/index.html").read_text()
+    assert "loss/average" in html and "loss/validation/step_average" in html
+    assert any(p.name.endswith("grid.png") for p in (root / "plots_out/static").iterdir())
+    shutil.rmtree(root / "plots_out")
 
     assert ran(sh("dvc", "repro")) == []  # nothing changed: nothing runs
 
