@@ -72,8 +72,8 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
     captions every step like diffusers' train_text_to_image_lora.py."""
     from lorapipe import lora
     from lorapipe.cache import image_tensor, load_cache
+    from lorapipe.losses import diffusion_loss
     from lorapipe.models import build_tiny_sd, training_scheduler
-    from lorapipe.training import diffusion_loss
 
     pipe = build_tiny_sd()
     unet, sched = pipe.unet, training_scheduler(pipe)
@@ -134,7 +134,7 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from lorapipe import lora
-    from lorapipe.training import diffusion_loss
+    from lorapipe.losses import diffusion_loss
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

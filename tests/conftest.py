@@ -129,6 +129,14 @@ def make_params(root: Path, **overrides):
     return load_params(root / "params.yaml")
 
 
+def run_dirs(tmp_path: Path, *names: str) -> list[Path]:
+    """Fresh folders for runs that are compared with each other."""
+    dirs = [tmp_path / name for name in names]
+    for d in dirs:
+        d.mkdir()
+    return dirs
+
+
 def train_in(root: Path, cache: Path, health_report: Path | None = None, **overrides):
     """Run the training loop in `root` with small defaults; returns TrainResult."""
     from accelerate.state import AcceleratorState, GradientState

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_in
+from conftest import REPO, run_dirs, train_in
+from lorapipe.evaluation import holdout
 from lorapipe.health import RunFacts, diagnose, to_markdown
 from lorapipe.params import load_params
-from lorapipe.training import Diverged, holdout
+from lorapipe.training import Diverged
 
 T = load_params(REPO / "params.yaml").health
 FACTS = RunFacts(learning_rate=2e-4, batch_size=2, rank=16, images=40)
@@ -139,9 +140,7 @@ def test_huge_learning_rate_is_diverged(tmp_path, example_cache):
 
 
 def test_turning_evaluation_up_does_not_change_training(tmp_path, example_cache):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = run_dirs(tmp_path, "a", "b")
     train_in(a, example_cache, train__max_steps=12, train__validation__every=1)
     train_in(b, example_cache, train__max_steps=12, train__validation__every=100)
     name = "lora/pytorch_lora_weights.safetensors"

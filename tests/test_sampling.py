@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import make_params, train_in
+from conftest import make_params, run_dirs, train_in
 from lorapipe.models import build_tiny_sd
 from lorapipe.sampling import SCHEDULERS, SampleSettings, generate, grid, make_scheduler
 from stages import sample as sample_stage
@@ -104,9 +104,7 @@ def test_sample_stage_writes_images_grid_and_logs(trained, workspace, monkeypatc
 
 
 def test_training_logs_sample_grids_without_changing_the_training(tmp_path, example_cache):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = run_dirs(tmp_path, "a", "b")
     train_in(a, example_cache, train__max_steps=10, train__sample_every=5,
              train__sample_steps=2)
     train_in(b, example_cache, train__max_steps=10, train__sample_every=0)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import train_in
-from lorapipe.training import Diverged, Plan, diffusion_loss
+from conftest import run_dirs, train_in
+from lorapipe.losses import diffusion_loss
+from lorapipe.training import Diverged, Plan
 
 
 def tsv(root, name) -> list[tuple[int, float]]:
@@ -66,15 +67,12 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
 
 
 def test_same_seed_same_bytes(tmp_path, example_cache):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = run_dirs(tmp_path, "a", "b")
     train_in(a, example_cache, lora__dropout=0.1, train__max_steps=8)
     train_in(b, example_cache, lora__dropout=0.1, train__max_steps=8)
     for name in ("pytorch_lora_weights.safetensors", "lora_webui.safetensors"):
         assert (a / "lora" / name).read_bytes() == (b / "lora" / name).read_bytes()
-    c = tmp_path / "c"
-    c.mkdir()
+    [c] = run_dirs(tmp_path, "c")
     train_in(c, example_cache, lora__dropout=0.1, train__max_steps=8, train__seed=7)
     name = "pytorch_lora_weights.safetensors"
     assert (c / "lora" / name).read_bytes() != (a / "lora" / name).read_bytes()
@@ -122,9 +120,7 @@ def test_bf16_keeps_lora_weights_fp32(tmp_path, example_cache):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, example_cache):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = run_dirs(tmp_path, "a", "b")
     ra = train_in(a, example_cache, train__max_steps=4)
     rb = train_in(b, example_cache, train__max_steps=4, train__gradient_checkpointing=True)
     for (na, pa), (_, pb) in zip(ra.unet.named_parameters(), rb.unet.named_parameters(),

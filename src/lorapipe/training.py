@@ -11,20 +11,15 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import cast_training_params
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -32,6 +27,8 @@ from tqdm import tqdm
 from lorapipe import checkpoints, health, lora, outputs
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
+from lorapipe.evaluation import EarlyStop, Evaluator, holdout
+from lorapipe.losses import diffusion_loss, seeded_generator
 from lorapipe.models import load_pipeline, training_scheduler
 from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, run_name
@@ -92,58 +89,9 @@ class Plan:
         out = []
         for pos in positions:
             epoch, i = divmod(pos, self.images)
-            order = torch.randperm(self.images, generator=_gen(seed, "epoch", epoch))
+            order = torch.randperm(self.images, generator=seeded_generator(seed, "epoch", epoch))
             out.append(int(order[i]))
         return torch.tensor(out)
-
-
-def _gen(seed: int, purpose: str, index: int) -> torch.Generator:
-    """A generator seeded from (seed, purpose, index), independent of anything run before."""
-    salt = {"epoch": 1, "micro": 2, "fixed": 3}[purpose]
-    return torch.Generator().manual_seed((seed * 1_000_003 + salt) * 1_000_003 + index)
-
-
-def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_snr_gamma=0.0,
-                   timesteps=None):
-    """DDPM training loss (Ho et al., 2020) for epsilon or v-prediction bases."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-    if noise_offset:
-        # offset noise (Guttenberg, 2023): lets the model shift whole-image brightness
-        noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents.device)
-    if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=gen)
-    timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    pred = unet(noisy, timesteps, text).sample
-    if not min_snr_gamma:
-        return F.mse_loss(pred.float(), target.float())
-    # Min-SNR-gamma weighting (Hang et al., 2023), as in diffusers' training examples
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=min_snr_gamma)
-    weights = weights / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
-@torch.no_grad()
-def fixed_loss(unet, scheduler, latents, text, seed: int, timesteps: list[int]) -> float:
-    """Loss on these images at these timesteps with noise fixed by the seed: no sampling
-    noise left, so it moves only when the model does. Dropout off."""
-    was_training = unet.training
-    unet.eval()
-    total = 0.0
-    for t in timesteps:
-        gen = _gen(seed, "fixed", t)
-        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
-        total += diffusion_loss(unet, scheduler, latents, text, gen, timesteps=ts).item()
-    unet.train(was_training)
-    return total / len(timesteps)
 
 
 def flat_params(params) -> dict:
@@ -158,84 +106,6 @@ def flat_params(params) -> dict:
 class TrainResult:
     summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
     unet: torch.nn.Module  # the trained UNet with its LoRA (the best one after early stopping)
-
-
-def holdout(files: list[str], split: float) -> tuple[list[int], list[int]]:
-    """(training, validation) indices. Held-out images are picked by the hash of their file
-    name: the same images whatever the row order, and adding images keeps earlier picks."""
-    if not split:
-        return list(range(len(files))), []
-    n_val = max(1, round(split * len(files)))
-    if n_val >= len(files):
-        raise LorapipeError(f"train.validation.split {split} would hold out all {len(files)} "
-                            "images; lower it or add images")
-    order = sorted(range(len(files)), key=lambda i: hashlib.sha256(files[i].encode()).digest())
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Every RNG state as it was on entry, restored on exit: evaluating never changes what
-    training draws next."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-@dataclass
-class Evaluator:
-    """The fixed-noise losses: on a fixed subset of the training images and on the held-out
-    images, same noise and timesteps every time, so they move only when the model does."""
-
-    unet: torch.nn.Module
-    scheduler: object
-    latents: torch.Tensor
-    text: torch.Tensor
-    train_subset: list[int]
-    validation: list[int]
-    seed: int
-    timesteps: list[int]
-
-    def __call__(self) -> dict[str, float]:
-        with preserved_rng():
-            idx = self.train_subset
-            train = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
-                               self.seed, self.timesteps)
-            out = {"loss/train/fixed": train}
-            if self.validation:
-                idx = self.validation
-                val = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
-                                 self.seed, self.timesteps)
-                out["loss/validation/step_average"] = val
-                out["loss/validation/divergence"] = val - train
-        return out
-
-
-@dataclass
-class EarlyStop:
-    """Tracks the best validation loss and the LoRA at that point."""
-
-    patience: int
-    best: float = math.inf
-    best_step: int = 0
-    since_best: int = 0
-    best_state: dict | None = None
-
-    def update(self, step: int, value: float, unet) -> bool:
-        """Record one evaluation; True when training should stop."""
-        if value < self.best:
-            self.best, self.best_step, self.since_best = value, step, 0
-            self.best_state = lora.peft_state(unet)
-        else:
-            self.since_best += 1
-        return bool(self.patience) and self.since_best >= self.patience
-
-    def to_state(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
 
 
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
@@ -353,7 +223,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
             micro_losses = []
             for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
                 idx = train_pos[plan.batch_indices(micro, p.seed)]
-                gen = _gen(p.seed, "micro", micro)
+                gen = seeded_generator(p.seed, "micro", micro)
                 torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
                 with accelerator.accumulate(unet), accelerator.autocast():
                     loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,

@@ -1,0 +1,113 @@
+"""Evaluation during training: the held-out split, the fixed-noise losses, early stopping.
+
+The fixed-noise losses use the same noise and timesteps at every evaluation, so they carry
+no sampling noise and move only when the model does (see lorapipe.health).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorapipe import lora
+from lorapipe.errors import LorapipeError
+from lorapipe.losses import diffusion_loss, seeded_generator
+
+
+@torch.no_grad()
+def fixed_loss(unet, scheduler, latents, text, seed: int, timesteps: list[int]) -> float:
+    """Loss on these images at these timesteps with noise fixed by the seed: no sampling
+    noise left, so it moves only when the model does. Dropout off."""
+    was_training = unet.training
+    unet.eval()
+    total = 0.0
+    for t in timesteps:
+        gen = seeded_generator(seed, "fixed", t)
+        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
+        total += diffusion_loss(unet, scheduler, latents, text, gen, timesteps=ts).item()
+    unet.train(was_training)
+    return total / len(timesteps)
+
+
+def holdout(files: list[str], split: float) -> tuple[list[int], list[int]]:
+    """(training, validation) indices. Held-out images are picked by the hash of their file
+    name: the same images whatever the row order, and adding images keeps earlier picks."""
+    if not split:
+        return list(range(len(files))), []
+    n_val = max(1, round(split * len(files)))
+    if n_val >= len(files):
+        raise LorapipeError(f"train.validation.split {split} would hold out all {len(files)} "
+                            "images; lower it or add images")
+    order = sorted(range(len(files)), key=lambda i: hashlib.sha256(files[i].encode()).digest())
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Every RNG state as it was on entry, restored on exit: evaluating never changes what
+    training draws next."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@dataclass
+class Evaluator:
+    """The fixed-noise losses: on a fixed subset of the training images and on the held-out
+    images, same noise and timesteps every time, so they move only when the model does."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    latents: torch.Tensor
+    text: torch.Tensor
+    train_subset: list[int]
+    validation: list[int]
+    seed: int
+    timesteps: list[int]
+
+    def __call__(self) -> dict[str, float]:
+        with preserved_rng():
+            idx = self.train_subset
+            train = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
+                               self.seed, self.timesteps)
+            out = {"loss/train/fixed": train}
+            if self.validation:
+                idx = self.validation
+                val = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
+                                 self.seed, self.timesteps)
+                out["loss/validation/step_average"] = val
+                out["loss/validation/divergence"] = val - train
+        return out
+
+
+@dataclass
+class EarlyStop:
+    """Tracks the best validation loss and the LoRA at that point."""
+
+    patience: int
+    best: float = math.inf
+    best_step: int = 0
+    since_best: int = 0
+    best_state: dict | None = None
+
+    def update(self, step: int, value: float, unet) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if value < self.best:
+            self.best, self.best_step, self.since_best = value, step, 0
+            self.best_state = lora.peft_state(unet)
+        else:
+            self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def to_state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
