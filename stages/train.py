@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ def main(argv: list[str] | None) -> int:
     parser.add_argument("--health", required=True, help="the health report to write (.md)")
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports below
+    if launch_needed(params.train):
+        return relaunch(params.train, argv)
 
     from lorapipe.training import Diverged, run
 
@@ -40,6 +44,32 @@ def main(argv: list[str] | None) -> int:
               f"; fixed-noise loss {summary['fixed_loss_start']:.4f} -> "
               f"{summary['fixed_loss_end']:.4f}; LoRA in {args.out}")
     return 0
+
+
+def launch_needed(p) -> bool:
+    """More than one process (or a config) asked for, and not yet under a launcher."""
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+    return not launched and (p.num_processes > 1 or bool(p.accelerate_config))
+
+
+def relaunch(p, argv: list[str] | None) -> int:
+    """Run this stage again under `accelerate launch` with train.num_processes processes
+    (torch.distributed underneath: NCCL on GPUs, gloo on CPUs)."""
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--num_processes", str(p.num_processes), "--mixed_precision", p.mixed_precision,
+           "--dynamo_backend", "no"]
+    if p.accelerate_config:
+        cmd += ["--config_file", p.accelerate_config]
+    else:
+        cmd += ["--num_machines", "1"] + (["--multi_gpu"] if p.num_processes > 1 else [])
+    env = {**os.environ, "ACCELERATE_LAUNCHED": "1"}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # data parallel over CPU processes (gloo)
+    cmd += ["-m", "stages.train", *(sys.argv[1:] if argv is None else argv)]
+    print(f"train: launching {p.num_processes} processes: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -14,16 +14,26 @@ def seeded_generator(seed: int, purpose: str, index: int) -> torch.Generator:
 
 
 def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_snr_gamma=0.0,
-                   timesteps=None):
-    """DDPM training loss (Ho et al., 2020) for epsilon or v-prediction bases."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+                   timesteps=None, shard: tuple[int, int] = (0, 1)):
+    """DDPM training loss (Ho et al., 2020) for epsilon or v-prediction bases.
+
+    shard=(rank, world): these latents are part `rank` of a global batch split over `world`
+    processes. Noise and timesteps are drawn for the whole global batch and sliced, so each
+    image gets exactly what it would get in a single process: data parallelism changes where
+    the work runs, not what is computed.
+    """
+    rank, world = shard
+    b = latents.shape[0]
+    mine = slice(rank * b, (rank + 1) * b)
+    noise = torch.randn((b * world, *latents.shape[1:]), generator=gen)[mine]
+    noise = noise.to(latents.device)
     if noise_offset:
         # offset noise (Guttenberg, 2023): lets the model shift whole-image brightness
         noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents.device)
+            (b * world, latents.shape[1], 1, 1), generator=gen)[mine].to(latents.device)
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=gen)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b * world,),
+                                  generator=gen)[mine]
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":

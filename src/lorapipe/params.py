@@ -113,6 +113,9 @@ class TrainParams:
     max_steps: int = key("optimizer steps; 0 = use train.epochs", minimum=0)
     epochs: int = key("passes over the data when max_steps is 0", minimum=0)
     mixed_precision: str = key("no, fp16 or bf16", choices=PRECISIONS)
+    num_processes: int = key("data-parallel processes (accelerate launch); 1 = plain", minimum=1)
+    accelerate_config: str = key("accelerate config file (multi-node); \"\" = none",
+                                 path="any", optional=True)
     gradient_checkpointing: bool = key("recompute activations to save memory")
     noise_offset: float = key("offset-noise strength", minimum=0)
     min_snr_gamma: float = key("Min-SNR loss weighting gamma; 0 = off", minimum=0)

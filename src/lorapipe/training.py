@@ -11,7 +11,9 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +62,9 @@ class Diverged(LorapipeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How micro-batches tile the data stream; every count derived once, here."""
+    """How micro-batches tile the data stream; every count derived once, here.
+
+    batch_size is the global micro-batch: train.batch_size per process x processes."""
 
     images: int
     batch_size: int
@@ -68,10 +72,10 @@ class Plan:
     max_steps: int
 
     @classmethod
-    def from_params(cls, p, images: int) -> Plan:
-        per_step = p.batch_size * p.grad_accum
+    def from_params(cls, p, images: int, processes: int = 1) -> Plan:
+        per_step = p.batch_size * processes * p.grad_accum
         steps = p.max_steps or math.ceil(p.epochs * images / per_step)
-        return cls(images, p.batch_size, p.grad_accum, steps)
+        return cls(images, p.batch_size * processes, p.grad_accum, steps)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -144,7 +148,8 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     trainable = [q for q in unet.parameters() if q.requires_grad]
     n_trainable = sum(q.numel() for q in trainable)
 
-    plan = Plan.from_params(p, len(train_idx))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = Plan.from_params(p, len(train_idx), world)
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.adam_weight_decay)
     lr_scheduler = get_scheduler(
         p.lr_scheduler, optimizer=optimizer,
@@ -222,12 +227,15 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
             # micro-steps: forward and backward; accelerate syncs and steps on the last one
             micro_losses = []
             for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
-                idx = train_pos[plan.batch_indices(micro, p.seed)]
+                # this process's shard of the global micro-batch
+                idx = train_pos[plan.batch_indices(micro, p.seed)].chunk(world)[rank]
+                _trace(rank, step, micro, idx)
                 gen = seeded_generator(p.seed, "micro", micro)
-                torch.manual_seed(gen.initial_seed())  # LoRA dropout draws from the global RNG
+                # LoRA dropout draws from the global RNG: seeded per micro-batch and process
+                torch.manual_seed(gen.initial_seed() + rank)
                 with accelerator.accumulate(unet), accelerator.autocast():
                     loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,
-                                          p.noise_offset, p.min_snr_gamma)
+                                          p.noise_offset, p.min_snr_gamma, shard=(rank, world))
                     if not torch.isfinite(loss):
                         raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
                                         "the loss", health_report)
@@ -316,6 +324,15 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         tracker.close()
         checkpoints.clear(ckpt_dir)
     return TrainResult(summary, unwrapped)
+
+
+def _trace(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
+    """With LORAPIPE_TRACE_BATCHES=<folder>, each process records the images it trained on
+    (rank<r>.jsonl): how the tests prove processes see distinct data."""
+    folder = os.environ.get("LORAPIPE_TRACE_BATCHES")
+    if folder:
+        with open(Path(folder) / f"rank{rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "micro": micro, "images": idx.tolist()}) + "\n")
 
 
 def _any_process(accelerator, flag: bool) -> bool:
