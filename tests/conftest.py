@@ -152,3 +152,63 @@ def train_in(root: Path, cache: Path, health_report: Path | None = None, **overr
     params = make_params(root, **settings)
     return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt",
                health_report)
+
+
+def set_param(root: Path, dotted: str, value) -> None:
+    """Edit one top-level `section.key` in root/params.yaml as text, keeping its comments."""
+    import re
+
+    section, key = dotted.split(".")
+    text = (root / "params.yaml").read_text()
+    start = text.index(f"\n{section}:\n")
+    match = re.compile(rf"^(  {key}: ).*$", re.M).search(text, start)
+    text = text[: match.start()] + f"{match.group(1)}{value}" + text[match.end():]
+    (root / "params.yaml").write_text(text)
+
+
+def ran(output: str) -> list[str]:
+    """The stages `dvc repro` / `dvc exp run` ran, from DVC's own output."""
+    import re
+
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def shell_in(root: Path):
+    """A runner for commands in `root` with this venv's tools and the copy's library."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(root / "src"),  # the copy's library, not the developer's checkout
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+
+    def sh(*cmd: str, check=True) -> str:
+        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if check and result.returncode:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout + result.stderr
+
+    return sh
+
+
+def git_copy(root: Path):
+    """The repository copied into a fresh git repo at `root`, set for short runs; returns
+    (root, sh)."""
+    copy_repo(root)
+    sh = shell_in(root)
+    # short runs keep the DVC tests quick; every rule they prove holds at any length
+    set_param(root, "train.max_steps", 20)
+    set_param(root, "train.sample_every", 0)
+    set_param(root, "sample.steps", 4)
+    set_param(root, "sample.images_per_prompt", 1)
+    set_param(root, "sample.prompts", '["a red circle, lpstyle", "a blue star"]')
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "copy")
+    return root, sh

@@ -6,68 +6,23 @@ Proves each stage reruns exactly when something it reads changes, and never othe
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import copy_repo, tree_digest
+from conftest import git_copy, ran, set_param, tree_digest
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONPATH=str(root / "src"),  # the copy's library, not the developer's checkout
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-
-    def sh(*cmd: str, check=True) -> str:
-        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        if check and result.returncode:
-            raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
-        return result.stdout + result.stderr
-
-    # short runs keep this test quick; every rule below holds at any length
-    set_param(root, "train.max_steps", 20)
-
-    set_param(root, "train.sample_every", 0)
-    set_param(root, "sample.steps", 4)
-    set_param(root, "sample.images_per_prompt", 1)
-    set_param(root, "sample.prompts", '["a red circle, lpstyle", "a blue star"]')
-    sh("git", "init", "-q")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "copy")
-    return root, sh
-
-
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return git_copy(tmp_path_factory.mktemp("repo"))
 
 
 def changed(sh) -> set[str]:
     status = json.loads(sh("dvc", "status", "--json").strip().splitlines()[-1])
     return set(status)
-
-
-def set_param(root: Path, dotted: str, value) -> None:
-    section, key = dotted.split(".")
-    text = (root / "params.yaml").read_text()
-    start = text.index(f"\n{section}:\n")
-    line = re.compile(rf"^(  {key}: ).*$", re.M)
-    match = line.search(text, start)
-    text = text[: match.start()] + f"{match.group(1)}{value}" + text[match.end():]
-    (root / "params.yaml").write_text(text)
 
 
 ALL = ["validate", "preprocess", "encode", "train", "sample"]
