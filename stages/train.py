@@ -26,6 +26,8 @@ def main(argv: list[str] | None) -> int:
     parser.add_argument("--health", required=True, help="the health report to write (.md)")
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports below
+    if params.train.devices:  # before torch starts CUDA, so it sees only these GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, params.train.devices))
     if launch_needed(params.train):
         return relaunch(params.train, argv)
 

@@ -132,7 +132,7 @@ def test_experiment_workflow(repo, tmp_path):
 
     sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8", "-S", "train.learning_rate=1e-3",
        "-S", "train.max_steps=20")
-    sh("dvc", "queue", "start")
+    sh("dvc", "queue", "start", "-j", "2")  # two workers: the two runs side by side
     deadline = time.time() + 400
     while True:
         status = sh("dvc", "queue", "status")

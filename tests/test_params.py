@@ -154,3 +154,10 @@ def test_nested_keys(tmp_path):
     msg = error_for(tmp_path, lambda p: (p["train"]["validation"].update(split=0),
                                          p["train"]["early_stop"].update(patience=3)))
     assert "train.early_stop.patience needs a validation set" in msg
+
+
+def test_device_list(tmp_path):
+    params = load_params(write(tmp_path, lambda p: p["train"].update(devices=[1, 3])))
+    assert params.train.devices == [1, 3]
+    msg = error_for(tmp_path, lambda p: p["train"].update(devices="1"))
+    assert "train.devices must be a list of integers >= 0" in msg

@@ -39,6 +39,7 @@ class Rule:
     path: str | None = None  # "dir": an existing folder; "model": builtin:... or exists;
     #                          "any": must exist
     optional: bool = False  # for paths: "" means none
+    allow_empty: bool = False  # for lists: [] is allowed
 
 
 def key(help: str, **rule) -> typing.Any:
@@ -116,6 +117,7 @@ class TrainParams:
     num_processes: int = key("data-parallel processes (accelerate launch); 1 = plain", minimum=1)
     accelerate_config: str = key("accelerate config file (multi-node); \"\" = none",
                                  path="any", optional=True)
+    devices: list[int] = key("GPU indices this run may use; [] = all", allow_empty=True)
     gradient_checkpointing: bool = key("recompute activations to save memory")
     noise_offset: float = key("offset-noise strength", minimum=0)
     min_snr_gamma: float = key("Min-SNR loss weighting gamma; 0 = off", minimum=0)
@@ -267,7 +269,7 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         or (t is bool and isinstance(value, bool))
         or (t == list[str] and isinstance(value, list) and bool(value)
             and all(isinstance(v, str) and v for v in value))
-        or (t == list[int] and isinstance(value, list) and bool(value)
+        or (t == list[int] and isinstance(value, list) and (bool(value) or rule.allow_empty)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
     )
     if not ok:

@@ -1,0 +1,82 @@
+"""Data-parallel scaling of the train stage: steps/s and samples/s for 1 vs N processes.
+
+    python bench/scaling.py [--steps 100] [--batch 4]
+
+Runs the real train stage (python -m stages.train, relaunching itself under accelerate) on
+the builtin model and the example data, each process with `--batch` images per step, so the
+global batch grows with the process count. On CPU it compares 1 and 2 processes (gloo); on a
+CUDA machine every visible device count from 1 up. steps/s comes from the stage's own summary
+(the training loop only, not start-up). Prints a table and writes bench/results/scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from train_step import example_cache  # noqa: E402
+
+
+def run_stage(root: Path, cache: Path, processes: int, batch: int, steps: int) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["dir"] = str(REPO / "data/example")
+    params["train"].update(max_steps=steps, batch_size=batch, num_processes=processes,
+                           sample_every=0, checkpoint_every=0)
+    params["train"]["validation"]["every"] = steps
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, "-m", "stages.train", "--cache", str(cache), "--out", "lora",
+         "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health",
+         "health.md"], cwd=root, check=True, capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads((root / "dvclive/metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=4, help="images per process per step")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scaling.json"))
+    args = parser.parse_args()
+    cuda = torch.cuda.device_count()
+    counts = list(range(1, cuda + 1)) if cuda else [1, 2]
+    root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    cache = example_cache(root / "data")
+    rows = []
+    for n in counts:
+        summary = run_stage(root / f"n{n}", cache, n, args.batch, args.steps)
+        steps_per_s = summary["steps_per_s"]
+        rows.append({"processes": n, "global_batch": n * args.batch, "steps_per_s": steps_per_s,
+                     "samples_per_s": round(steps_per_s * n * args.batch, 2)})
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["speedup_samples"] = round(r["samples_per_s"] / base, 2)
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
+    result = {"benchmark": "scaling", "device": device, "steps": args.steps,
+              "batch_per_process": args.batch, "torch": torch.__version__,
+              "machine": platform.machine(), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\ntrain stage, builtin model, {args.steps} steps, {args.batch} images per process "
+          f"per step, {device}")
+    print(f"{'processes':>9} {'global batch':>12} {'steps/s':>8} {'samples/s':>10} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['processes']:>9} {r['global_batch']:>12} {r['steps_per_s']:>8} "
+              f"{r['samples_per_s']:>10} {r['speedup_samples']:>8}x")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
