@@ -118,8 +118,9 @@ def diagnose(train_fixed: Series, validation: Series, average: Series, facts: Ru
                 [f"fixed training loss {_fmt(first)} at step 0, at best "
                  f"{_fmt(min(v for _, v in train_fixed))}; a learning run falls by more than "
                  f"{t.min_improvement:.0%}"],
-                [f"raise train.learning_rate (now {_fmt(facts.learning_rate)}; 1e-4 is usual "
-                 "for SD 1.x)", "check model.base and that the captions match the images",
+                [f"raise train.learning_rate (now {_fmt(facts.learning_rate)}, e.g. to "
+                 f"{_fmt(max(facts.learning_rate * 2, 1e-4))})",
+                 "check model.base and that the captions match the images",
                  "train longer (train.max_steps) or raise lora.rank"], best_step, numbers)
 
     if validation and best_step is not None and len(validation) > t.overfit_evals:
