@@ -25,6 +25,7 @@ def start(root: Path, cache: Path) -> subprocess.Popen:
          "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health", "health.md"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: a kill reaches launched workers too
     )
 
 
@@ -42,7 +43,7 @@ def kill_after_checkpoint(root: Path, cache: Path) -> None:
         assert proc.poll() is None, "finished before the first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (root / "lora").exists()  # nothing final was written
@@ -76,3 +77,15 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache):
     assert "made with other params or data" in out and "resumed from" not in out
     for name in FILES[:2]:
         assert (other / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_two_process_run_resumes_to_the_same_result(tmp_path, example_cache):
+    """The same under `accelerate launch` with 2 CPU processes (gloo)."""
+    straight = setup(tmp_path / "straight", train__num_processes=2, train__batch_size=2)
+    run_to_end(straight, example_cache)
+    killed = setup(tmp_path / "killed", train__num_processes=2, train__batch_size=2)
+    kill_after_checkpoint(killed, example_cache)
+    out = run_to_end(killed, example_cache)
+    assert re.search(r"resumed from \S+ at step (20|40)", out), out
+    for name in FILES:
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
