@@ -192,3 +192,22 @@ def test_pixels_survive_the_round_trip(tmp_path):
     (tmp_path / "s.png").write_bytes(buf.getvalue())
     out, _ = load_square(tmp_path / "s.png", 64)
     assert (np.asarray(out) == arr).all()
+
+
+def test_embedded_icc_profile_is_converted(tmp_path, monkeypatch):
+    """An image carrying an ICC profile goes through ImageCms to sRGB (here sRGB itself,
+    the one RGB profile Pillow can build, so the colours must survive unchanged)."""
+    from PIL import ImageCms
+
+    calls = []
+    real = ImageCms.profileToProfile
+    monkeypatch.setattr(ImageCms, "profileToProfile",
+                        lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    im = Image.new("RGB", (80, 80), (200, 100, 50))
+    out = square(im, tmp_path, name="icc.png", icc_profile=profile)
+    assert len(calls) == 1  # the conversion ran
+    with Image.open(tmp_path / "icc.png") as check:
+        assert check.info.get("icc_profile")  # the test image really carries a profile
+    assert np.abs(out - [200, 100, 50]).max() <= 2
+
