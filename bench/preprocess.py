@@ -10,7 +10,6 @@ bench/.data/ (git-ignored) so a rerun skips making them.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -26,6 +25,9 @@ from PIL import Image, ImageOps
 from lorapipe.parallel import cpu_count, map_progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+
 from stages.preprocess import output_names, process_one  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -112,19 +114,13 @@ def main() -> None:
         "python": platform.python_version(), "pillow": PIL.__version__,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"\n{args.count} JPEGs {size[0]}x{size[1]} -> {args.resolution}px PNG, "
-          f"{cores} cores, Pillow {PIL.__version__}")
-    header = (f"{'run':<28} {'s':>7} {'img/s':>7} {'per core':>9} "
-              f"{'vs 1 worker':>12} {'vs plain':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['run']:<28} {r['seconds']:>7} {r['images_per_s']:>7} {r['per_core']:>9} "
-              f"{r['vs_lorapipe_1_worker']:>11}x {r['vs_plain_loop']:>8}x")
-    print(f"\nwrote {args.out}")
+    report.table(
+        f"{args.count} JPEGs {size[0]}x{size[1]} -> {args.resolution}px PNG, {cores} cores, "
+        f"Pillow {PIL.__version__}",
+        [("run", "run", "<28"), ("s", "seconds", ">7"), ("img/s", "images_per_s", ">7"),
+         ("per core", "per_core", ">9"), ("vs 1 worker", "vs_lorapipe_1_worker", ">11"),
+         ("vs plain", "vs_plain_loop", ">8")], rows)
+    report.write(args.out, result)
 
 
 if __name__ == "__main__":

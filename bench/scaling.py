@@ -25,6 +25,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+import report  # noqa: E402
 from train_step import example_cache  # noqa: E402
 
 
@@ -67,15 +68,12 @@ def main() -> None:
     result = {"benchmark": "scaling", "device": device, "steps": args.steps,
               "batch_per_process": args.batch, "torch": torch.__version__,
               "machine": platform.machine(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\ntrain stage, builtin model, {args.steps} steps, {args.batch} images per process "
-          f"per step, {device}")
-    print(f"{'processes':>9} {'global batch':>12} {'steps/s':>8} {'samples/s':>10} {'speed-up':>9}")
-    for r in rows:
-        print(f"{r['processes']:>9} {r['global_batch']:>12} {r['steps_per_s']:>8} "
-              f"{r['samples_per_s']:>10} {r['speedup_samples']:>8}x")
-    print(f"\nwrote {args.out}")
+    report.table(f"train stage, builtin model, {args.steps} steps, {args.batch} images per "
+                 f"process per step, {device}",
+                 [("processes", "processes", ">9"), ("global batch", "global_batch", ">12"),
+                  ("steps/s", "steps_per_s", ">8"), ("samples/s", "samples_per_s", ">10"),
+                  ("speed-up", "speedup_samples", ">8")], rows)
+    report.write(args.out, result)
 
 
 if __name__ == "__main__":

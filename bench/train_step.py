@@ -33,6 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import report  # noqa: E402
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
@@ -220,23 +222,20 @@ def main() -> None:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "tiny": rows, "sd15": sd15,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"\ntiny SD, {args.steps} steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'run':<45} {'s/step':>8} {'vs bare':>8}")
     for r in rows:
-        ratio = f"{r['vs_bare']:.2f}x" if "vs_bare" in r else "1.00x"
-        print(f"{r['run']:<45} {r['s_per_step']:>8.4f} {ratio:>8}")
+        r.setdefault("vs_bare", 1.0)
+    report.table(f"tiny SD, {args.steps} steps, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads",
+                 [("run", "run", "<45"), ("s/step", "s_per_step", ">8.4f"),
+                  ("vs bare", "vs_bare", ">8.2f")], rows)
     if sd15:
-        print(f"\nSD1.5-shaped UNet ({sd15[0]['unet_params_m']}M params, LoRA "
-              f"{sd15[0]['lora_params']:,}), 64x64 latents, batch 1, {sd15[0]['device']}")
-        print(f"{'gradient checkpointing':<25} {'s/step':>8} {'peak GiB':>9}")
         for r in sd15:
-            peak = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
-            print(f"{str(r['checkpointing']):<25} {r['s_per_step']:>8.2f} {peak:>9.2f}")
-    print(f"\nwrote {args.out}")
+            r["peak_gib"] = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
+        report.table(f"SD1.5-shaped UNet ({sd15[0]['unet_params_m']}M params, LoRA "
+                     f"{sd15[0]['lora_params']:,}), 64x64 latents, batch 1, {sd15[0]['device']}",
+                     [("checkpointing", "checkpointing", ">13"), ("s/step", "s_per_step", ">8.2f"),
+                      ("peak GiB", "peak_gib", ">9.2f")], sd15)
+    report.write(args.out, result)
 
 
 if __name__ == "__main__":
