@@ -18,7 +18,8 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++_2m")
+from lorapipe.params import SAMPLERS as SCHEDULERS  # the one list; params.yaml is checked on it
+
 MIN_CELL = 128  # grid cells are enlarged (nearest neighbour) to at least this many pixels
 LABEL_H = 18
 
