@@ -23,6 +23,7 @@ def main(argv: list[str] | None) -> int:
     params = load_params()  # checked before the heavy imports below
     p = params.sample
 
+    import numpy as np
     from diffusers.utils import logging as diffusers_logging
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -60,18 +61,12 @@ def main(argv: list[str] | None) -> int:
 
     with outputs.atomic_dir(Path(args.logs) / run_name()) as tmp:
         writer = SummaryWriter(str(tmp))
-        writer.add_image("samples/grid", _chw(grid), 0)
+        writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")
         writer.close()
     print(f"sample: {len(images)} base/LoRA pairs for {len(p.prompts)} prompts "
           f"({p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
           f"{p.lora_scale:g}) -> {args.out}/grid.png")
     return 0
-
-
-def _chw(image):
-    import numpy as np
-
-    return np.asarray(image).transpose(2, 0, 1)
 
 
 if __name__ == "__main__":

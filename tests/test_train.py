@@ -190,3 +190,11 @@ def test_plan_visits_every_image_once_per_epoch():
     for epoch in range(3):
         assert sorted(seen[epoch * 10:(epoch + 1) * 10].tolist()) == list(range(10))
     assert seen[:10].tolist() != seen[10:20].tolist()  # reshuffled each epoch
+
+
+def test_params_logged_flat_including_number_lists(tmp_path):
+    from conftest import make_params
+    from lorapipe.training import flat_params
+
+    flat = flat_params(make_params(tmp_path, train__devices=[1, 2]))
+    assert flat["train.devices"] == "1,2" and flat["lora.targets"] == "to_q,to_k,to_v,to_out.0"

@@ -72,7 +72,7 @@ class Tracker:
         per step (named by step, so `dvc plots show` puts early and late side by side)."""
         import numpy as np
 
-        self.tb.add_image("samples", np.asarray(image).transpose(2, 0, 1), step)
+        self.tb.add_image("samples", np.asarray(image), step, dataformats="HWC")
         self.live.log_image(f"samples/step_{step:06d}.png", image)
 
     def text(self, line: str) -> None:

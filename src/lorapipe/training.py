@@ -11,6 +11,7 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -90,19 +91,22 @@ class Plan:
         """Image indices of micro-batch `micro`: epochs are seeded permutations, batches
         run across epoch ends so every batch is full."""
         positions = range(micro * self.batch_size, (micro + 1) * self.batch_size)
-        out = []
-        for pos in positions:
-            epoch, i = divmod(pos, self.images)
-            order = torch.randperm(self.images, generator=seeded_generator(seed, "epoch", epoch))
-            out.append(int(order[i]))
-        return torch.tensor(out)
+        return torch.tensor([_epoch_order(seed, pos // self.images, self.images)[pos % self.images]
+                             for pos in positions])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, images: int) -> tuple[int, ...]:
+    """The seeded image order of one epoch, drawn once per epoch instead of once per image."""
+    return tuple(torch.randperm(images, generator=seeded_generator(seed, "epoch", epoch)).tolist())
 
 
 def flat_params(params) -> dict:
     out = {}
     for section in ("model", "lora", "train"):
         for key, value in asdict(getattr(params, section)).items():
-            out[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+            out[f"{section}.{key}"] = (",".join(map(str, value)) if isinstance(value, list)
+                                       else value)
     return out
 
 
