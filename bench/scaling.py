@@ -12,9 +12,9 @@ CUDA machine every visible device count from 1 up. steps/s comes from the stage'
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +29,7 @@ import report  # noqa: E402
 from train_step import example_cache  # noqa: E402
 
 
-def run_stage(root: Path, cache: Path, processes: int, batch: int, steps: int) -> dict:
+def run_stage(root: Path, cache: Path, processes: int, batch: int, steps: int) -> float:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
     params["train"].update(max_steps=steps, batch_size=batch, num_processes=processes,
@@ -37,12 +37,13 @@ def run_stage(root: Path, cache: Path, processes: int, batch: int, steps: int) -
     params["train"]["validation"]["every"] = steps
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run(
+    out = subprocess.run(
         [sys.executable, "-m", "stages.train", "--cache", str(cache), "--out", "lora",
          "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health",
-         "health.md"], cwd=root, check=True, capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    return json.loads((root / "dvclive/metrics.json").read_text())
+         "health.md"], cwd=root, check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    # the stage's last summary line: "train: N steps in S s (R steps/s); ..."
+    return float(re.search(r"\(([\d.]+) steps/s\)", out).group(1))
 
 
 def main() -> None:
@@ -57,8 +58,7 @@ def main() -> None:
     cache = example_cache(root / "data")
     rows = []
     for n in counts:
-        summary = run_stage(root / f"n{n}", cache, n, args.batch, args.steps)
-        steps_per_s = summary["steps_per_s"]
+        steps_per_s = run_stage(root / f"n{n}", cache, n, args.batch, args.steps)
         rows.append({"processes": n, "global_batch": n * args.batch, "steps_per_s": steps_per_s,
                      "samples_per_s": round(steps_per_s * n * args.batch, 2)})
     base = rows[0]["samples_per_s"]

@@ -25,10 +25,10 @@ def main(argv: list[str] | None) -> int:
 
     import numpy as np
     from diffusers.utils import logging as diffusers_logging
+    from dvclive import Live
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from dvclive import Live
     from lorapipe import outputs
     from lorapipe.lora import DIFFUSERS_FILE
     from lorapipe.models import load_pipeline

@@ -24,7 +24,7 @@ def usable_csv(report: Report) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file_name", "text"])
-    writer.writerows([row.file_name, row.text] for row in report.usable)
+    writer.writerows([row.name, row.text] for row in report.usable)  # normalised names
     return buf.getvalue()
 
 

@@ -70,7 +70,9 @@ def test_bool_is_not_a_number(tmp_path):
         ("lora", "rank", 0, "lora.rank must be at least 1, got 0"),
         ("lora", "rank", -4, "lora.rank must be at least 1"),
         ("preprocess", "resolution", 60, "preprocess.resolution must be a multiple of 8, got 60"),
-        ("train", "learning_rate", -1e-4, "train.learning_rate must be at least 0"),
+        ("train", "learning_rate", -1e-4, "train.learning_rate must be greater than 0"),
+        # the README says learning rates <= 0 are refused: 0 trains nothing for 300 steps
+        ("train", "learning_rate", 0, "train.learning_rate must be greater than 0, got 0.0"),
         ("validate", "on_error", "skpi", "validate.on_error must be one of fail, skip, got 'skpi'"),
     ],
 )
@@ -111,6 +113,31 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     assert load_params(path).train.learning_rate == pytest.approx(3e-4)
 
 
+def test_cross_key_rules_are_reported_beside_key_problems(tmp_path):
+    """A typo elsewhere in the file used to hide the rules across keys until it was fixed."""
+    msg = error_for(tmp_path, lambda p: (p.update(trian={"seed": 1}),
+                                         p["train"].update(max_steps=0, epochs=0)))
+    assert "unknown section trian; did you mean train?" in msg
+    assert "train.max_steps and train.epochs are both 0" in msg
+    assert re.search(r"has 2 problem", msg)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sd15.ckpt", "is a pickle checkpoint (.ckpt), which can run code"),
+    ("sd15.bin", "is a pickle checkpoint (.bin)"),
+    ("sd15.gguf", "is not a .safetensors checkpoint or a diffusers folder"),
+    ("weights", "is a folder but not a diffusers model (no model_index.json)"),
+])
+def test_model_base_format_is_checked_with_the_params(tmp_path, name, expected):
+    """Found by the params check in a second, not by the encode stage after its imports."""
+    if name == "weights":
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(b"not even read")
+    msg = error_for(tmp_path, lambda p: p["model"].update(base=str(tmp_path / name)))
+    assert f"model.base: '{tmp_path / name}' {expected}" in msg
+
+
 def test_invalid_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("lora:\n  rank: [4\n")
@@ -131,6 +158,20 @@ def test_stage_exits_cleanly_on_bad_params(tmp_path, dataset):
     assert "unknown key validate.min_sid; did you mean validate.min_side?" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_params_stage_refuses_a_key_no_stage_reads(tmp_path):
+    """`trian:` is read by no stage, so only the params stage, which depends on the whole
+    file, can catch it; it exits 1 with the problem and writes nothing."""
+    path = write(tmp_path, lambda p: p.update(trian={"seed": 1}))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.params", "--params", str(path), "--out", "ok.txt"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert "unknown section trian; did you mean train?" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ok.txt").exists()
 
 
 def test_yaml_1_2_scalars_as_dvc_writes_them(tmp_path):

@@ -150,6 +150,52 @@ def test_duplicate_file_name(dataset):
     assert len(report.usable) == 3
 
 
+def test_row_with_more_cells_than_the_header(dataset):
+    """An unquoted caption with commas used to be cut to its first cell, silently."""
+    rgb_image(dataset / "x.png")
+    with open(dataset / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("x.png,a red circle, lpstyle, bold\n")
+    report = run(dataset)
+    finding = only(report, "EXTRA_CELLS")
+    assert finding.severity == "error" and finding.row == 5 and finding.file == "x.png"
+    assert "2 more cell(s)" in finding.message and "' lpstyle' | ' bold'" in finding.message
+    assert "double quotes" in finding.message
+    assert "x.png" not in [r.file_name for r in report.usable]
+    # a trailing empty cell loses nothing: not an error
+    with open(dataset / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("img0.png,again,\n")
+    assert "EXTRA_CELLS" not in codes(run(dataset), "img0.png")
+
+
+def test_windows_style_path_is_found_and_not_unlisted(dataset):
+    (dataset / "sub").mkdir()
+    rgb_image(dataset / "sub" / "deep.png")
+    add_row(dataset, "sub\\deep.png")
+    report = run(dataset)
+    assert codes(report) == []  # neither FILE_MISSING nor UNLISTED_IMAGE
+    assert report.usable[-1].file_name == "sub\\deep.png"  # findings show it as written
+    assert report.usable[-1].name == "sub/deep.png"  # every lookup uses this
+
+
+def test_decomposed_name_on_disk_matches_composed_name_in_csv(dataset):
+    """macOS writes 'café' decomposed (NFD); a CSV typed elsewhere has it composed (NFC)."""
+    import unicodedata
+
+    rgb_image(dataset / unicodedata.normalize("NFD", "café.png"))
+    add_row(dataset, unicodedata.normalize("NFC", "café.png"))
+    report = run(dataset)
+    assert codes(report) == []
+    assert report.usable[-1].name == unicodedata.normalize("NFC", "café.png")
+
+
+def test_heic_file_gets_a_hint_to_convert(dataset):
+    # the start of an iPhone photo: an ISO base media 'ftyp' box with the heic brand
+    (dataset / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"\0" * 64)
+    add_row(dataset, "photo.heic")
+    finding = only(run(dataset), "NOT_AN_IMAGE")
+    assert "it is a HEIC/HEIF image" in finding.message and "convert it to PNG" in finding.message
+
+
 # --- warnings: usable, fixed by preprocess ----------------------------------------------
 
 def _add_image(folder, name, im, **save):
@@ -239,6 +285,20 @@ def test_non_utf8_csv(dataset):
     finding = csv_error(dataset, "file_name,text\nimg0.png,caf\u00e9\n".encode("latin-1"))
     assert finding.code == "CSV_ENCODING"
     assert "byte 0xe9 on line 2" in finding.message
+
+
+def test_utf16_csv_is_named_as_such(dataset):
+    finding = csv_error(dataset, "file_name,text\nimg0.png,a red circle\n".encode("utf-16"))
+    assert finding.code == "CSV_ENCODING"
+    assert "UTF-16" in finding.message and "re-save it as UTF-8" in finding.message
+    assert "0xff" not in finding.message
+
+
+@pytest.mark.parametrize("delimiter, word", [(";", "semicolons"), ("\t", "tabs")])
+def test_other_delimiter_is_named(dataset, delimiter, word):
+    finding = csv_error(dataset, f"file_name{delimiter}text\nimg0.png{delimiter}a\n".encode())
+    assert finding.code == "CSV_DELIMITER"
+    assert f"separated by {word}" in finding.message and "did you mean" not in finding.message
 
 
 def test_misspelled_header(dataset):

@@ -1,10 +1,12 @@
-"""Training checkpoints: save and find, so a killed run resumes where it stopped.
+"""Training checkpoints: save, verify and find, so a killed run resumes where it stopped.
 
 A checkpoint is accelerate's save_state (optimizer, LR scheduler, RNG states; the LoRA is
-saved by our hook instead of the whole UNet) plus train_state.json (step, logged history,
-run name) and the fingerprint of everything that decides the result. A checkpoint whose
-fingerprint differs from the current run's was made with other params or data and is never
-resumed.
+saved by our hook instead of the whole UNet), extra files (the best LoRA so far, the sample
+images logged so far) and train_state.json: step, logged history, run name, the fingerprint
+of everything that decides the result, and the SHA-256 of every other file. train_state.json
+is written last, so a checkpoint is trusted only when it exists and every file still has its
+recorded digest; a damaged newest checkpoint falls back to the one before (the newest two are
+kept), or to a fresh start, and the run says which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from lorapipe import outputs
 
 STATE_FILE = "train_state.json"
+KEEP = 2  # checkpoints kept: the newest, and one to fall back to if it is damaged
 
 
 def file_digest(path: str | Path) -> str:
@@ -48,37 +51,65 @@ def fingerprint(params, cache_file: Path) -> str:
 
 
 def save(accelerator, folder: Path, step: int, state: dict,
-         tensors: dict[str, dict | None] | None = None) -> Path:
-    """Write checkpoint `step` atomically, then drop older ones (only the newest is kept).
-    `tensors` are extra safetensors files (name -> state dict; None = absent)."""
+         tensors: dict[str, dict | None] | None = None,
+         files: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest KEEP.
+    `tensors` are extra safetensors files (name -> state dict; None = absent); `files` are
+    copied in (name in the checkpoint -> source path)."""
     final = Path(folder) / f"step_{step:07d}"
     with outputs.atomic_dir(final) as tmp:
         accelerator.save_state(str(tmp))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}))
         for name, values in (tensors or {}).items():
             if values is not None:
                 save_file(values, str(tmp / name))
-    for old in Path(folder).glob("step_*"):
-        if old != final and old.is_dir():
+        for name, source in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
+        digests = {p.relative_to(tmp).as_posix(): file_digest(p)
+                   for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": digests}))
+    for old in sorted(Path(folder).glob("step_*"))[:-KEEP]:
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path`, or None when every file has its recorded digest."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is missing or unreadable (the run was killed while saving?)"
+    recorded = state.get("files")
+    if not isinstance(recorded, dict):
+        return "it records no file digests (made by an older lorapipe)"
+    for name, digest in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_digest(file) != digest:
+            return f"{name} is damaged (its content differs from when it was saved: truncated?)"
+    return None
+
+
 def find(folder: Path, fp: str) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint made with fingerprint `fp`, and notes on those passed over."""
+    """The newest intact checkpoint made with fingerprint `fp`, and a note on each one
+    passed over (damaged, or made with other params or data)."""
     notes = []
-    best, best_step = None, -1
-    for path in sorted(Path(folder).glob("step_*")):
+    for path in sorted(Path(folder).glob("step_*"), reverse=True):
         try:
             state = json.loads((path / STATE_FILE).read_text())
         except (OSError, ValueError):
-            notes.append(f"ignoring {path}: incomplete checkpoint")
-            continue
-        if state.get("fingerprint") != fp:
+            state = {}
+        if state and state.get("fingerprint") != fp:
             notes.append(f"ignoring {path}: made with other params or data")
-        elif state["step"] > best_step:
-            best, best_step = path, state["step"]
-    return best, notes
+            continue
+        problem = damage(path)
+        if problem:
+            notes.append(f"ignoring {path}: {problem}")
+            continue
+        return path, notes
+    return None, notes
 
 
 def read_tensors(path: Path, name: str) -> dict | None:
@@ -88,6 +119,17 @@ def read_tensors(path: Path, name: str) -> dict | None:
 
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def run_names(folder: Path) -> set[str]:
+    """The TensorBoard run names of the checkpoints in `folder` (runs that may resume)."""
+    names = set()
+    for path in Path(folder).glob("step_*"):
+        try:
+            names.add(json.loads((path / STATE_FILE).read_text())["run_name"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return names
 
 
 def clear(folder: Path) -> None:

@@ -2,23 +2,71 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lorapipe.errors import LorapipeError
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
+# How torch's C++ writer reports a failed write (torch.save, accelerate's save_state): it
+# loses the errno, so these messages are all there is to recognise a full disk by.
+_TORCH_WRITE_ERRORS = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")
 
 
 def run_stage(name: str, main: Callable[[list[str] | None], int | None]) -> None:
-    """Run a stage's main(); a LorapipeError prints its message and exits non-zero."""
+    """Run a stage's main(); a LorapipeError, Ctrl-C or a full disk prints one message and
+    exits non-zero, without a traceback."""
     try:
         code = main(None)
     except LorapipeError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit(f"{name}: error: {exc}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted; outputs were left as they were", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit(f"{name}: interrupted; outputs were left as they were", EXIT_INTERRUPTED)
+    except (OSError, RuntimeError) as exc:
+        message = write_failure(exc)
+        if message is None:
+            raise
+        _exit(f"{name}: error: {message}", EXIT_BAD_INPUT)
     sys.exit(code or 0)
+
+
+def _exit(message: str, code: int) -> None:
+    # A second Ctrl-C while we print and exit must not print a traceback either.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """A one-line explanation when `exc` is a full disk (or quota), else None."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or os.getcwd()
+        cause = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    elif isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_ERRORS):
+        where = os.getcwd()
+        cause = (f"torch could not write a file ({str(exc).splitlines()[0][:80]}), which is "
+                 "how it reports a full disk")
+    else:
+        return None
+    return (f"{cause} while writing {where} ({_free(where)}). Nothing was corrupted: every "
+            "output is written to a temporary name and renamed into place only when complete, "
+            "so the previous outputs are intact and the half-written ones were removed. Free "
+            "some space and run again")
+
+
+def _free(where: str) -> str:
+    folder = Path(where)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB there"

@@ -6,7 +6,10 @@ noise and timesteps at every evaluation): they move only when the model does. Th
 average of the step loss adds a check for blow-ups between evaluations.
 
 Verdicts, checked in this order:
-- diverged: a non-finite value, or a loss exploding past `explode_factor` x its minimum;
+- diverged: a non-finite value, or a loss exploding past `explode_factor` x its minimum. Only
+  losses without sampling noise count: the fixed training loss, and the step loss averaged
+  over `explode_window` steps (the raw step loss of a tiny dataset swings by 2x and more
+  between steps, and over thousands of steps its extremes pass any fixed limit);
 - unstable: the fixed training loss rising by more than `swing` between evaluations at least
   `swing_count` times (it has no sampling noise: a well-tuned run lowers it almost
   monotonically, repeated rises mean the optimizer overshoots);
@@ -43,12 +46,56 @@ class Verdict:
 
 @dataclass(frozen=True)
 class RunFacts:
-    """What advice needs to name concrete values."""
+    """The run's settings, so advice names concrete values and only changes that differ
+    from what the run already did."""
 
     learning_rate: float
     batch_size: int
     rank: int
     images: int
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"
+
+    @classmethod
+    def from_params(cls, params, images: int) -> RunFacts:
+        p = params.train
+        return cls(p.learning_rate, p.batch_size, params.lora.rank, images, p.grad_accum,
+                   p.max_grad_norm, p.lr_scheduler, p.lr_warmup_steps, p.mixed_precision)
+
+
+def diverged_advice(f: RunFacts) -> list[str]:
+    """What to change after a blow-up, leaving out what this run already does."""
+    advice = [f"lower train.learning_rate ({_fmt(f.learning_rate)} -> "
+              f"{_fmt(f.learning_rate / 2)} or less)"]
+    if not f.max_grad_norm or f.max_grad_norm > 1.0:
+        advice.append(f"clip gradients: train.max_grad_norm: 1.0 (now {_fmt(f.max_grad_norm)})")
+    if not f.lr_warmup_steps:
+        schedule = ("train.lr_scheduler: constant_with_warmup, " if f.lr_scheduler == "constant"
+                    else "")
+        advice.append(f"add a warm-up ({schedule}train.lr_warmup_steps: 50)")
+    if f.mixed_precision == "fp16":
+        advice.append("train.mixed_precision: bf16 or no (fp16 overflows where bf16 does not)")
+    if f.batch_size * f.grad_accum < 4:
+        advice.append(f"raise train.batch_size or train.grad_accum (now {f.batch_size} x "
+                      f"{f.grad_accum}): larger batches give steadier gradients")
+    advice.append("check the data and model.base")
+    return advice
+
+
+def smoothed(series: Series, window: int) -> Series:
+    """Moving mean over `window` points, from the first point where the window is full."""
+    out = []
+    total = 0.0
+    for i, (step, value) in enumerate(series):
+        total += value
+        if i >= window:
+            total -= series[i - window][1]
+        if i + 1 >= window:
+            out.append((step, total / window))
+    return out
 
 
 def _finite(series: Series) -> bool:
@@ -59,9 +106,10 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def diagnose(train_fixed: Series, validation: Series, average: Series, facts: RunFacts,
+def diagnose(train_fixed: Series, validation: Series, current: Series, facts: RunFacts,
              t) -> Verdict:
-    """Classify a run from its series; `t` holds the thresholds (params.yaml `health`)."""
+    """Classify a run from its series (`current`: the per-step loss); `t` holds the
+    thresholds (params.yaml `health`)."""
     numbers = {}
     if train_fixed:
         numbers.update(train_fixed_start=train_fixed[0][1], train_fixed_end=train_fixed[-1][1])
@@ -72,15 +120,15 @@ def diagnose(train_fixed: Series, validation: Series, average: Series, facts: Ru
     lower_lr = _fmt(facts.learning_rate / 2)
 
     for name, series in (("fixed training loss", train_fixed), ("validation loss", validation),
-                         ("average loss", average)):
+                         ("step loss", current)):
         if not _finite(series):
             step = next(s for s, v in series if not math.isfinite(v))
             return Verdict("diverged", f"the {name} became non-finite at step {step}",
                            [f"{name} at step {step}: {dict(series)[step]}"],
-                           [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> "
-                            f"{lower_lr} or less)", "keep train.max_grad_norm at 1.0",
-                            "check the data and the model path"], best_step, numbers)
-    for name, series in (("fixed training loss", train_fixed), ("average loss", average)):
+                           diverged_advice(facts), best_step, numbers)
+    average = f"step loss averaged over {t.explode_window} steps"
+    for name, series in (("fixed training loss", train_fixed),
+                         (average, smoothed(current, t.explode_window))):
         if len(series) >= 2:
             low_step, low = min(series, key=lambda sv: sv[1])
             later = [(s, v) for s, v in series if s > low_step]
@@ -90,9 +138,7 @@ def diagnose(train_fixed: Series, validation: Series, average: Series, facts: Ru
                     "diverged", f"the {name} exploded after step {low_step}",
                     [f"{name}: {_fmt(low)} at step {low_step}, then {_fmt(peak)} at step "
                      f"{peak_step} ({peak / low:.1f}x; limit {t.explode_factor:g}x)"],
-                    [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> {lower_lr})",
-                     "use a warm-up (train.lr_scheduler: constant_with_warmup, "
-                     "train.lr_warmup_steps: 50)"], best_step, numbers)
+                    diverged_advice(facts), best_step, numbers)
 
     rises = [(b[0], (b[1] - a[1]) / a[1]) for a, b in zip(train_fixed, train_fixed[1:],
                                                           strict=False) if a[1] > 0]
@@ -100,7 +146,7 @@ def diagnose(train_fixed: Series, validation: Series, average: Series, facts: Ru
     if len(jumps) >= t.swing_count:
         step, rise = max(jumps, key=lambda sr: sr[1])
         advice = [f"lower train.learning_rate ({_fmt(facts.learning_rate)} -> {lower_lr})"]
-        if facts.batch_size < 4:
+        if facts.batch_size * facts.grad_accum < 4:
             advice.append(f"raise train.batch_size to at least 4 (now {facts.batch_size}), "
                           "or train.grad_accum")
         return Verdict("unstable",

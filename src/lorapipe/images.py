@@ -11,7 +11,7 @@ import hashlib
 import io
 import math
 import os
-import posixpath
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -73,8 +73,8 @@ def resolve_inside(folder: str | Path, name: str) -> Path:
             "UNSAFE_PATH", f"path {name!r} goes up with '..'; keep images inside the folder"
         )
     root = Path(folder)
-    path = root / name
-    if not os.path.lexists(path):
+    path = _on_disk(root, name)
+    if path is None:
         raise ImageProblem("FILE_MISSING", f"file {name!r} not found in {root}")
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
@@ -91,8 +91,32 @@ def resolve_inside(folder: str | Path, name: str) -> Path:
 
 
 def normalise_name(name: str) -> str:
-    """The canonical form of a metadata file name, for duplicate and unlisted checks."""
-    return posixpath.normpath(name.strip().replace("\\", "/"))
+    """The canonical form of a metadata file name: forward slashes (a CSV written on Windows
+    has 'sub\\a.png'), no '.' or empty parts, Unicode NFC (macOS stores names decomposed,
+    most editors type them composed). '..' is kept, so resolve_inside still refuses it."""
+    name = unicodedata.normalize("NFC", name.strip().replace("\\", "/"))
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    return ("/" if name.startswith("/") else "") + "/".join(parts)
+
+
+def _on_disk(root: Path, name: str) -> Path | None:
+    """root/name if it exists (a broken link counts), else the one path whose parts equal
+    name's parts after NFC normalisation; None when there is no such file."""
+    path = root / name
+    if os.path.lexists(path):
+        return path
+    found = root
+    for part in PurePosixPath(name).parts:
+        wanted = unicodedata.normalize("NFC", part)
+        try:
+            matches = [entry for entry in os.listdir(found)
+                       if unicodedata.normalize("NFC", entry) == wanted]
+        except OSError:
+            return None
+        if len(matches) != 1:
+            return None
+        found = found / matches[0]
+    return found
 
 
 @contextlib.contextmanager
@@ -127,7 +151,7 @@ def inspect_image(path: str | Path, max_pixels: int) -> ImageInfo:
             im = Image.open(path)
         except UnidentifiedImageError:
             raise ImageProblem(
-                "NOT_AN_IMAGE", f"{name} is not an image Pillow can read"
+                "NOT_AN_IMAGE", f"{name} is not an image Pillow can read{_format_hint(path)}"
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageProblem("TOO_MANY_PIXELS", _too_many(name, None, max_pixels)) from None
@@ -156,6 +180,26 @@ def inspect_image(path: str | Path, max_pixels: int) -> ImageInfo:
             info = ImageInfo(width, height, im.mode, im.format, digest.hexdigest())
             info.warnings = _conversion_warnings(im, orientation)
     return info
+
+
+# ISO base media brands of HEIF (iPhone photos) and AVIF: Pillow reads them only with plugins.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1",
+                b"avif", b"avis"}
+
+
+def _format_hint(path: str | Path) -> str:
+    """What to do with a file Pillow cannot identify, when its bytes say what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return ""
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        kind = "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIC/HEIF"
+        return (f": it is a {kind} image, which this Pillow cannot decode; convert it to PNG "
+                "or JPEG (e.g. `heif-convert photo.heic photo.png`, or export from your photo "
+                "app) and list the converted file")
+    return ""
 
 
 def _too_many(name: str, size, max_pixels: int) -> str:

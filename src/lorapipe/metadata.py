@@ -7,6 +7,7 @@ Every problem becomes a Finding with a stable code; see README "Validation codes
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import io
@@ -58,8 +59,15 @@ class DatasetError(Exception):
 @dataclass
 class Row:
     line: int
-    file_name: str
+    file_name: str  # as written in metadata.csv (stripped): what findings show the user
     text: str
+    extra: list[str] = field(default_factory=list)  # non-empty cells past the header's columns
+
+    @property
+    def name(self) -> str:
+        """The normalised name every lookup uses (duplicates, the file, unlisted images,
+        usable.csv): forward slashes, Unicode NFC."""
+        return normalise_name(self.file_name) if self.file_name else ""
 
 
 @dataclass
@@ -109,6 +117,47 @@ def _pick_column(header: list[str], aliases: tuple[str, ...], what: str) -> int:
     )
 
 
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text (with or without BOM), or a DatasetError that names the real encoding."""
+    if data.startswith(_UTF16_BOMS) or (len(data) >= 4 and (data[1::2][:8].count(0) >= 4
+                                                            or data[0::2][:8].count(0) >= 4)):
+        raise DatasetError(
+            "CSV_ENCODING",
+            "the file is UTF-16 text (what a spreadsheet's 'Unicode Text' export and Windows "
+            "Notepad's 'Unicode' write), not UTF-8; re-save it as UTF-8 (in a spreadsheet: "
+            "'CSV UTF-8'), or run: iconv -f UTF-16 -t UTF-8 metadata.csv > fixed.csv",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            "CSV_ENCODING",
+            f"not UTF-8: byte 0x{data[exc.start]:02x} on line {line}; re-save the file "
+            "as UTF-8 (in a spreadsheet: 'CSV UTF-8')",
+        ) from None
+
+
+def _check_delimiter(header: list[str]) -> None:
+    """A header read as one cell that another delimiter splits into our columns: say so,
+    instead of suggesting a column name."""
+    if len(header) != 1:
+        return
+    for delimiter, plural in _OTHER_DELIMITERS.items():
+        cells = [c.strip().lower() for c in header[0].split(delimiter)]
+        if len(cells) > 1 and set(cells) & set(FILE_COLUMNS) and set(cells) & set(TEXT_COLUMNS):
+            raise DatasetError(
+                "CSV_DELIMITER",
+                f"the columns are separated by {plural} ({header[0]!r}), not commas; re-save "
+                "the file as comma-separated CSV (in a spreadsheet: 'CSV UTF-8 (comma "
+                "delimited)')",
+            )
+
+
 def read_metadata(csv_path: str | Path) -> list[Row]:
     """Parse metadata.csv (UTF-8, with or without BOM); raise DatasetError if unusable."""
     csv_path = Path(csv_path)
@@ -120,20 +169,13 @@ def read_metadata(csv_path: str | Path) -> list[Row]:
             f"{csv_path} not found; the image folder needs a {METADATA_NAME} with columns "
             "file_name,text",
         ) from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(
-            "CSV_ENCODING",
-            f"not UTF-8: byte 0x{data[exc.start]:02x} on line {line}; re-save the file "
-            "as UTF-8 (in a spreadsheet: 'CSV UTF-8')",
-        ) from None
+    text = _decode(data)
     if not text.strip():
         raise DatasetError("CSV_EMPTY", "the file is empty; add a header file_name,text and rows")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
+        _check_delimiter(header)
         file_col = _pick_column(header, FILE_COLUMNS, "image file")
         text_col = _pick_column(header, TEXT_COLUMNS, "caption")
         rows = []
@@ -141,7 +183,8 @@ def read_metadata(csv_path: str | Path) -> list[Row]:
         for record in reader:
             if any(cell.strip() for cell in record):
                 cells = record + [""] * (max(file_col, text_col) + 1 - len(record))
-                rows.append(Row(start, cells[file_col].strip(), cells[text_col].strip()))
+                extra = [c for c in record[len(header):] if c.strip()]
+                rows.append(Row(start, cells[file_col].strip(), cells[text_col].strip(), extra))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise DatasetError(
@@ -162,10 +205,15 @@ def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
     def add(severity, code, message):
         findings.append(Finding(severity, code, message, row=row.line, file=row.file_name))
 
+    if row.extra:
+        cells = " | ".join(repr(c) for c in [row.file_name, row.text, *row.extra])
+        add("error", "EXTRA_CELLS",
+            f"{len(row.extra)} more cell(s) than the header has columns ({cells}): the caption "
+            "was split at a comma; put a caption that contains commas in double quotes")
     if not row.text:
         add("error", "EMPTY_CAPTION", "empty caption; write a caption in the text column")
     try:
-        path = resolve_inside(image_dir, row.file_name)
+        path = resolve_inside(image_dir, row.name)
         info = inspect_image(path, max_pixels)
     except ImageProblem as problem:
         add("error", problem.code, str(problem))
@@ -183,7 +231,9 @@ def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
 
 
 def unlisted_images(image_dir: str | Path, listed: set[str]) -> list[str]:
-    """Image files under the folder (hidden ones aside) that no row names, sorted."""
+    """Image files under the folder (hidden ones aside) that no row names, sorted.
+    `listed` holds normalised names; names on disk are normalised the same way (a macOS
+    folder stores 'café' decomposed, a CSV typed elsewhere has it composed)."""
     extensions = image_extensions()
     root = Path(image_dir)
     found = []
@@ -193,7 +243,7 @@ def unlisted_images(image_dir: str | Path, listed: set[str]) -> list[str]:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
                 continue
             rel = (Path(folder) / name).relative_to(root).as_posix()
-            if rel not in listed:
+            if normalise_name(rel) not in listed:
                 found.append(rel)
     return sorted(found)
 
@@ -214,7 +264,7 @@ def validate_dataset(
     first_line: dict[str, int] = {}
     to_check: list[Row] = []
     for row in rows:
-        key = normalise_name(row.file_name) if row.file_name else None
+        key = row.name or None
         if key is not None and key in first_line:
             report.findings.append(Finding(
                 "error", "DUPLICATE_FILE",

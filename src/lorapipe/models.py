@@ -1,7 +1,8 @@
 """Base models: the builtin tiny SD, a local diffusers folder, or a single .safetensors file.
 
 Everything loads offline (lorapipe/__init__ sets the Hugging Face offline switches before
-any HF library is imported). Pickle checkpoints are refused: loading one runs arbitrary code.
+any HF library is imported). Pickle checkpoints are refused (lorapipe.params says why and
+what to do): loading one runs arbitrary code.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorapipe.errors import LorapipeError
-from lorapipe.params import BUILTIN_PREFIX
+from lorapipe.params import BUILTIN_PREFIX, model_source_problem
 
-PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 TINY_SEED = 0
 
 # Measured on data/example at 64 px (tests/test_models.py keeps it true): the random tiny
@@ -125,13 +125,10 @@ def load_pipeline(base: str, config: str = "", root: Path | None = None
     path = (root or Path.cwd()) / base
     if not path.exists():
         raise LorapipeError(f"model.base: {base!r} does not exist")
+    problem = model_source_problem(path, base)
+    if problem:
+        raise LorapipeError(f"model.base: {problem}")
     if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise LorapipeError(
-                f"model.base: {base!r} is a folder but not a diffusers model (no "
-                "model_index.json); give a diffusers folder (save_pretrained) or a "
-                ".safetensors file"
-            )
         try:
             return StableDiffusionPipeline.from_pretrained(
                 path, local_files_only=True, safety_checker=None, requires_safety_checker=False
@@ -139,18 +136,6 @@ def load_pipeline(base: str, config: str = "", root: Path | None = None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LorapipeError(
                 f"model.base: cannot load diffusers folder {base!r}: {exc}") from None
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise LorapipeError(
-            f"model.base: {base!r} is a pickle checkpoint ({suffix}), which can run code when "
-            "loaded; lorapipe loads only .safetensors. Convert it once where you trust the "
-            "file, e.g. `StableDiffusionPipeline.from_single_file(path).save_pretrained(dir)` "
-            "and set model.base to dir"
-        )
-    if suffix != ".safetensors":
-        raise LorapipeError(
-            f"model.base: {base!r} is not a .safetensors checkpoint or a diffusers folder"
-        )
     kwargs = {"local_files_only": True, "safety_checker": None, "requires_safety_checker": False}
     if config:
         kwargs["config"] = str((root or Path.cwd()) / config)

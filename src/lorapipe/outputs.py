@@ -1,7 +1,10 @@
 """Atomic output writing: a killed stage leaves either the old file or the new one, never half.
 
 Every write goes to a temporary name in the same folder, is flushed to disk, then renamed
-over the target (rename is atomic within one filesystem).
+over the target (rename is atomic within one filesystem). Temporary names carry the writing
+process's id, so the debris of a killed run is recognised and removed by the next one.
+Outputs get the permissions the umask gives ordinary files and folders (usually 0644/0755):
+a WebUI running as another user must be able to read the LoRA.
 """
 
 from __future__ import annotations
@@ -9,10 +12,56 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_debris(path: str | Path) -> list[Path]:
+    """Remove what killed runs left beside `path`: temporary files and folders
+    (.<name>.<pid>.<random>.tmp) and replaced old copies (.<name>.old.<pid>) whose writing
+    process is gone. Returns what was removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:old\.)?(\d+)(?:\..*\.tmp)?$")
+    removed = []
+    for entry in path.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,10 +69,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_debris(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    tmp.chmod(0o644)  # mkstemp makes 0600; outputs are ordinary files
+    tmp.chmod(file_mode())  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -47,7 +98,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_debris(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                dir=path.parent))
+    tmp.chmod(dir_mode())  # mkdtemp makes 0700; outputs are ordinary folders
     try:
         yield tmp
         old = None

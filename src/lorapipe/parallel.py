@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -26,6 +29,23 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else cpu_count()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(parent: int) -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool (one message, no traceback
+    from every worker), and die with their parent: a killed stage leaves no worker behind to
+    print BrokenPipeError tracebacks when it tries to send its result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:  # no such call in the standard library; prctl(2) via libc
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def map_progress(
     fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str
 ) -> list[R]:
@@ -46,7 +66,7 @@ def map_progress(
             return results
         # Small chunks keep all workers busy to the end; large ones cut IPC. ~4 per worker.
         chunksize = max(1, len(items) // (n * 4))
-        with multiprocessing.get_context().Pool(n) as pool:
+        with multiprocessing.get_context().Pool(n, _worker_init, (os.getpid(),)) as pool:
             for result in pool.imap(fn, items, chunksize=chunksize):
                 results.append(result)
                 bar.update()

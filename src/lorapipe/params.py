@@ -20,6 +20,8 @@ from lorapipe.errors import LorapipeError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("builtin:tiny-sd",)
+# Checkpoint formats that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 class ParamsError(LorapipeError):
@@ -105,7 +107,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = key("seed for LoRA init, data order, noise and timesteps", minimum=0)
-    learning_rate: float = key("AdamW learning rate", minimum=0)
+    learning_rate: float = key("AdamW learning rate", above=0)
     lr_scheduler: str = key("learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = key("steps of linear warm-up", minimum=0)
     adam_weight_decay: float = key("AdamW weight decay", minimum=0)
@@ -137,6 +139,8 @@ class HealthParams:
                                  minimum=0, maximum=1)
     explode_factor: float = key("a loss above this multiple of its minimum = diverged",
                                 above=1)
+    explode_window: int = key("steps the step loss is averaged over for that check",
+                              minimum=1)
     swing: float = key("a rise of the fixed training loss between evaluations", above=0)
     swing_count: int = key("that many such rises = unstable", minimum=1)
     overfit_evals: int = key("evaluations in a row validation stays above its best",
@@ -174,18 +178,26 @@ class Params:
     sample: SampleParams
 
 
-def _cross_checks(p: Params) -> list[str]:
-    """Rules that involve more than one key."""
+def _cross_checks(v: dict[str, object]) -> list[str]:
+    """Rules that involve more than one key, on the keys that passed their own checks (so a
+    problem elsewhere in the file never hides these)."""
+    def has(*keys):
+        return all(k in v for k in keys)
+
     problems = []
-    if p.train.max_steps == 0 and p.train.epochs == 0:
+    if has("train.max_steps", "train.epochs") and v["train.max_steps"] == 0 \
+            and v["train.epochs"] == 0:
         problems.append("train.max_steps and train.epochs are both 0; set one of them")
-    if p.train.lr_warmup_steps and p.train.lr_scheduler == "constant":
+    if has("train.lr_warmup_steps", "train.lr_scheduler") and v["train.lr_warmup_steps"] \
+            and v["train.lr_scheduler"] == "constant":
         problems.append("train.lr_warmup_steps is set but train.lr_scheduler is constant; "
                         "use constant_with_warmup, cosine or linear")
-    if p.train.early_stop.patience and not p.train.validation.split:
+    if has("train.early_stop.patience", "train.validation.split") \
+            and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
-    if p.model.config and p.model.base.startswith(BUILTIN_PREFIX):
+    if has("model.config", "model.base") and v["model.config"] \
+            and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
     return problems
 
@@ -309,12 +321,35 @@ def _check_path(dotted: str, value: str, kind: str, root: Path) -> list[str]:
         return [f"{dotted}: path {value!r} does not exist (relative to {root})"]
     if kind == "dir" and not path.is_dir():
         return [f"{dotted}: {value!r} is not a folder"]
+    if kind == "model":
+        problem = model_source_problem(path, value)
+        return [f"{dotted}: {problem}"] if problem else []
     return []
 
 
+def model_source_problem(path: Path, name: str) -> str | None:
+    """Why an existing path cannot be a base model, or None. Checked with params.yaml, so a
+    pickle or a stray folder is refused in a second, not after the encode stage's imports."""
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            return (f"{name!r} is a folder but not a diffusers model (no model_index.json); "
+                    "give a diffusers folder (save_pretrained) or a .safetensors file")
+        return None
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return (f"{name!r} is a pickle checkpoint ({suffix}), which can run code when loaded; "
+                "lorapipe loads only .safetensors. Convert it once where you trust the file, "
+                "e.g. `StableDiffusionPipeline.from_single_file(path).save_pretrained(dir)`, "
+                "and set model.base to dir")
+    if suffix != ".safetensors":
+        return f"{name!r} is not a .safetensors checkpoint or a diffusers folder"
+    return None
+
+
 def _build(cls: type, values: dict, prefix: str, problems: list[str], root: Path,
-           source: str):
-    """One (sub)section from its mapping; appends problems; None if it could not be built."""
+           source: str, valid: dict[str, object]):
+    """One (sub)section from its mapping; appends problems, records each key that passed its
+    own checks in `valid` (dotted -> value); None if the section could not be built."""
     fields = _fields(cls)
     for k in values:
         if k not in fields:
@@ -334,7 +369,7 @@ def _build(cls: type, values: dict, prefix: str, problems: list[str], root: Path
             elif not isinstance(sub, dict):
                 problems.append(f"{dotted} must be a section of keys, got {sub!r}")
             else:
-                built = _build(t, sub, f"{dotted}.", problems, root, source)
+                built = _build(t, sub, f"{dotted}.", problems, root, source, valid)
                 if built is not None:
                     kwargs[k] = built
         elif k not in values:
@@ -342,17 +377,20 @@ def _build(cls: type, values: dict, prefix: str, problems: list[str], root: Path
         else:
             kwargs[k], found = _check_value(dotted, values[k], t, rule, root)
             problems += found
+            if not found:
+                valid[dotted] = kwargs[k]
     return cls(**kwargs) if len(kwargs) == len(fields) else None
 
 
 def parse_params(raw: object, root: Path, source: str = "params.yaml") -> Params:
-    """Check a loaded params mapping against the schema; raise ParamsError listing all problems."""
+    """Check a loaded params mapping against the schema; raise ParamsError listing all problems
+    (those of single keys and the rules across keys, together)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected sections like 'lora:' at the top level")
     problems: list[str] = []
-    params = _build(Params, raw, "", problems, root, source)
-    if not problems:
-        problems = _cross_checks(params)
+    valid: dict[str, object] = {}
+    params = _build(Params, raw, "", problems, root, source, valid)
+    problems += _cross_checks(valid)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ParamsError(f"{source} has {len(problems)} problem(s):\n{listing}")

@@ -9,19 +9,34 @@ loss/epoch_average, lr/unet. Each TensorBoard run gets its own folder under logs
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
+from dvclive import Live
 from torch.utils.tensorboard import SummaryWriter
 
-from dvclive import Live
-
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
+PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
 
 
-def run_name() -> str:
-    """The DVC experiment's name under `dvc exp run`, else a timestamp."""
-    return os.environ.get("DVC_EXP_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
+def run_name(default: str | None = None) -> str:
+    """The DVC experiment's name under `dvc exp run`, else `default`, else a timestamp."""
+    return os.environ.get("DVC_EXP_NAME") or default or time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def remove_partial_runs(logs_dir: Path, keep: set[str], replace: str) -> list[str]:
+    """Before a fresh (not resumed) run: remove the TensorBoard runs that killed runs left
+    unfinished, except those a checkpoint may still resume (`keep`), and an earlier run
+    under this run's own name `replace` (the same name means the same experiment again)."""
+    removed = []
+    root = Path(logs_dir) / "tensorboard"
+    for run in sorted(root.glob("*")):
+        if run.is_dir() and (run.name == replace
+                             or ((run / PARTIAL).exists() and run.name not in keep)):
+            shutil.rmtree(run)
+            removed.append(run.name)
+    return removed
 
 
 class Tracker:
@@ -32,15 +47,18 @@ class Tracker:
     """
 
     def __init__(self, live_dir: Path, logs_dir: Path, name: str, params: dict,
-                 history: list | None = None, resume_step: int = 0):
+                 history: list | None = None, resume_step: int = 0,
+                 images: list[tuple[int, Path]] | None = None):
         self.name = name
         self._summary_at = 0.0
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.images: list[tuple[int, Path]] = []  # (step, file) of each dvclive sample image
         self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         self.live.log_params(params)
-        tb_dir = Path(logs_dir) / "tensorboard" / name
+        self.tb_dir = Path(logs_dir) / "tensorboard" / name
         # purge_step drops events a killed run wrote after its last checkpoint
-        self.tb = SummaryWriter(str(tb_dir), purge_step=resume_step if history else None)
+        self.tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step if history else None)
+        (self.tb_dir / PARTIAL).touch()
         self.text_path = Path(logs_dir) / "train.log"
         self.text_path.parent.mkdir(parents=True, exist_ok=True)
         self._text = open(self.text_path, "a" if history else "w", encoding="utf-8")  # noqa: SIM115
@@ -49,6 +67,8 @@ class Tracker:
         for step, metrics in history or []:
             self._to_live(step, metrics)
             self.history.append((step, metrics))
+        for step, file in images or []:  # dvclive cleared its folder: put them back
+            self._live_image(step, file)
 
     def _to_live(self, step: int, metrics: dict[str, float]) -> None:
         # log_metric appends to dvclive's .tsv files at once. Live.next_step() would also
@@ -73,25 +93,33 @@ class Tracker:
         import numpy as np
 
         self.tb.add_image("samples", np.asarray(image), step, dataformats="HWC")
-        self.live.log_image(f"samples/step_{step:06d}.png", image)
+        self._live_image(step, image)
+
+    def _live_image(self, step: int, image) -> None:
+        name = f"samples/step_{step:06d}.png"
+        self.live.log_image(name, image)
+        self.images.append((step, Path(self.live.plots_dir) / "images" / name))
 
     def text(self, line: str) -> None:
         self._text.write(line + "\n")
         self._text.flush()
 
-    def summary(self, step: int, values: dict) -> None:
-        """Final numbers for `dvc exp show` (dvclive's metrics.json) and TensorBoard."""
+    def summary(self, step: int, values: dict, timing: dict | None = None) -> None:
+        """Final numbers for `dvc exp show` (dvclive's metrics.json) and TensorBoard; `timing`
+        (wall times) goes to TensorBoard only, whose event files carry wall times anyway."""
         self.live.summary.update(values)
         self.live.step = step
         self.live.make_summary()
-        for key, value in values.items():
+        for key, value in {**values, **(timing or {})}.items():
             if isinstance(value, int | float):
                 self.tb.add_scalar(f"summary/{key}", value, step)
 
     def close(self) -> None:
+        """The run finished (or stopped with a verdict): its TensorBoard run is complete."""
         self.live.make_summary()
         self.tb.close()
         self._text.close()
+        (self.tb_dir / PARTIAL).unlink(missing_ok=True)
 
 
 def _markdown(params: dict) -> str:

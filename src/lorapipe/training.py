@@ -34,7 +34,7 @@ from lorapipe.evaluation import EarlyStop, Evaluator, holdout
 from lorapipe.losses import diffusion_loss, seeded_generator
 from lorapipe.models import load_pipeline, training_scheduler
 from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
-from lorapipe.tracking import Tracker, run_name
+from lorapipe.tracking import Tracker, remove_partial_runs, run_name
 
 # The fixed training loss uses the first FIXED_IMAGES training images; validation uses up to
 # VALIDATION_IMAGES held-out ones. Each evaluation costs len(timesteps) forward passes.
@@ -51,12 +51,10 @@ TRAIN_GUIDANCE = 7.5
 class Diverged(LorapipeError):
     """The loss or gradient became non-finite; the weights were not updated with it."""
 
-    def __init__(self, step: int, lr: float, what: str):
+    def __init__(self, step: int, lr: float, what: str, advice: list[str]):
         super().__init__(
             f"{what} became non-finite at step {step} (lr {lr:.2e}). The last good LoRA "
-            f"(before step {step}) was saved. Try: a lower train.learning_rate (e.g. "
-            f"{lr / 10:.0e}), a larger train.batch_size or train.grad_accum, gradient "
-            "clipping (train.max_grad_norm: 1.0), mixed_precision 'no'; and check the data"
+            f"(before step {step}) was saved. Try: {'; '.join(advice)}"
         )
         self.step = step
 
@@ -114,6 +112,7 @@ def flat_params(params) -> dict:
 class TrainResult:
     summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
     unet: torch.nn.Module  # the trained UNet with its LoRA (the best one after early stopping)
+    timing: dict  # wall_time_s, steps_per_s: kept out of the hashed outputs
 
 
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
@@ -154,6 +153,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
 
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = Plan.from_params(p, len(train_idx), world)
+    facts = health.RunFacts.from_params(params, len(train_idx))
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.adam_weight_decay)
     lr_scheduler = get_scheduler(
         p.lr_scheduler, optimizer=optimizer,
@@ -173,9 +173,11 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
 
     fp = checkpoints.fingerprint(params, Path(cache_dir) / CACHE_FILE)
     found, notes = checkpoints.find(ckpt_dir, fp)
-    state = {"run_name": run_name(), "history": [], "wall_time": 0.0}
+    # named after what decides the result, not the clock: a rerun of the same params and data
+    # writes the same outputs, TensorBoard run name included
+    state = {"run_name": run_name(f"run-{fp[:8]}"), "history": [], "wall_time": 0.0}
     if found:
-        accelerator.load_state(str(found))
+        _load_checkpoint(accelerator, found, ckpt_dir)
         state = checkpoints.read_state(found)
         stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
                             best_state=checkpoints.read_tensors(found, BEST_LORA))
@@ -185,8 +187,13 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     if main:
         for note in notes:
             print(f"train: {note}")
+        if notes and not found:
+            print("train: no usable checkpoint: starting from step 0")
+        if not found:
+            remove_partial_runs(logs_dir, checkpoints.run_names(ckpt_dir), state["run_name"])
         tracker = Tracker(live_dir, logs_dir, state["run_name"], flat_params(params),
-                          history=state["history"], resume_step=start_step)
+                          history=state["history"], resume_step=start_step,
+                          images=[(step, found / name) for step, name in state.get("images", [])])
         header = (
             f"train: {len(train_idx)} training + {len(val_idx)} validation images, batch "
             f"{p.batch_size} x grad_accum {p.grad_accum} x {accelerator.num_processes} "
@@ -242,13 +249,13 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                                           p.noise_offset, p.min_snr_gamma, shard=(rank, world))
                     if not torch.isfinite(loss):
                         raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                        "the loss", health_report)
+                                        "the loss", health_report, facts)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
                         if not torch.isfinite(norm):
                             raise _diverged(accelerator, unet, config, out_dir, tracker, step,
-                                            lr, "the gradient", health_report)
+                                            lr, "the gradient", health_report, facts)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -277,12 +284,14 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                     and step + 1 < plan.max_steps:
                 accelerator.wait_for_everyone()
                 if main:
+                    images = {f"samples/{file.name}": file for _, file in tracker.images}
                     checkpoints.save(accelerator, ckpt_dir, step + 1, {
                         "fingerprint": fp, "run_name": state["run_name"],
                         "history": tracker.history, "epoch_losses": epoch_losses,
                         "early_stop": stopper.to_state(),
+                        "images": [(s, f"samples/{file.name}") for s, file in tracker.images],
                         "wall_time": time.perf_counter() - t0,
-                    }, tensors={BEST_LORA: stopper.best_state})
+                    }, tensors={BEST_LORA: stopper.best_state}, files=images)
     finally:
         bar.close()
 
@@ -299,26 +308,29 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                 stopper.update(end_step, metrics["loss/validation/step_average"], unwrapped)
         if p.sample_every:
             tracker.log_image(end_step, _samples(pipe, unet, accelerator, p, cache.meta))
+        saved_step = end_step
         if stopped_early:  # the LoRA to keep is the one from the best validation step
             set_peft_model_state_dict(unwrapped, stopper.best_state, adapter_name="default")
-        verdict = _diagnose(tracker.history, params, len(train_idx))
+            saved_step = stopper.best_step
+        verdict = _diagnose(tracker.history, facts, params.health)
         fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
         averages = _averages(step_losses, plan.steps_per_epoch)
         summary = {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
             "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
             "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
-            "wall_time_s": round(time.perf_counter() - t0, 2),
-            "steps_per_s": round(steps_per_s, 3), "trainable_params": n_trainable,
-            "health": verdict.summary(),
+            "trainable_params": n_trainable, "health": verdict.summary(),
         }
         if val_idx:
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
-                                     "saved_step": stopper.best_step if stopped_early
-                                     else end_step}
+                                     "saved_step": saved_step}
         save_lora(unwrapped, config, params, plan, len(train_idx), out_dir, cache.meta,
-                  end_step)
-        tracker.summary(end_step, summary)
+                  saved_step)
+        # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
+        # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
+        timing = {"wall_time_s": round(time.perf_counter() - t0, 2),
+                  "steps_per_s": round(steps_per_s, 3)}
+        tracker.summary(end_step, summary, timing)
         _report_health(tracker, verdict, health_report)
         if stopped_early:
             print(f"train: early stop at step {end_step}: no better validation loss for "
@@ -327,7 +339,18 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(ckpt_dir)
-    return TrainResult(summary, unwrapped)
+    return TrainResult(summary, unwrapped, timing if main else {})
+
+
+def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
+    """Resume from a checkpoint whose files all passed their digests (checkpoints.find)."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # torch/accelerate raise many types for a file they cannot use
+        raise LorapipeError(
+            f"checkpoint {path} passed its checksums but could not be loaded "
+            f"({type(exc).__name__}: {exc}); delete {ckpt_dir} to start this run afresh"
+        ) from None
 
 
 def _trace(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
@@ -352,12 +375,10 @@ def _series(history, name: str) -> health.Series:
     return [(step, m[name]) for step, m in history if name in m]
 
 
-def _diagnose(history, params, images: int) -> health.Verdict:
-    facts = health.RunFacts(params.train.learning_rate, params.train.batch_size,
-                            params.lora.rank, images)
+def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
     return health.diagnose(_series(history, "loss/train/fixed"),
                            _series(history, "loss/validation/step_average"),
-                           _series(history, "loss/average"), facts, params.health)
+                           _series(history, "loss/current"), facts, thresholds)
 
 
 def _report_health(tracker, verdict: health.Verdict, path: Path | None) -> None:
@@ -393,10 +414,11 @@ def _averages(losses: list[float], window: int) -> list[float]:
 
 
 def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
-              health_report) -> Diverged:
+              health_report, facts: health.RunFacts) -> Diverged:
     """Save the last good LoRA (the weights before this step), record the health, and return
     the error to raise."""
-    error = Diverged(step, lr, what)
+    advice = health.diverged_advice(facts)
+    error = Diverged(step, lr, what, advice)
     if accelerator.is_main_process:
         state = lora.peft_state(accelerator.unwrap_model(unet))
         if all(torch.isfinite(t).all() for t in state.values()):
@@ -404,10 +426,7 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
                 lora.save_diffusers(state, config, tmp)
         verdict = health.Verdict(
             "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
-            [f"{what} at step {step} was NaN or Inf"],
-            [f"lower train.learning_rate (e.g. {lr / 10:.0e})",
-             "raise train.batch_size or train.grad_accum", "keep train.max_grad_norm at 1.0",
-             "check the data"], numbers={"step": step, "lr": lr})
+            [f"{what} at step {step} was NaN or Inf"], advice, numbers={"step": step, "lr": lr})
         tracker.summary(step, {"health": verdict.summary()})
         _report_health(tracker, verdict, health_report)
         tracker.text(f"diverged: {error}")
