@@ -20,7 +20,7 @@ from train_step import example_cache  # noqa: E402
 
 RUNS = [
     ("defaults", {}),
-    ("learning_rate 0", {"learning_rate": 0.0}),
+    ("learning_rate 1e-6", {"learning_rate": 1e-6}),
     ("learning_rate 0.01, rank 32", {"learning_rate": 0.01, "rank": 32}),
 ]
 W, H, PAD = 360, 260, 40

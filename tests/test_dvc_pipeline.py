@@ -125,8 +125,8 @@ def test_experiment_workflow(repo, tmp_path):
     out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
     assert ran(out) == ["sample"]
     # a bad learning rate: the verdict shows in dvc exp show and reports/health.md
-    sh("dvc", "exp", "run", "-S", "train.learning_rate=0", "-S", "train.max_steps=60",
-       "-n", "lr0")
+    sh("dvc", "exp", "run", "-S", "train.learning_rate=1e-6", "-S", "train.max_steps=60",
+       "-n", "lrtiny")
     assert (root / "reports/health.md").read_text().startswith(
         "# Training health: not_learning")
 
@@ -146,9 +146,9 @@ def test_experiment_workflow(repo, tmp_path):
     assert exps["rank16"]["params"]["lora"]["rank"] == 16
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
     assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]
-    for name, exp in exps.items():  # rank16, steps6, lr0 and the two queued runs
+    for name, exp in exps.items():  # rank16, steps6, lrtiny and the two queued runs
         assert exp["metrics"]["final_average_loss"] > 0, name
-        expected = "not_learning" if name == "lr0" else "healthy"
+        expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name
 
     # TensorBoard: every run side by side, none lost

@@ -9,11 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REPO, run_dirs, train_in
 from lorapipe.evaluation import holdout
-from lorapipe.health import RunFacts, diagnose, to_markdown
+from lorapipe.health import RunFacts, diagnose, diverged_advice, to_markdown
 from lorapipe.params import load_params
 from lorapipe.training import Diverged
 
@@ -65,6 +66,40 @@ def test_diverged_on_explosion():
     v = verdict(falling(1.0, 0.8)[:8] + [1.2, 1.9, 2.5, 4.0, 9.0])
     assert v.status == "diverged" and "exploded" in v.headline
     assert "2e-4 -> 0.0001" in " ".join(v.advice).replace("0.0002", "2e-4")
+
+
+def test_raw_step_loss_spread_is_not_an_explosion():
+    """With 1-2 steps per epoch the step loss is one draw of random timesteps: over 3,000
+    steps its extremes are far more than 2x apart while the model learns steadily."""
+    rng = np.random.default_rng(3)
+    current = [(s, float(0.55 * rng.lognormal(0.0, 0.45))) for s in range(1, 3001)]
+    low = min(v for _, v in current[:1500])
+    assert max(v for _, v in current[1500:]) > 2 * low  # what the old rule called diverged
+    steps = list(range(0, 3001, 250))
+    fixed = list(zip(steps, np.linspace(1.0, 0.6, len(steps)).tolist(), strict=True))
+    assert diagnose(fixed, [], current, FACTS, T).status == "healthy"
+
+
+def test_smoothed_step_loss_explosion_is_diverged():
+    """Between evaluations the smoothed step loss still catches a real blow-up."""
+    current = [(s, 0.5 if s < 200 else 0.5 + (s - 200) * 0.02) for s in range(1, 301)]
+    fixed = [(0, 1.0), (100, 0.9), (200, 0.85)]
+    v = diagnose(fixed, [], current, FACTS, T)
+    assert v.status == "diverged" and "averaged over 50 steps" in v.headline
+
+
+def test_advice_names_only_changes_from_the_run():
+    """Clipping was already 1.0 and a warm-up already set: do not suggest them."""
+    done = RunFacts(learning_rate=1e-3, batch_size=4, rank=8, images=40, grad_accum=1,
+                    max_grad_norm=1.0, lr_scheduler="cosine", lr_warmup_steps=100)
+    advice = " ".join(diverged_advice(done))
+    assert "max_grad_norm" not in advice and "warm-up" not in advice
+    assert "batch_size" not in advice and "0.001 -> 0.0005" in advice
+    bare = RunFacts(learning_rate=1e-3, batch_size=1, rank=8, images=40, max_grad_norm=0.0,
+                    lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="fp16")
+    advice = " ".join(diverged_advice(bare))
+    assert "train.max_grad_norm: 1.0 (now 0)" in advice
+    assert "constant_with_warmup" in advice and "bf16" in advice and "(now 1 x 1)" in advice
 
 
 def test_unstable_on_repeated_rises():
@@ -124,11 +159,49 @@ def test_defaults_are_healthy(tmp_path, example_cache, capsys):
     assert "train: health: healthy" in capsys.readouterr().out
 
 
-def test_zero_learning_rate_is_not_learning(tmp_path, example_cache):
-    train_in(tmp_path, example_cache, train__learning_rate=0.0, train__max_steps=60,
+def test_tiny_learning_rate_is_not_learning(tmp_path, example_cache):
+    train_in(tmp_path, example_cache, train__learning_rate=1e-6, train__max_steps=60,
              train__validation__every=20, health_report=tmp_path / "health.md")
     assert health_of(tmp_path)["status"] == "not_learning"
     assert "raise train.learning_rate" in (tmp_path / "health.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_caches(tmp_path_factory, example_cache):
+    """The example cache cut to its first 2 and 3 images: datasets of 1-2 steps per epoch."""
+    from lorapipe.cache import Cache, load_cache, save_cache
+
+    full = load_cache(example_cache)
+    meta = {k: v for k, v in full.meta.items() if k != "base"}
+    out = {}
+    for n in (2, 3):
+        folder = tmp_path_factory.mktemp(f"cache{n}")
+        save_cache(Cache(full.latents[:n], full.text_states[:n], full.files[:n],
+                         full.captions[:n], meta), folder, "builtin:tiny-sd")
+        out[n] = folder
+    return out
+
+
+@pytest.mark.parametrize("images, steps, batch, lr", [
+    (2, 600, 1, 5e-3),  # 1 training image: the step loss is one image at one timestep
+    (3, 1200, 2, 2e-3),  # a long run at 1 step per epoch
+])
+def test_tiny_dataset_and_long_runs_are_healthy(tmp_path, tiny_caches, images, steps,
+                                                batch, lr):
+    """Both runs learn (fixed losses fall), and their raw step loss later rises above 2x its
+    lowest value, which the old rule on loss/average called diverged."""
+    result = train_in(tmp_path, tiny_caches[images], train__max_steps=steps,
+                      train__batch_size=batch, train__learning_rate=lr,
+                      train__validation__every=steps // 6)
+    health = health_of(tmp_path)
+    assert health["status"] == "healthy", health
+    assert result.summary["fixed_loss_end"] < 0.8 * result.summary["fixed_loss_start"]
+    average = []
+    with open(tmp_path / "dvclive/plots/metrics/loss/average.tsv") as f:
+        next(f)
+        average = [float(line.split()[1]) for line in f]
+    low = average.index(min(average))
+    assert max(average[low:]) > 2 * min(average)  # the spread that fooled the old rule
 
 
 def test_huge_learning_rate_is_diverged(tmp_path, example_cache):
@@ -164,7 +237,16 @@ def test_early_stop_keeps_the_best_lora(tmp_path, example_cache, capsys):
             step, value = line.split()
             val[int(step)] = float(value)
     assert min(val, key=val.get) == stop["best_step"]
+    # the saved LoRA is exactly the best step's: a run of the same seed stopped there by
+    # train.max_steps trained the same weights
+    [best] = run_dirs(tmp_path, "best")
+    train_in(best, example_cache, train__learning_rate=0.05, train__max_steps=stop["best_step"],
+             train__validation__every=10)
     saved = load_file(tmp_path / "lora/pytorch_lora_weights.safetensors")
-    trained = {k: v for k, v in result.unet.state_dict().items() if "lora_" in k}
-    assert len(saved) == len(trained)
-    assert all(torch.isfinite(t).all() for t in saved.values())
+    reference = load_file(best / "lora/pytorch_lora_weights.safetensors")
+    assert saved.keys() == reference.keys()
+    assert all(torch.equal(saved[k], reference[k]) for k in saved)
+    # and the WebUI file says which step it holds
+    with safe_open(tmp_path / "lora/lora_webui.safetensors", "pt") as f:
+        assert f.metadata()["ss_steps"] == str(stop["best_step"])
+

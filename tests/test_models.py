@@ -110,3 +110,19 @@ def test_repository_default_is_the_builtin_model():
     text = (REPO / "params.yaml").read_text()
     assert "base: builtin:tiny-sd" in text
     assert hashlib.sha256(text.encode()).hexdigest()  # params.yaml is readable UTF-8
+
+
+def test_encode_cache_is_byte_reproducible(tmp_path, example_cache):
+    """The safetensors writer orders its header from a hash map; the cache must come out the
+    same bytes every time, or DVC sees a changed cache and reruns train."""
+    from lorapipe.cache import CACHE_FILE, save_cache
+
+    cache = load_cache(example_cache)
+    meta = {k: v for k, v in cache.meta.items() if k != "base"}
+    cache.meta = meta
+    saved = set()
+    for i in range(6):
+        save_cache(cache, tmp_path / str(i), "builtin:tiny-sd")
+        saved.add((tmp_path / str(i) / CACHE_FILE).read_bytes())
+    assert len(saved) == 1
+    assert saved == {(example_cache / CACHE_FILE).read_bytes()}

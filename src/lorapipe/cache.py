@@ -118,6 +118,7 @@ def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
     tensors = {"latents": cache.latents.contiguous(), "text_states": cache.text_states.contiguous()}
     with outputs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        outputs.canonical_safetensors(tmp)  # same content, same bytes: DVC sees no change
     return path
 
 

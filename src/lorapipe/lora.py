@@ -20,6 +20,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from lorapipe import outputs
 from lorapipe.errors import LorapipeError
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -64,21 +65,6 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return out
 
 
-def canonical_header(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys.
-
-    The safetensors writer stores metadata from a hash map, so the same tensors and metadata
-    can come out in a different key order from one save to the next. Sorting makes equal
-    content equal bytes. Tensor offsets are relative to the data section, so they stay valid.
-    """
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
-
-
 def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(folder),
@@ -87,7 +73,7 @@ def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: P
         weight_name=DIFFUSERS_FILE,
         unet_lora_adapter_metadata=adapter_metadata(config),
     )
-    canonical_header(folder / DIFFUSERS_FILE)
+    outputs.canonical_safetensors(folder / DIFFUSERS_FILE)
     return folder / DIFFUSERS_FILE
 
 
@@ -106,7 +92,7 @@ def save_webui(state: dict[str, torch.Tensor], alpha: float, metadata: dict, pat
     """kohya-layout single file; metadata values must be strings (safetensors' rule)."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     save_file(to_kohya(state, alpha), str(path), metadata=meta)
-    canonical_header(path)
+    outputs.canonical_safetensors(path)
     return path
 
 

@@ -113,3 +113,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a .safetensors header with sorted keys.
+
+    The safetensors writer stores metadata from a hash map, so the same tensors and metadata
+    can come out in a different key order from one save to the next. Sorting makes equal
+    content equal bytes. Tensor offsets are relative to the data section, so they stay valid.
+    """
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
