@@ -58,7 +58,11 @@ def save(accelerator, folder: Path, step: int, state: dict,
     copied in (name in the checkpoint -> source path)."""
     final = Path(folder) / f"step_{step:07d}"
     with outputs.atomic_dir(final) as tmp:
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except RuntimeError as exc:  # torch's writer names no file; say where, for the user
+            exc.filename = str(final)
+            raise
         for name, values in (tensors or {}).items():
             if values is not None:
                 save_file(values, str(tmp / name))

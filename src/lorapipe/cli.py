@@ -50,11 +50,12 @@ def write_failure(exc: BaseException) -> str | None:
         where = exc.filename or os.getcwd()
         cause = "the disk is full" if exc.errno == errno.ENOSPC else "the disk quota is used up"
     elif isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_ERRORS):
-        where = os.getcwd()
+        where = getattr(exc, "filename", None) or os.getcwd()
         cause = (f"torch could not write a file ({str(exc).splitlines()[0][:80]}), which is "
                  "how it reports a full disk")
     else:
         return None
+    where = os.path.abspath(where)
     return (f"{cause} while writing {where} ({_free(where)}). Nothing was corrupted: every "
             "output is written to a temporary name and renamed into place only when complete, "
             "so the previous outputs are intact and the half-written ones were removed. Free "
@@ -69,4 +70,4 @@ def _free(where: str) -> str:
         usage = shutil.disk_usage(folder)
     except OSError:
         return "free space unknown"
-    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB there"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB there"

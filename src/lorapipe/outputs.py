@@ -116,7 +116,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def canonical_safetensors(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys.
+    """Rewrite a .safetensors header with sorted keys, with the umask's file mode.
 
     The safetensors writer stores metadata from a hash map, so the same tensors and metadata
     can come out in a different key order from one save to the next. Sorting makes equal
@@ -128,3 +128,4 @@ def canonical_safetensors(path: Path) -> None:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+    path.chmod(file_mode())  # the safetensors writer creates its files 0600
