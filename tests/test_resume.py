@@ -1,8 +1,11 @@
 """Checkpoints: a SIGKILLed train stage, run again, resumes and ends with the same bytes as
-an uninterrupted run; a checkpoint made with other params is never resumed."""
+an uninterrupted run (sample images logged before the kill included); a checkpoint made with
+other params is never resumed; a damaged one is passed over for the one before it; a run
+killed before its first checkpoint leaves no half TensorBoard run behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO, make_params
 
@@ -19,27 +24,27 @@ FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lora_webui.safetensors",
          "dvclive/plots/metrics/loss/current.tsv", "dvclive/plots/metrics/loss/train/fixed.tsv")
 
 
-def start(root: Path, cache: Path) -> subprocess.Popen:
+def start(root: Path, cache: Path, **env) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--cache", str(cache), "--out", "lora",
          "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health", "health.md"],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=root, env={**os.environ, "PYTHONPATH": str(REPO), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group: a kill reaches launched workers too
     )
 
 
-def run_to_end(root: Path, cache: Path) -> str:
-    proc = start(root, cache)
+def run_to_end(root: Path, cache: Path, **env) -> str:
+    proc = start(root, cache, **env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     return out
 
 
-def kill_after_checkpoint(root: Path, cache: Path) -> None:
+def kill_after_checkpoint(root: Path, cache: Path, step: int = EVERY) -> None:
     proc = start(root, cache)
     deadline = time.time() + 120
-    while not (root / "ckpt" / f"step_{EVERY:07d}").exists():
+    while not (root / "ckpt" / f"step_{step:07d}").exists():
         assert proc.poll() is None, "finished before the first checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -51,28 +56,45 @@ def kill_after_checkpoint(root: Path, cache: Path) -> None:
 
 def setup(root: Path, **overrides) -> Path:
     root.mkdir()
-    make_params(root, train__max_steps=STEPS, train__checkpoint_every=EVERY,
-                train__validation__every=EVERY, train__sample_every=0, **overrides)
+    settings = {"train__max_steps": STEPS, "train__checkpoint_every": EVERY,
+                "train__validation__every": EVERY, "train__sample_every": 0, **overrides}
+    make_params(root, **settings)
     return root
 
 
-def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache):
-    straight = setup(tmp_path / "straight")
-    run_to_end(straight, example_cache)
-    assert not (straight / "ckpt").exists() or not any((straight / "ckpt").iterdir())
+def images(root: Path) -> dict[str, bytes]:
+    folder = root / "dvclive/plots/images/samples"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
 
-    killed = setup(tmp_path / "killed")
+
+SAMPLES = {"train__sample_every": EVERY, "train__sample_steps": 2}  # images at 0, 20, 40, 60
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, example_cache) -> Path:
+    """The uninterrupted run the others are compared with."""
+    root = setup(tmp_path_factory.mktemp("straight") / "run", **SAMPLES)
+    run_to_end(root, example_cache)
+    return root
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache, straight):
+    assert not (straight / "ckpt").exists() or not any((straight / "ckpt").iterdir())
+    assert list(images(straight)) == [f"step_{s:06d}.png" for s in (0, 20, 40, 60)]
+
+    killed = setup(tmp_path / "killed", **SAMPLES)
     kill_after_checkpoint(killed, example_cache)
     out = run_to_end(killed, example_cache)
     assert re.search(r"resumed from \S+ at step (20|40)", out), out
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    assert images(killed) == images(straight)  # the images logged before the kill, too
 
     # a checkpoint left by a run with another seed is passed over, not resumed
-    other = setup(tmp_path / "other", train__seed=1)
+    other = setup(tmp_path / "other", train__seed=1, **SAMPLES)
     kill_after_checkpoint(other, example_cache)
-    make_params(other, train__max_steps=STEPS, train__checkpoint_every=EVERY,
-                train__validation__every=EVERY, train__sample_every=0)  # the straight run's
+    make_params(other, **{"train__max_steps": STEPS, "train__checkpoint_every": EVERY,
+                          "train__validation__every": EVERY, **SAMPLES})  # straight's params
     out = run_to_end(other, example_cache)
     assert "made with other params or data" in out and "resumed from" not in out
     for name in FILES[:2]:
@@ -89,3 +111,46 @@ def test_two_process_run_resumes_to_the_same_result(tmp_path, example_cache):
     assert re.search(r"resumed from \S+ at step (20|40)", out), out
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, example_cache, straight):
+    damaged = setup(tmp_path / "damaged", **SAMPLES)
+    kill_after_checkpoint(damaged, example_cache, step=2 * EVERY)  # steps 20 and 40 kept
+    newest = damaged / "ckpt" / f"step_{2 * EVERY:07d}"
+    optimizer = newest / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # truncated
+    out = run_to_end(damaged, example_cache)
+    assert f"ignoring ckpt/step_{2 * EVERY:07d}: optimizer.bin is damaged" in out, out
+    assert f"resumed from ckpt/step_{EVERY:07d} at step {EVERY}" in out, out
+    for name in FILES:
+        assert (damaged / name).read_bytes() == (straight / name).read_bytes(), name
+
+    # every checkpoint damaged: a fresh start, said so, and still the same result
+    fresh = setup(tmp_path / "fresh", **SAMPLES)
+    kill_after_checkpoint(fresh, example_cache, step=2 * EVERY)
+    for ckpt in (fresh / "ckpt").iterdir():
+        (ckpt / "lora.safetensors").write_bytes(b"")
+    out = run_to_end(fresh, example_cache)
+    assert "no usable checkpoint: starting from step 0" in out and "resumed" not in out, out
+    for name in FILES[:2]:
+        assert (fresh / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_run_killed_before_its_first_checkpoint_leaves_no_partial_tensorboard_run(
+        tmp_path, example_cache):
+    root = setup(tmp_path / "run")
+    proc = start(root, example_cache, DVC_EXP_NAME="killed-exp")
+    deadline = time.time() + 120
+    while not (root / "dvclive/plots/metrics/loss/current.tsv").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "ckpt").exists() or not any((root / "ckpt").iterdir())
+    assert (root / "logs/tensorboard/killed-exp").exists()  # what the kill left
+
+    run_to_end(root, example_cache, DVC_EXP_NAME="next-exp")
+    runs = sorted(p.name for p in (root / "logs/tensorboard").iterdir())
+    assert runs == ["next-exp"]  # the killed run's half is gone, the finished run is whole
+    assert not any(p.name.startswith(".") for p in (root / "logs/tensorboard/next-exp").iterdir())
+    assert json.loads((root / "dvclive/metrics.json").read_text())["steps"] == STEPS
