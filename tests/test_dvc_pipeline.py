@@ -25,7 +25,16 @@ def changed(sh) -> set[str]:
     return set(status)
 
 
-ALL = ["validate", "preprocess", "encode", "train", "sample"]
+ALL = ["params", "validate", "preprocess", "encode", "train", "sample"]
+
+
+def lock_hashes(root) -> dict[str, str]:
+    """out path -> md5 that dvc.lock records for every stage output."""
+    import yaml
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values()
+            for out in stage.get("outs", [])}
 
 
 def test_pipeline_reruns_exactly_what_a_change_touches(repo):
@@ -52,6 +61,16 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
 
     assert ran(sh("dvc", "repro")) == []  # nothing changed: nothing runs
 
+    # same params and data on the same machine: the same bytes in every output DVC hashes
+    # but TensorBoard's (its event files carry wall times and the host name by design)
+    before = lock_hashes(root)
+    assert ran(sh("dvc", "repro", "-f", "-s", "encode")) == ["encode"]
+    assert ran(sh("dvc", "repro", "-f", "-s", "train")) == ["train"]
+    after = lock_hashes(root)
+    changed_outs = {path for path in before if before[path] != after[path]}
+    assert changed_outs <= {"logs/tensorboard"}, changed_outs
+    assert ran(sh("dvc", "repro")) == []  # so sample does not rerun
+
     # the README: nothing reruns
     with open(root / "README.md", "a") as f:
         f.write("\nan edit\n")
@@ -60,37 +79,37 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
 
     # preprocess.workers: preprocess reruns, writes the same bytes, so nothing after it does
     set_param(root, "preprocess.workers", 1)
-    assert changed(sh) == {"preprocess"}
-    assert ran(sh("dvc", "repro")) == ["preprocess"]
+    assert changed(sh) == {"params", "preprocess"}
+    assert ran(sh("dvc", "repro")) == ["params", "preprocess"]
 
     # lora.* and train.*: train and sample; the encode cache is reused
     set_param(root, "lora.rank", 8)
     set_param(root, "train.learning_rate", "2e-3")
-    assert changed(sh) == {"train"}
-    assert ran(sh("dvc", "repro")) == ["train", "sample"]
+    assert changed(sh) == {"params", "train"}
+    assert ran(sh("dvc", "repro")) == ["params", "train", "sample"]
 
     # sample.*: sample only
     set_param(root, "sample.steps", 3)
-    assert changed(sh) == {"sample"}
-    assert ran(sh("dvc", "repro")) == ["sample"]
+    assert changed(sh) == {"params", "sample"}
+    assert ran(sh("dvc", "repro")) == ["params", "sample"]
 
     # preprocess.resolution: preprocess and everything downstream of its output
     set_param(root, "preprocess.resolution", 32)
-    assert changed(sh) == {"preprocess"}
-    assert ran(sh("dvc", "repro")) == ["preprocess", "encode", "train", "sample"]
+    assert changed(sh) == {"params", "preprocess"}
+    assert ran(sh("dvc", "repro")) == ["params", "preprocess", "encode", "train", "sample"]
     assert Image.open(sorted((root / "data/processed").glob("*.png"))[0]).size == (32, 32)
 
     # a validate key that drops images: validate, then the rest on what is left
     set_param(root, "validate.min_side", 170)  # the 160-px-wide half of the examples
     set_param(root, "validate.on_error", "skip")
-    assert changed(sh) == {"validate"}  # downstream is stale only once validate's output is
+    assert changed(sh) == {"params", "validate"}  # downstream: once validate's output is
     assert ran(sh("dvc", "repro")) == ALL
     assert len(list((root / "data/processed").glob("*.png"))) == 10
 
     # a validate key whose change leaves the usable rows as they were: validate reruns,
     # and DVC sees its output unchanged, so preprocess is rightly skipped
     set_param(root, "validate.max_pixels", 50_000_000)
-    assert ran(sh("dvc", "repro")) == ["validate"]
+    assert ran(sh("dvc", "repro")) == ["params", "validate"]
 
     # errors with on_error: fail stop the pipeline with a non-zero exit
     set_param(root, "validate.on_error", "fail")
@@ -121,9 +140,9 @@ def test_experiment_workflow(repo, tmp_path):
     before = {p.name for p in (root / "logs/tensorboard").iterdir()}
 
     out = sh("dvc", "exp", "run", "-S", "lora.rank=16", "-n", "rank16")
-    assert ran(out) == ["train", "sample"]
+    assert ran(out) == ["params", "train", "sample"]
     out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
-    assert ran(out) == ["sample"]
+    assert ran(out) == ["params", "sample"]
     # a bad learning rate: the verdict shows in dvc exp show and reports/health.md
     sh("dvc", "exp", "run", "-S", "train.learning_rate=1e-6", "-S", "train.max_steps=60",
        "-n", "lrtiny")
@@ -166,3 +185,36 @@ def test_experiment_workflow(repo, tmp_path):
     sh("dvc", "exp", "apply", "rank16")
     assert "rank16" in {p.name for p in (root / "logs/tensorboard").iterdir()}
     assert "steps6" not in {p.name for p in (root / "logs/sample").iterdir()}
+
+
+def test_params_typo_and_a_data_folder_with_spaces(tmp_path):
+    """A key no stage reads is still checked, before any other stage runs; a data folder
+    whose name has a space works (every interpolated path is quoted)."""
+    root, sh = git_copy(tmp_path / "repo")
+    with open(root / "params.yaml", "a", encoding="utf-8") as f:
+        f.write("trian:\n  seed: 1\n")
+    out = sh("dvc", "repro", check=False)
+    assert "unknown section trian; did you mean train?" in out
+    assert ran(out) == ["params"] and not (root / "reports/usable.csv").exists()
+    sh("git", "checkout", "params.yaml")
+
+    shutil.copytree(root / "data/example", root / "data/my photos")
+    set_param(root, "data.dir", '"data/my photos"')
+    out = sh("dvc", "repro", "preprocess")
+    assert ran(out) == ["params", "validate", "preprocess"]
+    assert len(list((root / "data/processed").glob("*.png"))) == 20
+
+
+def test_fresh_clone_runs_one_stage_as_an_experiment(tmp_path):
+    """`dvc exp run train` on a clone with no outputs trains and records the experiment
+    (a committed dvc.lock naming outputs the clone lacked made it fail); a plain
+    `dvc exp run` then runs what is left."""
+    root, sh = git_copy(tmp_path / "repo")
+    out = sh("dvc", "exp", "run", "train", "-n", "only-train")
+    assert ran(out) == ["params", "validate", "preprocess", "encode", "train"]
+    assert not (root / "samples").exists()
+    out = sh("dvc", "exp", "run", "-n", "all")
+    assert ran(out) == ["sample"]
+    exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert {"only-train", "all"} <= set(exps)
+    assert exps["only-train"]["metrics"]["health"]["status"] == "healthy"

@@ -18,27 +18,48 @@ from lorapipe.cache import load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.models import build_tiny_sd, load_pipeline, tiny_tokenizer, training_scheduler
 
-DIGEST = """
-import hashlib, sys
+FINGERPRINT = """
+import json
 from lorapipe.models import build_tiny_sd
 pipe = build_tiny_sd()
-h = hashlib.sha256()
-for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-    for name, t in sorted(part.state_dict().items()):
-        h.update(name.encode()); h.update(t.numpy().tobytes())
-h.update(str(pipe.tokenizer("a red circle, lpstyle").input_ids).encode())
-print(h.hexdigest())
+out = {}
+for part in ("unet", "vae", "text_encoder"):
+    sd = pipe.__getattribute__(part).state_dict()
+    out[part] = [len(sd), sum(t.numel() for t in sd.values()),
+                 sum(float(t.double().pow(2).sum()) for t in sd.values()),
+                 sum(float(t.double().abs().sum()) for t in sd.values())]
+out["vocab"] = sorted(pipe.tokenizer.get_vocab().items())
+out["ids"] = pipe.tokenizer("a red circle, lpstyle").input_ids
+print(json.dumps(out))
 """
 
+# The builtin model as built on this project's machines (torch 2.13, CPU): tensor count,
+# parameter count, sum of squares and sum of absolute values of every weight. Sums with a
+# relative tolerance of 1e-6 catch any change of architecture, seed or initialisation, and
+# survive the last-bit differences of RNG transforms between CPU models.
+PINNED = {
+    "unet": [208, 792964, 3329.6357973919125, 27947.101876857763],
+    "vae": [180, 261079, 1399.1257021513634, 9707.078439203753],
+    "text_encoder": [36, 46720, 377.1920284998227, 2041.5252939031088],
+}
+PINNED_VOCAB_SHA256 = "798b493596b9ed80f6e7c721dce55c8963b2fd90053363b0c33d5c8ba5c9fade"
 
-def digest_here() -> str:
-    out = subprocess.run([sys.executable, "-c", DIGEST], capture_output=True, text=True,
+
+def fingerprint_here() -> dict:
+    out = subprocess.run([sys.executable, "-c", FINGERPRINT], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONHASHSEED": "random"})
-    return out.stdout.strip().splitlines()[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_builtin_model_is_identical_every_time():
-    assert digest_here() == digest_here()
+def test_builtin_model_is_identical_every_time_and_pinned():
+    a, b = fingerprint_here(), fingerprint_here()
+    assert a == b  # two processes, different hash seeds: the same weights and tokenizer
+    for part, (tensors, params, squares, absolute) in PINNED.items():
+        assert a[part][:2] == [tensors, params], part
+        assert a[part][2:] == pytest.approx([squares, absolute], rel=1e-6), part
+    vocab = repr(sorted(tuple(item) for item in a["vocab"])).encode()
+    assert hashlib.sha256(vocab).hexdigest() == PINNED_VOCAB_SHA256
+    assert a["ids"] == [845, 320, 615, 670, 267, 586, 585, 846]
 
 
 def test_builtin_tokenizer_is_a_real_clip_bpe():
@@ -107,9 +128,9 @@ def test_missing_path(tmp_path):
 
 
 def test_repository_default_is_the_builtin_model():
-    text = (REPO / "params.yaml").read_text()
-    assert "base: builtin:tiny-sd" in text
-    assert hashlib.sha256(text.encode()).hexdigest()  # params.yaml is readable UTF-8
+    from lorapipe.params import load_params
+
+    assert load_params(REPO / "params.yaml").model.base == "builtin:tiny-sd"
 
 
 def test_encode_cache_is_byte_reproducible(tmp_path, example_cache):

@@ -39,11 +39,30 @@ def px(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
-def test_every_scheduler_generates(pipe, name):
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-    image = generate(pipe, "a red circle, lpstyle", 1, SETTINGS, lora=True)
-    assert image.size == (64, 64) and image.mode == "RGB"
+EXPECTED = {"ddim": ("DDIMScheduler", {}),
+            "euler": ("EulerDiscreteScheduler", {}),
+            "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+            "dpm++_2m": ("DPMSolverMultistepScheduler",
+                         {"algorithm_type": "dpmsolver++", "solver_order": 2})}
+
+
+def test_every_sampler_name_is_its_scheduler_and_they_differ(pipe):
+    assert set(EXPECTED) == set(SCHEDULERS)
+    images = {}
+    for name in SCHEDULERS:
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+        cls, config = EXPECTED[name]
+        assert type(pipe.scheduler).__name__ == cls, name
+        assert {k: pipe.scheduler.config[k] for k in config} == config, name
+        # the base model's noise schedule is kept
+        assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+        image = generate(pipe, "a red circle, lpstyle", 1, SETTINGS, lora=True)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        images[name] = px(image)
+    for a in SCHEDULERS:  # each sampler gives its own image for the same seed and prompt
+        for b in SCHEDULERS:
+            if a < b:
+                assert np.abs(images[a] - images[b]).mean() > 0.5, (a, b)
 
 
 def test_seeds_and_lora_scale(pipe):

@@ -1,0 +1,75 @@
+"""dvc.yaml against the code: each stage lists exactly the lorapipe modules it imports (so an
+edit reruns the stages it affects, and only those), and every interpolated path is quoted."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "lorapipe"
+
+
+def _imports(path) -> set[str]:
+    """The lorapipe modules a file imports anywhere (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "lorapipe":  # from lorapipe import outputs, health
+                found |= {f"lorapipe.{a.name}" for a in node.names
+                          if (PACKAGE / f"{a.name}.py").exists()}
+            elif node.module.startswith("lorapipe."):
+                found.add(node.module)
+    return found | ({"lorapipe"} if found else set())
+
+
+def _file(module: str):
+    parts = module.split(".")[1:]
+    return PACKAGE / ("/".join(parts) + ".py" if parts else "__init__.py")
+
+
+def import_closure(stage_file) -> set[str]:
+    """Every file of the package that `python -m stages.<name>` can import, as dvc.yaml
+    writes the paths."""
+    todo, seen = list(_imports(stage_file)), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += _imports(_file(module))
+    return {_file(m).relative_to(REPO).as_posix() for m in seen}
+
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_are_its_import_closure(name):
+    stage_file = REPO / "stages" / f"{name}.py"
+    deps = [d for d in STAGES[name]["deps"] if isinstance(d, str)]
+    listed = {d for d in deps if d.startswith("src/")}
+    assert f"stages/{name}.py" in deps
+    assert listed == import_closure(stage_file), (
+        f"dvc.yaml stage {name}: missing {sorted(import_closure(stage_file) - listed)}, "
+        f"not imported {sorted(listed - import_closure(stage_file))}")
+
+
+def test_the_closure_follows_imports_inside_functions():
+    """train imports training only inside main(); training pulls in the rest."""
+    closure = import_closure(REPO / "stages" / "train.py")
+    assert {"src/lorapipe/training.py", "src/lorapipe/health.py",
+            "src/lorapipe/__init__.py"} <= closure
+    assert "src/lorapipe/metadata.py" not in closure
+
+
+def test_interpolated_paths_are_quoted_in_commands():
+    """`data.dir: data/my photos` must stay one argument."""
+    for name, stage in STAGES.items():
+        unquoted = re.findall(r'(?<!")\$\{[^}]+\}(?!")', stage["cmd"])
+        assert not unquoted, f"stage {name}: {unquoted} unquoted in its cmd"
