@@ -1,5 +1,5 @@
 """Make docs/loss_health.png: the fixed-noise curves and verdicts of three real runs of the
-builtin model on the example data (defaults; learning rate 0; learning rate 0.01 at rank 32).
+builtin model on the example data (defaults; learning rate 1e-6; learning rate 0.01 at rank 32).
 
     python bench/health_figure.py
 """
