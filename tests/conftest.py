@@ -13,6 +13,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# the WebUI file of a run with lora.name "" outside `dvc exp run`
+WEBUI_FILE = "lorapipe.safetensors"
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("file_name", "text")) -> None:

@@ -71,5 +71,5 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, example_cach
     assert len(list((multi / "logs/tensorboard").iterdir())) == 1
     assert len(losses(multi)) == STEPS  # one row per step, not one per process
     assert sorted(p.name for p in (multi / "lora").iterdir()) == [
-        "lora_webui.safetensors", "pytorch_lora_weights.safetensors"]
+        "lorapipe.safetensors", "pytorch_lora_weights.safetensors"]
     assert (multi / "logs/train.log").read_text().count("step 16/16") == 1

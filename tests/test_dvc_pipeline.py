@@ -141,6 +141,9 @@ def test_experiment_workflow(repo, tmp_path):
 
     out = sh("dvc", "exp", "run", "-S", "lora.rank=16", "-n", "rank16")
     assert ran(out) == ["params", "train", "sample"]
+    # lora.name "": the WebUI file is named after the experiment, so two LoRAs never clash
+    assert sorted(p.name for p in (root / "models/lora").iterdir()) == [
+        "pytorch_lora_weights.safetensors", "rank16.safetensors"]
     out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
     assert ran(out) == ["params", "sample"]
     # a bad learning rate: the verdict shows in dvc exp show and reports/health.md

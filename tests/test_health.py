@@ -247,6 +247,6 @@ def test_early_stop_keeps_the_best_lora(tmp_path, example_cache, capsys):
     assert saved.keys() == reference.keys()
     assert all(torch.equal(saved[k], reference[k]) for k in saved)
     # and the WebUI file says which step it holds
-    with safe_open(tmp_path / "lora/lora_webui.safetensors", "pt") as f:
+    with safe_open(tmp_path / "lora/lorapipe.safetensors", "pt") as f:
         assert f.metadata()["ss_steps"] == str(stop["best_step"])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import train_in
+from conftest import WEBUI_FILE, train_in
 from lorapipe import lora
 from lorapipe.errors import LorapipeError
 from lorapipe.models import build_tiny_sd
@@ -40,7 +40,7 @@ def test_saved_lora_reloads_in_a_fresh_diffusers_pipeline(trained, source):
     assert (expected - base).abs().max() > 1e-3  # the LoRA does change the output
 
     pipe = build_tiny_sd()
-    target = root / "lora" if source == "folder" else root / "lora" / lora.WEBUI_FILE
+    target = root / "lora" if source == "folder" else root / "lora" / WEBUI_FILE
     pipe.load_lora_weights(str(target))
     torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
     image = pipe("a red circle, lpstyle", num_inference_steps=2, output_type="np",
@@ -50,7 +50,7 @@ def test_saved_lora_reloads_in_a_fresh_diffusers_pipeline(trained, source):
 
 def test_webui_file_is_kohya_layout_with_real_alpha_and_metadata(trained):
     root, _ = trained
-    with safe_open(str(root / "lora" / lora.WEBUI_FILE), "pt") as f:
+    with safe_open(str(root / "lora" / WEBUI_FILE), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()
         alpha = f.get_tensor(next(k for k in keys if k.endswith(".alpha")))
@@ -66,6 +66,57 @@ def test_webui_file_is_kohya_layout_with_real_alpha_and_metadata(trained):
     assert json.loads(meta["ss_network_args"]) == {"targets": ["to_q", "to_k", "to_v", "to_out.0"]}
 
 
+def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_cache,
+                                                    monkeypatch):
+    """Field names, types and spellings A1111's metadata view, its SD-version check and
+    the additional-networks hash check depend on."""
+    import hashlib
+
+    root, _ = trained
+    with safe_open(str(root / "lora" / WEBUI_FILE), "pt") as f:
+        meta = f.metadata()
+    assert all(isinstance(v, str) for v in meta.values())
+    # A1111: the alias, and the SD version from ss_base_model_version / ss_v2 == "True"
+    assert meta["ss_output_name"] == "lorapipe" and meta["modelspec.title"] == "lorapipe"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_v_parameterization"] == "False"
+    assert meta["ss_gradient_checkpointing"] == "False"  # Python's spelling, as kohya's
+    tags = json.loads(meta["ss_tag_frequency"])["dataset"]
+    assert tags["lpstyle"] == 16 and sum(tags.values()) == 32  # "<shape>, lpstyle" x 16
+    assert json.loads(meta["ss_dataset_dirs"]) == {"dataset": {"n_repeats": 1, "img_count": 16}}
+    # the model spec
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
+    # no clock: no times unless SOURCE_DATE_EPOCH says which
+    assert "ss_training_started_at" not in meta and "modelspec.date" not in meta
+    # the hashes the additional-networks extension recomputes from the file itself
+    data = (root / "lora" / WEBUI_FILE).read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+    # a name, a reproducible date, and a v-prediction SD 2.x base are all recorded
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    train_in(tmp_path, example_cache, lora__name="my_style", train__max_steps=2)
+    with safe_open(str(tmp_path / "lora/my_style.safetensors"), "pt") as f:
+        named = f.metadata()
+    assert named["ss_output_name"] == "my_style"
+    assert named["ss_training_started_at"] == named["ss_training_finished_at"] == "1700000000.0"
+    assert named["modelspec.date"] == "2023-11-14T22:13:20+00:00"
+
+
+def test_base_version_from_the_actual_base():
+    from lorapipe.webui import base_version
+
+    assert base_version(768, "epsilon")["version"] == "sd_v1"
+    sd2 = base_version(1024, "v_prediction")
+    assert sd2["v2"] and sd2["v_pred"] and sd2["version"] == "sd_v2"
+    assert sd2["architecture"] == "stable-diffusion-v2-768-v"
+    assert base_version(1024, "epsilon")["architecture"] == "stable-diffusion-v2-512"
+
+
 def test_diffusers_file_carries_the_adapter_config(trained):
     root, _ = trained
     with safe_open(str(root / "lora" / lora.DIFFUSERS_FILE), "pt") as f:
@@ -76,7 +127,7 @@ def test_diffusers_file_carries_the_adapter_config(trained):
 @pytest.mark.parametrize("source", ["folder", "webui"])
 def test_continue_training_starts_from_the_lora(tmp_path, trained, example_cache, source):
     root, result = trained
-    init = root / "lora" if source == "folder" else root / "lora" / lora.WEBUI_FILE
+    init = root / "lora" if source == "folder" else root / "lora" / WEBUI_FILE
     # alpha 4 here, 8 in the file: the up weights are rescaled to keep the same function
     cont = train_in(tmp_path, example_cache, lora__rank=4, lora__alpha=4,
                     lora__init=str(init), train__max_steps=1, train__learning_rate=1e-12)
@@ -94,7 +145,7 @@ def test_continue_with_other_targets_is_a_clear_error(tmp_path, trained, example
     root, _ = trained
     with pytest.raises(LorapipeError, match="trained on other layers than lora.targets"):
         train_in(tmp_path, example_cache, lora__targets=["to_q", "to_v"],
-                 lora__init=str(root / "lora" / lora.WEBUI_FILE))
+                 lora__init=str(root / "lora" / WEBUI_FILE))
 
 
 def test_targets_matching_nothing_is_a_clear_error(tmp_path, example_cache):

@@ -138,6 +138,12 @@ def test_model_base_format_is_checked_with_the_params(tmp_path, name, expected):
     assert f"model.base: '{tmp_path / name}' {expected}" in msg
 
 
+@pytest.mark.parametrize("name", ["my/style", ".hidden", "a b"])
+def test_lora_name_must_be_a_plain_file_name(tmp_path, name):
+    msg = error_for(tmp_path, lambda p: p["lora"].update(name=name))
+    assert f"lora.name {name!r} must be a plain file name" in msg
+
+
 def test_invalid_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("lora:\n  rank: [4\n")

@@ -20,7 +20,7 @@ from conftest import REPO, make_params
 
 STEPS = 60
 EVERY = 20
-FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lora_webui.safetensors",
+FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lorapipe.safetensors",
          "dvclive/plots/metrics/loss/current.tsv", "dvclive/plots/metrics/loss/train/fixed.tsv")
 
 

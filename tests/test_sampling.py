@@ -13,7 +13,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import make_params, run_dirs, train_in
 from lorapipe.models import build_tiny_sd
-from lorapipe.sampling import SCHEDULERS, SampleSettings, generate, grid, make_scheduler
+from lorapipe.sampling import (
+    LABEL_H,
+    SCHEDULERS,
+    SampleSettings,
+    generate,
+    grid,
+    make_scheduler,
+)
 from stages import sample as sample_stage
 
 SETTINGS = SampleSettings(steps=4, guidance_scale=7.5, negative_prompt="", width=64,
@@ -91,12 +98,25 @@ def test_no_memory_growth_over_many_prompts(pipe):
 def test_grid_puts_base_beside_lora():
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     image = grid([("p0", [(1, red, blue), (2, red, blue)]), ("p1", [(1, blue, red)])])
-    cell = 128  # 64 px images are enlarged to 128 px cells
-    assert image.size == (4 * cell, 2 * (cell + 36))
+    cell, labels = 128, 2 * LABEL_H  # 64 px images are enlarged to 128 px cells
+    assert image.size == (4 * cell, 2 * (cell + labels))
     a = np.asarray(image)
-    assert tuple(a[36 + 60, 60]) == (255, 0, 0)  # row 0: base (red) first
-    assert tuple(a[36 + 60, cell + 60]) == (0, 0, 255)  # then the LoRA (blue)
-    assert tuple(a[cell + 72 + 60, 60]) == (0, 0, 255)  # row 1
+    assert tuple(a[labels + 60, 60]) == (255, 0, 0)  # row 0: base (red) first
+    assert tuple(a[labels + 60, cell + 60]) == (0, 0, 255)  # then the LoRA (blue)
+    assert tuple(a[cell + 2 * labels + 60, 60]) == (0, 0, 255)  # row 1
+
+
+def test_grid_labels_are_readable_and_stay_in_their_cells():
+    red = Image.new("RGB", (64, 64), "red")
+    long_seed = 10**25  # "base seed 10000000000000000000000000" is wider than a 128 px cell
+    image = grid([("a very long prompt, " * 12, [(long_seed, red, red), (long_seed, red, red)])])
+    band = np.asarray(image.convert("L"))[LABEL_H:2 * LABEL_H] < 128  # the seed labels' ink
+    for boundary in (128, 256, 384):  # nothing drawn across a cell boundary
+        assert not band[:, boundary - 3:boundary + 1].any(), boundary
+    rows = np.flatnonzero(band[:, :124].any(axis=1))
+    assert rows.max() - rows.min() + 1 >= 10  # letters ~10 px tall, not Pillow's tiny default
+    prompt = np.asarray(image.convert("L"))[:LABEL_H] < 128
+    assert not prompt[:, -3:].any()  # the long prompt is cut before the edge
 
 
 def test_sample_stage_writes_images_grid_and_logs(trained, workspace, monkeypatch, capsys):
@@ -114,7 +134,7 @@ def test_sample_stage_writes_images_grid_and_logs(trained, workspace, monkeypatc
                      "prompt01_seed10_base.png", "prompt01_seed11.png",
                      "prompt01_seed11_base.png"]
     assert json.loads((out / "prompts.json").read_text())["prompt01"] == "a blue star"
-    assert Image.open(out / "grid.png").size == (4 * 128, 2 * (128 + 36))
+    assert Image.open(out / "grid.png").size == (4 * 128, 2 * (128 + 2 * LABEL_H))
     assert (out / "dvclive/plots/images/grid.png").exists()
     events = EventAccumulator(str(ws / "logs/sample/exp-a"))
     events.Reload()

@@ -72,7 +72,7 @@ def test_same_seed_same_bytes(tmp_path, example_cache):
     a, b = run_dirs(tmp_path, "a", "b")
     train_in(a, example_cache, lora__dropout=0.1, train__max_steps=8)
     train_in(b, example_cache, lora__dropout=0.1, train__max_steps=8)
-    for name in ("pytorch_lora_weights.safetensors", "lora_webui.safetensors"):
+    for name in ("pytorch_lora_weights.safetensors", "lorapipe.safetensors"):
         assert (a / "lora" / name).read_bytes() == (b / "lora" / name).read_bytes()
     [c] = run_dirs(tmp_path, "c")
     train_in(c, example_cache, lora__dropout=0.1, train__max_steps=8, train__seed=7)

@@ -4,13 +4,13 @@ and continue from an existing LoRA.
 Two files are written to the output folder:
 - pytorch_lora_weights.safetensors: diffusers/peft format with the adapter config in its
   metadata, so `pipe.load_lora_weights(folder)` restores the right alpha/rank scale;
-- lora_webui.safetensors: one file for AUTOMATIC1111/Forge/ComfyUI in kohya's layout
-  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) with `ss_*` metadata.
+- <lora.name>.safetensors: one file for AUTOMATIC1111/Forge/ComfyUI in kohya's layout
+  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) with kohya's metadata
+  (lorapipe.webui).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,11 +20,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from lorapipe import outputs
+from lorapipe import outputs, webui
 from lorapipe.errors import LorapipeError
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-WEBUI_FILE = "lora_webui.safetensors"
 KOHYA_PREFIX = "lora_unet_"
 
 
@@ -89,9 +88,12 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Te
 
 
 def save_webui(state: dict[str, torch.Tensor], alpha: float, metadata: dict, path: Path) -> Path:
-    """kohya-layout single file; metadata values must be strings (safetensors' rule)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    save_file(to_kohya(state, alpha), str(path), metadata=meta)
+    """kohya-layout single file with `metadata` (lorapipe.webui.build_metadata) written as
+    kohya writes it, plus the additional-networks hashes of its tensors."""
+    tensors = to_kohya(state, alpha)
+    meta = webui.as_strings(metadata)
+    meta.update(webui.addnet_hashes(tensors, meta))
+    save_file(tensors, str(path), metadata=meta)
     outputs.canonical_safetensors(path)
     return path
 

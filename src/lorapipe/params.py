@@ -81,6 +81,7 @@ class EncodeParams:
 
 @dataclass(frozen=True)
 class LoraParams:
+    name: str = key("the LoRA's name: WebUI file and ss_output_name; \"\" = experiment name")
     rank: int = key("LoRA rank (dimension)", minimum=1)
     alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
     dropout: float = key("dropout on the LoRA path", minimum=0, maximum=0.9)
@@ -196,6 +197,10 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
+    if "lora.name" in v and not re.fullmatch(r"[\w.-]*", str(v["lora.name"])) \
+            or str(v.get("lora.name", "")).startswith("."):
+        problems.append(f"lora.name {v['lora.name']!r} must be a plain file name (letters, "
+                        "digits, '.', '-', '_'); it names the WebUI file")
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")

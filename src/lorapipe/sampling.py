@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from lorapipe.params import SAMPLERS as SCHEDULERS  # the one list; params.yaml is checked on it
 
 MIN_CELL = 128  # grid cells are enlarged (nearest neighbour) to at least this many pixels
-LABEL_H = 18
+FONT_PX = 14  # label text size: readable beside 128 px cells (Pillow's bare default is 10)
+LABEL_H = 22  # one label line: the font's height plus a margin
 
 
 def make_scheduler(name: str, config):
@@ -75,6 +76,16 @@ def generate(pipe, prompt: str, seed: int, s: SampleSettings, lora: bool) -> Ima
     return image
 
 
+def fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis where needed to be at most `width` pixels wide, so a
+    label never runs into the next cell's."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
 def grid(rows: list[tuple[str, list[tuple[int, Image.Image, Image.Image]]]]) -> Image.Image:
     """One row per prompt; for each seed the base image then the LoRA image.
 
@@ -86,14 +97,16 @@ def grid(rows: list[tuple[str, list[tuple[int, Image.Image, Image.Image]]]]) -> 
     cols = 2 * max(len(cells) for _, cells in rows)
     canvas = Image.new("RGB", (cols * cw, len(rows) * (ch + 2 * LABEL_H)), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=FONT_PX)
     for r, (prompt, cells) in enumerate(rows):
         top = r * (ch + 2 * LABEL_H)
-        draw.text((4, top + 2), prompt, fill="black", font=font)
+        draw.text((4, top + 3), fit(draw, prompt, font, canvas.width - 8), fill="black",
+                  font=font)
         for c, (seed, base, lora) in enumerate(cells):
             for k, (label, image) in enumerate((("base", base), ("LoRA", lora))):
                 x = (2 * c + k) * cw
-                draw.text((x + 4, top + LABEL_H + 2), f"{label} seed {seed}", fill="black",
+                draw.text((x + 4, top + LABEL_H + 3),
+                          fit(draw, f"{label} seed {seed}", font, cw - 8), fill="black",
                           font=font)
                 canvas.paste(image.resize((cw, ch), Image.Resampling.NEAREST),
                              (x, top + 2 * LABEL_H))

@@ -27,7 +27,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import checkpoints, health, lora, outputs
+from lorapipe import checkpoints, health, lora, outputs, webui
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import EarlyStop, Evaluator, holdout
@@ -131,6 +131,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     train_idx, val_idx = holdout(cache.files, p.validation.split)
     pipe = load_pipeline(params.model.base, params.model.config)
     unet, scheduler = pipe.unet, training_scheduler(pipe)
+    base = webui.base_version(unet.config.cross_attention_dim, scheduler.config.prediction_type)
     if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
         pipe.scheduler = make_scheduler(TRAIN_SAMPLER, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -324,8 +325,8 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         if val_idx:
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
-        save_lora(unwrapped, config, params, plan, len(train_idx), out_dir, cache.meta,
-                  saved_step)
+        save_lora(unwrapped, config, params, plan, out_dir, cache.meta, base,
+                  [cache.captions[i] for i in train_idx], saved_step)
         # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
         # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
         timing = {"wall_time_s": round(time.perf_counter() - t0, 2),
@@ -434,44 +435,22 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
     return error
 
 
-def save_lora(unet, config, params, plan: Plan, n_images: int, out_dir: Path, meta,
-              steps: int) -> None:
-    """Both formats into out_dir, atomically; refuses non-finite weights."""
+def save_lora(unet, config, params, plan: Plan, out_dir: Path, meta: dict, base: dict,
+              captions: list[str], steps: int) -> None:
+    """Both formats into out_dir, atomically; refuses non-finite weights. `steps` is the
+    step whose weights these are (the best one after early stopping)."""
     state = lora.peft_state(unet)
     bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
     if bad:
         raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
+    name = webui.output_name(params.lora.name)
+    height, width = meta["image_size"]
+    metadata = webui.build_metadata(
+        params, name, base, (width, height), captions, plan.max_steps,
+        math.ceil(plan.max_steps / plan.steps_per_epoch), steps)
     with outputs.atomic_dir(out_dir) as tmp:
         lora.save_diffusers(state, config, tmp)
-        lora.save_webui(state, params.lora.alpha,
-                        kohya_metadata(params, plan, n_images, meta, steps), tmp / lora.WEBUI_FILE)
-
-
-def kohya_metadata(params, plan: Plan, n_images: int, meta: dict, steps: int) -> dict:
-    """The ss_* fields kohya's sd-scripts write, which WebUI extensions display.
-
-    No timestamps: the file must be byte-identical for identical runs."""
-    p, lp = params.train, params.lora
-    return {
-        "ss_network_module": "networks.lora", "ss_network_dim": lp.rank,
-        "ss_network_alpha": lp.alpha, "ss_network_dropout": lp.dropout,
-        "ss_network_args": {"targets": lp.targets},
-        "ss_base_model_version": "sd_v1", "ss_sd_model_name": params.model.base,
-        "ss_v2": False, "ss_resolution": f"({meta['image_size'][1]}, {meta['image_size'][0]})",
-        "ss_num_train_images": n_images, "ss_max_train_steps": plan.max_steps,
-        "ss_steps": steps,
-        "ss_num_epochs": math.ceil(plan.max_steps / plan.steps_per_epoch),
-        "ss_learning_rate": p.learning_rate, "ss_unet_lr": p.learning_rate,
-        "ss_text_encoder_lr": 0, "ss_lr_scheduler": p.lr_scheduler,
-        "ss_lr_warmup_steps": p.lr_warmup_steps, "ss_batch_size_per_device": p.batch_size,
-        "ss_gradient_accumulation_steps": p.grad_accum, "ss_seed": p.seed,
-        "ss_mixed_precision": p.mixed_precision,
-        "ss_gradient_checkpointing": p.gradient_checkpointing,
-        "ss_noise_offset": p.noise_offset, "ss_min_snr_gamma": p.min_snr_gamma,
-        "ss_max_grad_norm": p.max_grad_norm, "ss_optimizer": "torch.optim.AdamW",
-        "ss_training_comment": "trained with lorapipe",
-        "ss_output_name": "lora_webui",
-    }
+        lora.save_webui(state, params.lora.alpha, metadata, tmp / webui.file_name(name))
 
 
 def _register_lora_hooks(accelerator: Accelerator) -> None:

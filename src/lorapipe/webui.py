@@ -1,0 +1,120 @@
+"""The WebUI file's name and metadata, as kohya's sd-scripts write them.
+
+AUTOMATIC1111/Forge, ComfyUI and kohya's tools read a LoRA's training record from the
+safetensors metadata: the `ss_*` fields (kohya's, shown by A1111's metadata view; A1111 uses
+`ss_output_name` as the LoRA's alias and tells SD versions apart by
+`ss_base_model_version` and `ss_v2 == "True"`), the `sshs_*` hashes the additional-networks
+extension checks, and the Stability AI model spec (`modelspec.*`). Values are strings, written
+the way kohya writes them: Python's `str()` for numbers and booleans ("True"/"False"), JSON for
+dicts.
+
+Nothing here reads the clock: training times and the model-spec date come from
+SOURCE_DATE_EPOCH when it is set (as reproducible builds do) and are left out otherwise, so
+identical runs write identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from datetime import datetime, timezone
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+DEFAULT_NAME = "lorapipe"
+# the Stability AI model spec's architecture ids for the SD families lorapipe trains
+ARCH_SD_V1 = "stable-diffusion-v1"
+ARCH_SD_V2_512 = "stable-diffusion-v2-512"
+ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
+
+
+def output_name(configured: str) -> str:
+    """lora.name, else the DVC experiment's name, else 'lorapipe'."""
+    return configured or os.environ.get("DVC_EXP_NAME") or DEFAULT_NAME
+
+
+def file_name(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def base_version(cross_attention_dim: int, prediction_type: str) -> dict:
+    """What the base model is, from its UNet and scheduler (SD 2.x conditions on 1024-wide
+    OpenCLIP states, SD 1.x on 768-wide CLIP ones; the builtin tiny model is SD 1.x-shaped)."""
+    v2 = cross_attention_dim == 1024
+    v_pred = prediction_type == "v_prediction"
+    arch = (ARCH_SD_V2_768_V if v_pred else ARCH_SD_V2_512) if v2 else ARCH_SD_V1
+    return {"v2": v2, "v_pred": v_pred, "version": "sd_v2" if v2 else "sd_v1",
+            "architecture": arch}
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag occurs in the training captions (kohya's
+    ss_tag_frequency, which A1111 shows and suggests activation text from)."""
+    counts = Counter(tag.strip() for caption in captions for tag in caption.split(",")
+                     if tag.strip())
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
+                   captions: list[str], max_steps: int, epochs: int, steps: int) -> dict:
+    """The ss_* and modelspec.* fields (values not yet strings); resolution is (width,
+    height); steps is the step whose weights the file holds."""
+    p, lp = params.train, params.lora
+    width, height = resolution
+    meta = {
+        "ss_output_name": name, "ss_network_module": "networks.lora",
+        "ss_network_dim": lp.rank, "ss_network_alpha": lp.alpha,
+        "ss_network_dropout": lp.dropout, "ss_network_args": {"targets": lp.targets},
+        "ss_base_model_version": base["version"], "ss_v2": base["v2"],
+        "ss_v_parameterization": base["v_pred"], "ss_sd_model_name": params.model.base,
+        "ss_resolution": f"({width}, {height})", "ss_num_train_images": len(captions),
+        "ss_tag_frequency": {"dataset": tag_frequency(captions)},
+        "ss_dataset_dirs": {"dataset": {"n_repeats": 1, "img_count": len(captions)}},
+        "ss_max_train_steps": max_steps, "ss_steps": steps, "ss_num_epochs": epochs,
+        "ss_learning_rate": p.learning_rate, "ss_unet_lr": p.learning_rate,
+        "ss_text_encoder_lr": 0, "ss_lr_scheduler": p.lr_scheduler,
+        "ss_lr_warmup_steps": p.lr_warmup_steps, "ss_batch_size_per_device": p.batch_size,
+        "ss_gradient_accumulation_steps": p.grad_accum, "ss_seed": p.seed,
+        "ss_mixed_precision": p.mixed_precision,
+        "ss_gradient_checkpointing": p.gradient_checkpointing,
+        "ss_noise_offset": p.noise_offset, "ss_min_snr_gamma": p.min_snr_gamma,
+        "ss_max_grad_norm": p.max_grad_norm, "ss_optimizer": "torch.optim.AdamW",
+        "ss_training_comment": "trained with lorapipe",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{base['architecture']}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name, "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if base["v_pred"] else "epsilon",
+    }
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.strip().isdigit():
+        seconds = int(epoch)
+        meta["ss_training_started_at"] = float(seconds)
+        meta["ss_training_finished_at"] = float(seconds)
+        meta["modelspec.date"] = datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+    return meta
+
+
+def as_strings(metadata: dict) -> dict[str, str]:
+    """safetensors metadata must be strings: kohya writes str() of numbers and booleans
+    (so "True", not JSON's "true": A1111 compares ss_v2 == "True") and JSON of dicts."""
+    out = {}
+    for key, value in metadata.items():
+        out[key] = (json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list)
+                    else str(value))
+    return out
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sshs_model_hash and sshs_legacy_hash as kohya computes them for the additional-networks
+    extension: over the file serialised with only the ss_* metadata, the SHA-256 of the
+    tensor data after the header, and the first 8 hex digits of the SHA-256 of 64 KiB from
+    offset 1 MiB (empty for a smaller file)."""
+    data = safetensors_bytes(tensors, metadata={k: v for k, v in metadata.items()
+                                                if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
