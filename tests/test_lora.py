@@ -88,7 +88,8 @@ def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_ca
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
-    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.resolution"] == "64x64"
+    assert meta["modelspec.prediction_type"] == "epsilon"
     # no clock: no times unless SOURCE_DATE_EPOCH says which
     assert "ss_training_started_at" not in meta and "modelspec.date" not in meta
     # the hashes the additional-networks extension recomputes from the file itself
