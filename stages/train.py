@@ -34,18 +34,11 @@ def main(argv: list[str] | None) -> int:
     from lorapipe.training import Diverged, run
 
     try:
-        result = run(params, Path(args.cache), Path(args.out), Path(args.live),
-                     Path(args.logs), Path(args.checkpoints), Path(args.health))
+        run(params, Path(args.cache), Path(args.out), Path(args.live), Path(args.logs),
+            Path(args.checkpoints), Path(args.health))
     except Diverged as exc:
         print(f"train: diverged: {exc}", file=sys.stderr)
         return 1
-    summary, timing = result.summary, result.timing
-    if summary:
-        print(f"train: {summary['steps']} steps in {timing['wall_time_s']} s "
-              f"({timing['steps_per_s']} steps/s); average loss "
-              f"{summary['final_average_loss']:.4f}"
-              f"; fixed-noise loss {summary['fixed_loss_start']:.4f} -> "
-              f"{summary['fixed_loss_end']:.4f}; LoRA in {args.out}")
     return 0
 
 

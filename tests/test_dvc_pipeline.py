@@ -147,8 +147,10 @@ def test_experiment_workflow(repo, tmp_path):
     out = sh("dvc", "exp", "run", "-S", "sample.steps=6", "-n", "steps6")
     assert ran(out) == ["params", "sample"]
     # a bad learning rate: the verdict shows in dvc exp show and reports/health.md
-    sh("dvc", "exp", "run", "-S", "train.learning_rate=1e-6", "-S", "train.max_steps=60",
-       "-n", "lrtiny")
+    out = sh("dvc", "exp", "run", "-S", "train.learning_rate=1e-6", "-S", "train.max_steps=60",
+             "-n", "lrtiny")
+    [verdict_line] = [line for line in out.splitlines() if line.startswith("train: health:")]
+    assert verdict_line.endswith("try: dvc exp run -S train.learning_rate=0.0001")
     assert (root / "reports/health.md").read_text().startswith(
         "# Training health: not_learning")
 

@@ -102,6 +102,26 @@ def test_advice_names_only_changes_from_the_run():
     assert "constant_with_warmup" in advice and "bf16" in advice and "(now 1 x 1)" in advice
 
 
+def test_each_verdict_ends_with_the_run_to_try_next():
+    """The exact `dvc exp run -S ...`, computed from this run's params (FACTS: lr 2e-4,
+    batch 2, rank 16, no warm-up)."""
+    v = verdict(falling(1.0, 0.8)[:8] + [1.2, 1.9, 2.5, 4.0, 9.0])
+    assert v.command == ("dvc exp run -S train.learning_rate=0.0001 -S train.lr_scheduler="
+                         "constant_with_warmup -S train.lr_warmup_steps=50")
+    assert v.command in to_markdown(v, "run-x")
+    zigzag = [1.0, 0.95, 0.97, 0.9, 0.93, 0.88, 0.9, 0.86, 0.87, 0.84, 0.85, 0.83, 0.82]
+    assert verdict(zigzag).command == \
+        "dvc exp run -S train.learning_rate=0.0001 -S train.batch_size=4"
+    flat = [1.0, 0.999, 0.998, 1.0, 0.997, 0.998, 0.997, 0.997, 0.996, 0.996, 0.995, 0.995,
+            0.995]
+    assert verdict(flat).command == "dvc exp run -S train.learning_rate=0.0004"
+    val = [1.0, 0.95, 0.9, 0.86, 0.84, 0.83, 0.84, 0.86, 0.88, 0.9, 0.93, 0.95, 0.98]
+    assert verdict(falling(1.0, 0.5), val).command == \
+        "dvc exp run -S train.max_steps=125 -S lora.rank=8"
+    healthy = verdict(falling(jitter=0.001))
+    assert healthy.command is None and "Try next" not in to_markdown(healthy, "run-x")
+
+
 def test_unstable_on_repeated_rises():
     zigzag = [1.0, 0.95, 0.97, 0.9, 0.93, 0.88, 0.9, 0.86, 0.87, 0.84, 0.85, 0.83, 0.82]
     v = verdict(zigzag)
@@ -163,7 +183,9 @@ def test_tiny_learning_rate_is_not_learning(tmp_path, example_cache):
     train_in(tmp_path, example_cache, train__learning_rate=1e-6, train__max_steps=60,
              train__validation__every=20, health_report=tmp_path / "health.md")
     assert health_of(tmp_path)["status"] == "not_learning"
-    assert "raise train.learning_rate" in (tmp_path / "health.md").read_text()
+    report = (tmp_path / "health.md").read_text()
+    assert "raise train.learning_rate" in report
+    assert report.rstrip().endswith("dvc exp run -S train.learning_rate=0.0001\n```")
 
 
 @pytest.fixture(scope="module")

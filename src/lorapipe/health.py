@@ -35,6 +35,7 @@ class Verdict:
     advice: list[str] = field(default_factory=list)
     best_step: int | None = None  # where validation was lowest, when there is validation
     numbers: dict = field(default_factory=dict)
+    command: str | None = None  # the `dvc exp run -S ...` to try next (None when healthy)
 
     def summary(self) -> dict:
         """The numbers for dvclive's metrics.json (`dvc exp show`)."""
@@ -109,7 +110,42 @@ def _fmt(x: float) -> str:
 def diagnose(train_fixed: Series, validation: Series, current: Series, facts: RunFacts,
              t) -> Verdict:
     """Classify a run from its series (`current`: the per-step loss); `t` holds the
-    thresholds (params.yaml `health`)."""
+    thresholds (params.yaml `health`). The verdict carries the command to try next."""
+    verdict = _classify(train_fixed, validation, current, facts, t)
+    verdict.command = try_next(verdict, facts)
+    return verdict
+
+
+def try_next(v: Verdict, f: RunFacts) -> str | None:
+    """The exact `dvc exp run` that applies the verdict's first advice to this run's params,
+    so train, read, adjust, train again is one copy-paste."""
+    changes: dict[str, object] = {}
+    if v.status in ("diverged", "unstable"):
+        changes["train.learning_rate"] = _fmt(f.learning_rate / 2)
+    if v.status == "diverged":
+        if not f.max_grad_norm or f.max_grad_norm > 1.0:
+            changes["train.max_grad_norm"] = 1.0
+        if not f.lr_warmup_steps:
+            if f.lr_scheduler == "constant":
+                changes["train.lr_scheduler"] = "constant_with_warmup"
+            changes["train.lr_warmup_steps"] = 50
+        if f.mixed_precision == "fp16":
+            changes["train.mixed_precision"] = "bf16"
+    if v.status == "unstable" and f.batch_size * f.grad_accum < 4:
+        changes["train.batch_size"] = 4
+    if v.status == "not_learning":
+        changes["train.learning_rate"] = _fmt(max(f.learning_rate * 2, 1e-4))
+    if v.status == "overfitting" and v.best_step:
+        changes["train.max_steps"] = v.best_step
+        if f.rank > 4:
+            changes["lora.rank"] = max(4, f.rank // 2)
+    if not changes:
+        return None
+    return "dvc exp run " + " ".join(f"-S {key}={value}" for key, value in changes.items())
+
+
+def _classify(train_fixed: Series, validation: Series, current: Series, facts: RunFacts,
+              t) -> Verdict:
     numbers = {}
     if train_fixed:
         numbers.update(train_fixed_start=train_fixed[0][1], train_fixed_end=train_fixed[-1][1])
@@ -206,4 +242,6 @@ def to_markdown(v: Verdict, run: str) -> str:
             lines.append(f"| best validation step | {v.best_step} |")
         lines.append("")
     lines += ["## What to do", "", *[f"- {a}" for a in v.advice], ""]
+    if v.command:
+        lines += ["Try next:", "", "```sh", v.command, "```", ""]
     return "\n".join(lines)

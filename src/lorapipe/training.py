@@ -51,10 +51,10 @@ TRAIN_GUIDANCE = 7.5
 class Diverged(LorapipeError):
     """The loss or gradient became non-finite; the weights were not updated with it."""
 
-    def __init__(self, step: int, lr: float, what: str, advice: list[str]):
+    def __init__(self, step: int, lr: float, what: str, advice: list[str], command: str):
         super().__init__(
             f"{what} became non-finite at step {step} (lr {lr:.2e}). The last good LoRA "
-            f"(before step {step}) was saved. Try: {'; '.join(advice)}"
+            f"(before step {step}) was saved. Try: {'; '.join(advice)}. Next run: {command}"
         )
         self.step = step
 
@@ -332,11 +332,14 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         timing = {"wall_time_s": round(time.perf_counter() - t0, 2),
                   "steps_per_s": round(steps_per_s, 3)}
         tracker.summary(end_step, summary, timing)
-        _report_health(tracker, verdict, health_report)
         if stopped_early:
             print(f"train: early stop at step {end_step}: no better validation loss for "
                   f"{p.early_stop.patience} evaluations; saved the LoRA of step "
                   f"{stopper.best_step}, the best validation loss ({stopper.best:.4f})")
+        print(f"train: {end_step} steps in {timing['wall_time_s']} s "
+              f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
+              f"fixed-noise loss {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {out_dir}")
+        _report_health(tracker, verdict, health_report, end_step)  # the last line
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(ckpt_dir)
@@ -382,14 +385,16 @@ def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
                            _series(history, "loss/current"), facts, thresholds)
 
 
-def _report_health(tracker, verdict: health.Verdict, path: Path | None) -> None:
-    """The verdict as reports/health.md, TensorBoard text and one line of output."""
+def _report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
+    """The verdict as reports/health.md, TensorBoard text at the run's last step, and the
+    stage's last line of output."""
     text = health.to_markdown(verdict, tracker.name)
     if path is not None:
         outputs.write_text(path, text)
-    tracker.tb.add_text("health", text, 0)
+    tracker.tb.add_text("health", text, step)
     print(f"train: health: {verdict.status}: {verdict.headline}"
-          + (f"; {verdict.advice[0]}" if verdict.status != "healthy" else ""))
+          + (f"; {verdict.advice[0]}" if verdict.status != "healthy" else "")
+          + (f"; try: {verdict.command}" if verdict.command else ""))
 
 
 def _samples(pipe, unet, accelerator, p, meta):
@@ -418,18 +423,19 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
               health_report, facts: health.RunFacts) -> Diverged:
     """Save the last good LoRA (the weights before this step), record the health, and return
     the error to raise."""
-    advice = health.diverged_advice(facts)
-    error = Diverged(step, lr, what, advice)
+    verdict = health.Verdict(
+        "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
+        [f"{what} at step {step} was NaN or Inf"], health.diverged_advice(facts),
+        numbers={"step": step, "lr": lr})
+    verdict.command = health.try_next(verdict, facts)
+    error = Diverged(step, lr, what, verdict.advice, verdict.command)
     if accelerator.is_main_process:
         state = lora.peft_state(accelerator.unwrap_model(unet))
         if all(torch.isfinite(t).all() for t in state.values()):
             with outputs.atomic_dir(out_dir) as tmp:
                 lora.save_diffusers(state, config, tmp)
-        verdict = health.Verdict(
-            "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
-            [f"{what} at step {step} was NaN or Inf"], advice, numbers={"step": step, "lr": lr})
         tracker.summary(step, {"health": verdict.summary()})
-        _report_health(tracker, verdict, health_report)
+        _report_health(tracker, verdict, health_report, step)
         tracker.text(f"diverged: {error}")
         tracker.close()
     return error
