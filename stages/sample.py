@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from lorapipe.cli import run_stage
@@ -30,7 +31,7 @@ def main(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from lorapipe import outputs
-    from lorapipe.lora import DIFFUSERS_FILE
+    from lorapipe.lora import DIFFUSERS_FILE, training_run
     from lorapipe.models import load_pipeline
     from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
     from lorapipe.tracking import run_name
@@ -59,7 +60,12 @@ def main(argv: list[str] | None) -> int:
         live.log_image("grid.png", grid)  # for `dvc plots show`, beside the loss curves
         live.make_summary()
 
-    with outputs.atomic_dir(Path(args.logs) / run_name()) as tmp:
+    # named after the training run, so TensorBoard lists the two together; a resample of
+    # that LoRA under another experiment (other sample.* values) goes beneath it
+    trained, current = training_run(Path(args.lora)), run_name()
+    run = current if trained is None else trained if trained == current or \
+        "DVC_EXP_NAME" not in os.environ else f"{trained}/{current}"
+    with outputs.atomic_dir(Path(args.logs) / run) as tmp:
         writer = SummaryWriter(str(tmp))
         writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")
         writer.close()

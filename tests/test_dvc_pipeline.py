@@ -178,7 +178,8 @@ def test_experiment_workflow(repo, tmp_path):
     # TensorBoard: every run side by side, none lost
     runs = {p.name for p in (root / "logs/tensorboard").iterdir()}
     assert "rank16" in runs and before <= runs
-    assert "steps6" in {p.name for p in (root / "logs/sample").iterdir()}
+    # the sample stage's run is named after its training run (steps6 resampled rank16's LoRA)
+    assert (root / "logs/sample/rank16").is_dir() and (root / "logs/sample/rank16/steps6").is_dir()
 
     # plots diff between two experiments: both loss curves in one HTML page
     queued = next(n for n, e in exps.items() if e["params"]["lora"]["rank"] == 4)
@@ -189,7 +190,7 @@ def test_experiment_workflow(repo, tmp_path):
     # applying an experiment brings back its own event files (and not later ones)
     sh("dvc", "exp", "apply", "rank16")
     assert "rank16" in {p.name for p in (root / "logs/tensorboard").iterdir()}
-    assert "steps6" not in {p.name for p in (root / "logs/sample").iterdir()}
+    assert not (root / "logs/sample/rank16/steps6").exists()
 
 
 def test_params_typo_and_a_data_folder_with_spaces(tmp_path):

@@ -136,7 +136,11 @@ def test_sample_stage_writes_images_grid_and_logs(trained, workspace, monkeypatc
     assert json.loads((out / "prompts.json").read_text())["prompt01"] == "a blue star"
     assert Image.open(out / "grid.png").size == (4 * 128, 2 * (128 + 2 * LABEL_H))
     assert (out / "dvclive/plots/images/grid.png").exists()
-    events = EventAccumulator(str(ws / "logs/sample/exp-a"))
+    from lorapipe.lora import training_run
+
+    trained_run = training_run(trained / "lora")  # the sample run is named after it
+    assert (trained / "logs/tensorboard" / trained_run).is_dir()
+    events = EventAccumulator(str(ws / "logs/sample" / trained_run / "exp-a"))
     events.Reload()
     assert events.Tags()["images"] == ["samples/grid"]
     assert "dpm++_2m, 3 steps" in capsys.readouterr().out

@@ -62,6 +62,26 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
     # wall times stay out of the files DVC hashes; TensorBoard has them
     assert not {"wall_time_s", "steps_per_s"} & set(metrics)
     assert {"summary/wall_time_s", "summary/steps_per_s"} <= tags
+    # TensorBoard's Custom Scalars tab: training and validation fixed losses in one chart
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    [config] = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert ["loss/train/fixed", "loss/validation/step_average"] in charts.values()
+    # the HParams tab: this run's params and verdict, and the metrics to compare by
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["lora.rank"].number_value == 4
+    assert start.hparams["health.status"].string_value == "healthy"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "loss/train/fixed", "loss/validation/step_average"}
+    # the verdict is logged at the run's last step, not at 0
+    assert [e.step for e in events.Tensors("health/text_summary")] == [12]
     params = (tmp_path / "dvclive/params.yaml").read_text()
     assert "lora.rank: 4" in params
     log = (tmp_path / "logs/train.log").read_text()

@@ -64,7 +64,13 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return out
 
 
-def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: Path) -> Path:
+RUN_KEY = "lorapipe.run"  # metadata: the TensorBoard run that trained it (sample logs beside)
+
+
+def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: Path,
+                   run: str) -> Path:
+    """The diffusers/peft file; `run` names the training run, so the sample stage can name
+    its TensorBoard run the same (diffusers ignores metadata keys it does not know)."""
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(folder),
         unet_lora_layers=convert_state_dict_to_diffusers(state),
@@ -72,8 +78,16 @@ def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: P
         weight_name=DIFFUSERS_FILE,
         unet_lora_adapter_metadata=adapter_metadata(config),
     )
-    outputs.canonical_safetensors(folder / DIFFUSERS_FILE)
+    outputs.canonical_safetensors(folder / DIFFUSERS_FILE, {RUN_KEY: run})
     return folder / DIFFUSERS_FILE
+
+
+def training_run(folder: Path) -> str | None:
+    """The training run recorded in a LoRA folder's diffusers file, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / DIFFUSERS_FILE), "pt") as f:
+        return (f.metadata() or {}).get(RUN_KEY)
 
 
 def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

@@ -115,8 +115,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys, with the umask's file mode.
+def canonical_safetensors(path: Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a .safetensors header with sorted keys (and `extra_metadata` added), with the
+    umask's file mode.
 
     The safetensors writer stores metadata from a hash map, so the same tensors and metadata
     can come out in a different key order from one save to the next. Sorting makes equal
@@ -125,6 +126,8 @@ def canonical_safetensors(path: Path) -> None:
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])
+    if extra_metadata:
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra_metadata}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])

@@ -15,8 +15,18 @@ from pathlib import Path
 
 from dvclive import Live
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
+# TensorBoard's Custom Scalars tab: the curves that are read together, in one chart each
+LAYOUT = {
+    "lorapipe": {
+        "fixed-noise loss: training vs validation (overfitting: the lines part)": [
+            "Multiline", ["loss/train/fixed", "loss/validation/step_average"]],
+        "step loss and its moving average": ["Multiline", ["loss/current", "loss/average"]],
+        "learning rate": ["Multiline", ["lr/unet"]],
+    },
+}
 PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
 
 
@@ -64,6 +74,7 @@ class Tracker:
         self._text = open(self.text_path, "a" if history else "w", encoding="utf-8")  # noqa: SIM115
         if not history:
             self.tb.add_text("params", _markdown(params), 0)
+            self.tb.add_custom_scalars(LAYOUT)
         for step, metrics in history or []:
             self._to_live(step, metrics)
             self.history.append((step, metrics))
@@ -113,6 +124,17 @@ class Tracker:
         for key, value in {**values, **(timing or {})}.items():
             if isinstance(value, int | float):
                 self.tb.add_scalar(f"summary/{key}", value, step)
+
+    def hparams(self, params: dict, outcome: dict) -> None:
+        """TensorBoard's HParams tab: this run's params and outcome (e.g. the verdict) beside
+        its final fixed-noise losses, so runs compare there as in `dvc exp show`. Written
+        into this run's own folder: SummaryWriter.add_hparams would start a sub-run."""
+        values = {k: v if isinstance(v, bool | int | float | str) else str(v)
+                  for k, v in {**params, **outcome}.items()}
+        metrics = {tag: 0.0 for tag in ("loss/train/fixed", "loss/validation/step_average")
+                   if any(tag in m for _, m in self.history)}  # values: the scalars' last
+        for event in hparams(values, metrics):
+            self.tb.file_writer.add_summary(event)
 
     def close(self) -> None:
         """The run finished (or stopped with a verdict): its TensorBoard run is complete."""

@@ -326,7 +326,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
         save_lora(unwrapped, config, params, plan, out_dir, cache.meta, base,
-                  [cache.captions[i] for i in train_idx], saved_step)
+                  [cache.captions[i] for i in train_idx], saved_step, tracker.name)
         # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
         # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
         timing = {"wall_time_s": round(time.perf_counter() - t0, 2),
@@ -339,6 +339,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         print(f"train: {end_step} steps in {timing['wall_time_s']} s "
               f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
               f"fixed-noise loss {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {out_dir}")
+        tracker.hparams(flat_params(params), {"health.status": verdict.status})
         _report_health(tracker, verdict, health_report, end_step)  # the last line
         tracker.text(f"done: {summary}")
         tracker.close()
@@ -433,7 +434,7 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
         state = lora.peft_state(accelerator.unwrap_model(unet))
         if all(torch.isfinite(t).all() for t in state.values()):
             with outputs.atomic_dir(out_dir) as tmp:
-                lora.save_diffusers(state, config, tmp)
+                lora.save_diffusers(state, config, tmp, tracker.name)
         tracker.summary(step, {"health": verdict.summary()})
         _report_health(tracker, verdict, health_report, step)
         tracker.text(f"diverged: {error}")
@@ -442,7 +443,7 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
 
 
 def save_lora(unet, config, params, plan: Plan, out_dir: Path, meta: dict, base: dict,
-              captions: list[str], steps: int) -> None:
+              captions: list[str], steps: int, run: str) -> None:
     """Both formats into out_dir, atomically; refuses non-finite weights. `steps` is the
     step whose weights these are (the best one after early stopping)."""
     state = lora.peft_state(unet)
@@ -455,7 +456,7 @@ def save_lora(unet, config, params, plan: Plan, out_dir: Path, meta: dict, base:
         params, name, base, (width, height), captions, plan.max_steps,
         math.ceil(plan.max_steps / plan.steps_per_epoch), steps)
     with outputs.atomic_dir(out_dir) as tmp:
-        lora.save_diffusers(state, config, tmp)
+        lora.save_diffusers(state, config, tmp, run)
         lora.save_webui(state, params.lora.alpha, metadata, tmp / webui.file_name(name))
 
 
