@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -52,7 +54,7 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert (root / "models/lora/pytorch_lora_weights.safetensors").exists()
     assert Image.open(root / "samples/grid.png").size[0] == 2 * 128
     metrics = sh("dvc", "metrics", "show")
-    assert "reports/validation.json" in metrics and "dvclive/metrics.json" in metrics
+    assert "dvclive/metrics.json" in metrics and "reports/validation.json" not in metrics
     sh("dvc", "plots", "show", "-o", "plots_out")  # loss curves and sample images, one page
     html = (root / "plots_out/index.html").read_text()
     assert "loss/average" in html and "loss/validation/step_average" in html
@@ -134,6 +136,21 @@ def experiments(shown) -> dict[str, dict]:
     return found
 
 
+def exp_show_screen(root, sh, columns: int) -> list[str]:
+    """What `dvc exp show` puts on a terminal `columns` wide: run in a pseudo-terminal, so it
+    pages as for a user (DVC_PAGER=cat instead of less -S), each line cut at the width."""
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "COLUMNS": str(columns), "DVC_PAGER": "cat", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(["script", "-qec", "dvc exp show", "/dev/null"], cwd=root, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out)
+    return [line[:columns] for line in plain.splitlines()]
+
+
 def test_experiment_workflow(repo, tmp_path):
     root, sh = repo
     sh("dvc", "repro")
@@ -168,6 +185,18 @@ def test_experiment_workflow(repo, tmp_path):
 
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
     assert exps["rank16"]["params"]["lora"]["rank"] == 16
+    # the plain `dvc exp show` as a 120-column terminal shows it (its pager chops the rest):
+    # the verdict and both fixed-noise losses, with values, for every experiment
+    screen = exp_show_screen(root, sh, columns=120)
+    header = next(line for line in screen if "Experiment" in line)
+    for column in ("health.status", "fixed_loss.train", "fixed_loss.val", "best_step"):
+        assert column in header, header
+    for name, exp in exps.items():
+        [row] = [line for line in screen if f"[{name}]" in line]
+        cells = row.split()
+        assert exp["metrics"]["health"]["status"] in cells, row
+        for value in exp["metrics"]["fixed_loss"].values():
+            assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
     assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]
     for name, exp in exps.items():  # rank16, steps6, lrtiny and the two queued runs

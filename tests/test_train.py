@@ -109,7 +109,7 @@ def test_nan_guard_stops_keeps_last_good_lora(tmp_path, example_cache):
     assert "lower train.learning_rate" in message
     metrics = json.loads((tmp_path / "dvclive/metrics.json").read_text())
     assert metrics["health"]["status"] == "diverged"
-    assert metrics["health"]["step"] == exc.value.step
+    assert metrics["verdict_numbers"]["step"] == exc.value.step
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "lora/pytorch_lora_weights.safetensors")

@@ -38,11 +38,8 @@ class Verdict:
     command: str | None = None  # the `dvc exp run -S ...` to try next (None when healthy)
 
     def summary(self) -> dict:
-        """The numbers for dvclive's metrics.json (`dvc exp show`)."""
-        out = {"status": self.status, **self.numbers}
-        if self.best_step is not None:
-            out["best_step"] = self.best_step
-        return out
+        """The verdict's column in `dvc exp show` (its numbers go in a later column group)."""
+        return {"status": self.status}
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class Tracker:
     def summary(self, step: int, values: dict, timing: dict | None = None) -> None:
         """Final numbers for `dvc exp show` (dvclive's metrics.json) and TensorBoard; `timing`
         (wall times) goes to TensorBoard only, whose event files carry wall times anyway."""
-        self.live.summary.update(values)
+        self.live.summary = dict(values)  # ours, in our order: not the last step's values
         self.live.step = step
         self.live.make_summary()
         for key, value in {**values, **(timing or {})}.items():

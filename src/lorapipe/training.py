@@ -316,12 +316,12 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         verdict = _diagnose(tracker.history, facts, params.health)
         fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
         averages = _averages(step_losses, plan.steps_per_epoch)
-        summary = {
+        summary = _summary(verdict, tracker.history, end_step, {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
             "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
             "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
-            "trainable_params": n_trainable, "health": verdict.summary(),
-        }
+            "trainable_params": n_trainable,
+        })
         if val_idx:
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
@@ -386,6 +386,20 @@ def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
                            _series(history, "loss/current"), facts, thresholds)
 
 
+def _summary(verdict: health.Verdict, history, step: int, rest: dict) -> dict:
+    """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
+    decides between runs (verdict, the last fixed-noise losses, the best validation step),
+    then the rest; the verdict's evidence last. Short names, so all four fit 120 columns."""
+    last = {}
+    for key, name in (("loss/train/fixed", "train"), ("loss/validation/step_average", "val")):
+        values = [m[key] for _, m in history if key in m]
+        if values:
+            last[name] = values[-1]
+    best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
+    return {"health": verdict.summary(), "fixed_loss": last, **best, "step": step, **rest,
+            "verdict_numbers": verdict.numbers}
+
+
 def _report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
     """The verdict as reports/health.md, TensorBoard text at the run's last step, and the
     stage's last line of output."""
@@ -435,7 +449,7 @@ def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
         if all(torch.isfinite(t).all() for t in state.values()):
             with outputs.atomic_dir(out_dir) as tmp:
                 lora.save_diffusers(state, config, tmp, tracker.name)
-        tracker.summary(step, {"health": verdict.summary()})
+        tracker.summary(step, _summary(verdict, tracker.history, step, {}))
         _report_health(tracker, verdict, health_report, step)
         tracker.text(f"diverged: {error}")
         tracker.close()
