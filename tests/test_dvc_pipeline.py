@@ -6,6 +6,7 @@ Proves each stage reruns exactly when something it reads changes, and never othe
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -57,7 +58,15 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert "dvclive/metrics.json" in metrics and "reports/validation.json" not in metrics
     sh("dvc", "plots", "show", "-o", "plots_out")  # loss curves and sample images, one page
     html = (root / "plots_out/index.html").read_text()
-    assert "loss/average" in html and "loss/validation/step_average" in html
+    # works offline: vega is in the page, no script comes from the network
+    assert not re.search(r"<script[^>]*\bsrc=", html) and "vegaEmbed" in html
+    # overfitting shows as two lines in one chart: both fixed-noise series in one spec
+    specs = [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\n", html, re.S)]
+    [fixed] = [s for s in specs if s["title"]["text"].startswith("fixed-noise loss")]
+    files = {row["filename::field"] for row in fixed["data"]["values"]}
+    assert files == {"train/fixed.tsv::fixed", "validation/step_average.tsv::step_average"}
+    [lr] = [s for s in specs if s["title"]["text"].startswith("learning rate")]
+    assert '"format": ".1e"' in json.dumps(lr)  # 1e-03, not 0.0010000
     assert any(p.name.endswith("grid.png") for p in (root / "plots_out/static").iterdir())
     shutil.rmtree(root / "plots_out")
 
@@ -214,7 +223,7 @@ def test_experiment_workflow(repo, tmp_path):
     queued = next(n for n, e in exps.items() if e["params"]["lora"]["rank"] == 4)
     sh("dvc", "plots", "diff", "rank16", queued, "-o", str(tmp_path / "diff"))
     html = (tmp_path / "diff/index.html").read_text()
-    assert "rank16" in html and queued in html and "loss/average" in html
+    assert "rank16" in html and queued in html and "step_average.tsv::step_average" in html
 
     # applying an experiment brings back its own event files (and not later ones)
     sh("dvc", "exp", "apply", "rank16")
