@@ -142,6 +142,17 @@ def run_dirs(tmp_path: Path, *names: str) -> list[Path]:
     return dirs
 
 
+def same_weights(folder_a: Path, folder_b: Path) -> bool:
+    """The two diffusers LoRA files hold bit-identical tensors. (Their bytes also carry the
+    run's name, which differs when the params differ, e.g. in how often to evaluate.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(folder_a / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(folder_b / "pytorch_lora_weights.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def train_in(root: Path, cache: Path, health_report: Path | None = None, **overrides):
     """Run the training loop in `root` with small defaults; returns TrainResult."""
     from accelerate.state import AcceleratorState, GradientState

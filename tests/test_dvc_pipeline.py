@@ -61,11 +61,12 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     # works offline: vega is in the page, no script comes from the network
     assert not re.search(r"<script[^>]*\bsrc=", html) and "vegaEmbed" in html
     # overfitting shows as two lines in one chart: both fixed-noise series in one spec
-    specs = [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\n", html, re.S)]
-    [fixed] = [s for s in specs if s["title"]["text"].startswith("fixed-noise loss")]
+    specs = {title(s): s for s in
+             (json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\n", html, re.S))}
+    [fixed] = [s for t, s in specs.items() if t.startswith("fixed-noise loss")]
     files = {row["filename::field"] for row in fixed["data"]["values"]}
     assert files == {"train/fixed.tsv::fixed", "validation/step_average.tsv::step_average"}
-    [lr] = [s for s in specs if s["title"]["text"].startswith("learning rate")]
+    [lr] = [s for t, s in specs.items() if t.startswith("learning rate")]
     assert '"format": ".1e"' in json.dumps(lr)  # 1e-03, not 0.0010000
     assert any(p.name.endswith("grid.png") for p in (root / "plots_out/static").iterdir())
     shutil.rmtree(root / "plots_out")
@@ -145,6 +146,12 @@ def experiments(shown) -> dict[str, dict]:
     return found
 
 
+def title(spec: dict) -> str:
+    """A vega-lite spec's title text ('' when it has none)."""
+    value = spec.get("title") or ""
+    return value.get("text", "") if isinstance(value, dict) else str(value)
+
+
 def exp_show_screen(root, sh, columns: int) -> list[str]:
     """What `dvc exp show` puts on a terminal `columns` wide: run in a pseudo-terminal, so it
     pages as for a user (DVC_PAGER=cat instead of less -S), each line cut at the width."""
@@ -198,13 +205,13 @@ def test_experiment_workflow(repo, tmp_path):
     # the verdict and both fixed-noise losses, with values, for every experiment
     screen = exp_show_screen(root, sh, columns=120)
     header = next(line for line in screen if "Experiment" in line)
-    for column in ("health.status", "fixed_loss.train", "fixed_loss.val", "best_step"):
+    for column in ("health.status", "loss.train", "loss.val", "best_step"):
         assert column in header, header
     for name, exp in exps.items():
         [row] = [line for line in screen if f"[{name}]" in line]
         cells = row.split()
         assert exp["metrics"]["health"]["status"] in cells, row
-        for value in exp["metrics"]["fixed_loss"].values():
+        for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
     assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]

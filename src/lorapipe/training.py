@@ -389,14 +389,15 @@ def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
 def _summary(verdict: health.Verdict, history, step: int, rest: dict) -> dict:
     """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
     decides between runs (verdict, the last fixed-noise losses, the best validation step),
-    then the rest; the verdict's evidence last. Short names, so all four fit 120 columns."""
+    then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
+    fixed-noise losses), so all four fit 120 columns beside DVC's own."""
     last = {}
     for key, name in (("loss/train/fixed", "train"), ("loss/validation/step_average", "val")):
         values = [m[key] for _, m in history if key in m]
         if values:
             last[name] = values[-1]
     best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
-    return {"health": verdict.summary(), "fixed_loss": last, **best, "step": step, **rest,
+    return {"health": verdict.summary(), "loss": last, **best, "step": step, **rest,
             "verdict_numbers": verdict.numbers}
 
 
