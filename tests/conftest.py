@@ -78,15 +78,20 @@ def workspace(tmp_path, monkeypatch):
 
 def copy_repo(dest: Path) -> Path:
     """Copy the repository's tracked and unignored files to `dest` (what a clone would hold).
-    A dvc.lock left by a local run is not part of a clone: it is left out."""
+    A dvc.lock left uncommitted by a local run is not part of a clone: it is left out (a
+    committed one is copied, so the fresh-clone tests see it)."""
     import subprocess
 
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=REPO, check=True, capture_output=True,
     ).stdout.decode().split("\0")
+    untracked = subprocess.run(
+        ["git", "ls-files", "-o", "--exclude-standard", "-z"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
     for rel in filter(None, files):
-        if rel == "dvc.lock":
+        if rel == "dvc.lock" and rel in untracked:
             continue
         src = REPO / rel
         if src.is_file():
