@@ -63,8 +63,9 @@ def main(argv: list[str] | None) -> int:
     # named after the training run, so TensorBoard lists the two together; a resample of
     # that LoRA under another experiment (other sample.* values) goes beneath it
     trained, current = training_run(Path(args.lora)), run_name()
-    run = current if trained is None else trained if trained == current or \
-        "DVC_EXP_NAME" not in os.environ else f"{trained}/{current}"
+    run = trained or current
+    if trained and trained != current and "DVC_EXP_NAME" in os.environ:
+        run = f"{trained}/{current}"
     with outputs.atomic_dir(Path(args.logs) / run) as tmp:
         writer = SummaryWriter(str(tmp))
         writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")

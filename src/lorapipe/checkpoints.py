@@ -78,11 +78,19 @@ def save(accelerator, folder: Path, step: int, state: dict,
     return final
 
 
-def damage(path: Path) -> str | None:
-    """What is wrong with checkpoint `path`, or None when every file has its recorded digest."""
+def _state(path: Path) -> dict | None:
+    """A checkpoint's train_state.json, or None when it is missing or unreadable."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        return json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def damage(path: Path, state: dict | None = None) -> str | None:
+    """What is wrong with checkpoint `path` (whose train_state.json is `state`, when already
+    read), or None when every file has its recorded digest."""
+    state = state if state is not None else _state(path)
+    if state is None:
         return f"{STATE_FILE} is missing or unreadable (the run was killed while saving?)"
     recorded = state.get("files")
     if not isinstance(recorded, dict):
@@ -101,14 +109,11 @@ def find(folder: Path, fp: str) -> tuple[Path | None, list[str]]:
     passed over (damaged, or made with other params or data)."""
     notes = []
     for path in sorted(Path(folder).glob("step_*"), reverse=True):
-        try:
-            state = json.loads((path / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            state = {}
-        if state and state.get("fingerprint") != fp:
+        state = _state(path)
+        if state is not None and state.get("fingerprint") != fp:
             notes.append(f"ignoring {path}: made with other params or data")
             continue
-        problem = damage(path)
+        problem = damage(path, state)
         if problem:
             notes.append(f"ignoring {path}: {problem}")
             continue
@@ -127,13 +132,8 @@ def read_state(path: Path) -> dict:
 
 def run_names(folder: Path) -> set[str]:
     """The TensorBoard run names of the checkpoints in `folder` (runs that may resume)."""
-    names = set()
-    for path in Path(folder).glob("step_*"):
-        try:
-            names.add(json.loads((path / STATE_FILE).read_text())["run_name"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return names
+    states = (_state(path) for path in Path(folder).glob("step_*"))
+    return {state["run_name"] for state in states if state and "run_name" in state}
 
 
 def clear(folder: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +38,6 @@ def run_stage(name: str, main: Callable[[list[str] | None], int | None]) -> None
 
 def _exit(message: str, code: int) -> None:
     # A second Ctrl-C while we print and exit must not print a traceback either.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 Series = list[tuple[int, float]]  # (step, value), in step order
 
 
@@ -85,15 +87,10 @@ def diverged_advice(f: RunFacts) -> list[str]:
 
 def smoothed(series: Series, window: int) -> Series:
     """Moving mean over `window` points, from the first point where the window is full."""
-    out = []
-    total = 0.0
-    for i, (step, value) in enumerate(series):
-        total += value
-        if i >= window:
-            total -= series[i - window][1]
-        if i + 1 >= window:
-            out.append((step, total / window))
-    return out
+    if len(series) < window:
+        return []
+    means = np.convolve([v for _, v in series], np.ones(window) / window, mode="valid")
+    return [(step, float(m)) for (step, _), m in zip(series[window - 1:], means, strict=True)]
 
 
 def _finite(series: Series) -> bool:

@@ -18,6 +18,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorapipe import outputs, webui
@@ -84,8 +85,6 @@ def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: P
 
 def training_run(folder: Path) -> str | None:
     """The training run recorded in a LoRA folder's diffusers file, if any."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(folder) / DIFFUSERS_FILE), "pt") as f:
         return (f.metadata() or {}).get(RUN_KEY)
 

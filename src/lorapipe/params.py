@@ -42,6 +42,8 @@ class Rule:
     #                          "any": must exist
     optional: bool = False  # for paths: "" means none
     allow_empty: bool = False  # for lists: [] is allowed
+    pattern: str | None = None  # for strings: a regex the whole value must match
+    pattern_help: str = ""  # what that pattern allows, in words
 
 
 def key(help: str, **rule) -> typing.Any:
@@ -81,7 +83,9 @@ class EncodeParams:
 
 @dataclass(frozen=True)
 class LoraParams:
-    name: str = key("the LoRA's name: WebUI file and ss_output_name; \"\" = experiment name")
+    name: str = key("the LoRA's name: WebUI file and ss_output_name; \"\" = experiment name",
+                    pattern=r"(?!\.)[\w.-]*", pattern_help="a plain file name (letters, digits, "
+                    "'.', '-', '_'; not starting with '.'); it names the WebUI file")
     rank: int = key("LoRA rank (dimension)", minimum=1)
     alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
     dropout: float = key("dropout on the LoRA path", minimum=0, maximum=0.9)
@@ -197,10 +201,6 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
-    if "lora.name" in v and not re.fullmatch(r"[\w.-]*", str(v["lora.name"])) \
-            or str(v.get("lora.name", "")).startswith("."):
-        problems.append(f"lora.name {v['lora.name']!r} must be a plain file name (letters, "
-                        "digits, '.', '-', '_'); it names the WebUI file")
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
@@ -303,6 +303,8 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         problems.append(f"{dotted} must be at most {rule.maximum:g}, got {value!r}")
     if rule.multiple_of and value % rule.multiple_of:
         problems.append(f"{dotted} must be a multiple of {rule.multiple_of}, got {value!r}")
+    if rule.pattern and not re.fullmatch(rule.pattern, value):
+        problems.append(f"{dotted} {value!r} must be {rule.pattern_help}")
     if rule.choices and value not in rule.choices:
         problems.append(
             f"{dotted} must be one of {', '.join(rule.choices)}, got {value!r}"

@@ -191,7 +191,10 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         if notes and not found:
             print("train: no usable checkpoint: starting from step 0")
         if not found:
-            remove_partial_runs(logs_dir, checkpoints.run_names(ckpt_dir), state["run_name"])
+            for gone in remove_partial_runs(logs_dir, checkpoints.run_names(ckpt_dir),
+                                            state["run_name"]):
+                print(f"train: removed TensorBoard run {gone}: unfinished, or this run's "
+                      "own earlier one")
         tracker = Tracker(live_dir, logs_dir, state["run_name"], flat_params(params),
                           history=state["history"], resume_step=start_step,
                           images=[(step, found / name) for step, name in state.get("images", [])])
@@ -285,14 +288,15 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                     and step + 1 < plan.max_steps:
                 accelerator.wait_for_everyone()
                 if main:
-                    images = {f"samples/{file.name}": file for _, file in tracker.images}
+                    images = [(s, f"samples/{file.name}", file) for s, file in tracker.images]
                     checkpoints.save(accelerator, ckpt_dir, step + 1, {
                         "fingerprint": fp, "run_name": state["run_name"],
                         "history": tracker.history, "epoch_losses": epoch_losses,
                         "early_stop": stopper.to_state(),
-                        "images": [(s, f"samples/{file.name}") for s, file in tracker.images],
+                        "images": [(s, name) for s, name, _ in images],
                         "wall_time": time.perf_counter() - t0,
-                    }, tensors={BEST_LORA: stopper.best_state}, files=images)
+                    }, tensors={BEST_LORA: stopper.best_state},
+                        files={name: file for _, name, file in images})
     finally:
         bar.close()
 
