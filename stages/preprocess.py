@@ -35,6 +35,23 @@ def output_names(file_names: list[str]) -> list[str]:
     return names
 
 
+# what SDXL's micro-conditioning is told about each image (Podell et al., 2023, 2.2): the
+# output size, the source size (after EXIF orientation) and the crop's top-left corner in the
+# resized image, as diffusers' SDXL training example computes them
+SIZE_COLUMNS = ("width", "height", "original_width", "original_height", "crop_left",
+                "crop_top")
+
+
+def size_columns(source: tuple[int, int], resolution: int) -> list[int]:
+    """SIZE_COLUMNS for a source of (width, height) resized so its shorter side is
+    `resolution` and centre-cropped to a square."""
+    width, height = source
+    scale = resolution / min(width, height)
+    left = round((width * scale - resolution) / 2)
+    top = round((height * scale - resolution) / 2)
+    return [resolution, resolution, width, height, left, top]
+
+
 def read_usable(path: str) -> list[tuple[str, str]]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -74,9 +91,10 @@ def main(argv: list[str] | None) -> int:
                              workers, desc="preprocess")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["file_name", "text", "source"])
+        writer.writerow(["file_name", "text", "source", *SIZE_COLUMNS])
         writer.writerows(
-            [name, text, src] for name, (src, text) in zip(names, rows, strict=True)
+            [name, text, src, *size_columns(size, params.resolution)]
+            for name, (src, text), size in zip(names, rows, sizes, strict=True)
         )
         (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8")
 

@@ -101,25 +101,45 @@ def copy_repo(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def example_cache(tmp_path_factory):
-    """The example data preprocessed to 64 px and encoded with the builtin model, once."""
-    from lorapipe.cache import encode_dataset, save_cache
-    from lorapipe.images import save_square_png
-    from lorapipe.models import build_tiny_sd
+def example_processed(tmp_path_factory):
+    """The example data preprocessed to 64 px, with preprocess's metadata.csv columns."""
+    from stages.preprocess import SIZE_COLUMNS, size_columns
 
-    root = tmp_path_factory.mktemp("example")
-    processed = root / "processed"
+    from lorapipe.images import save_square_png
+
+    processed = tmp_path_factory.mktemp("example") / "processed"
     processed.mkdir()
     rows = []
     with open(REPO / "data/example/metadata.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             name = Path(row["file_name"]).with_suffix(".png").name
-            save_square_png(REPO / "data/example" / row["file_name"], processed / name, 64)
-            rows.append([name, row["text"]])
-    write_csv(processed / "metadata.csv", rows)
-    cache = encode_dataset(build_tiny_sd(), processed, batch_size=8)
-    save_cache(cache, root / "cache", "builtin:tiny-sd")
-    return root / "cache"
+            size = save_square_png(REPO / "data/example" / row["file_name"], processed / name, 64)
+            rows.append([name, row["text"], row["file_name"], *size_columns(size, 64)])
+    write_csv(processed / "metadata.csv", rows,
+              header=("file_name", "text", "source", *SIZE_COLUMNS))
+    return processed
+
+
+def _encoded(processed: Path, family: str) -> Path:
+    from lorapipe.cache import encode_dataset, save_cache
+    from lorapipe.families import by_name
+
+    f = by_name(family)
+    cache = encode_dataset(f.build_builtin(), processed, batch_size=8)
+    save_cache(cache, processed.parent / f"cache-{family}", f.builtin)
+    return processed.parent / f"cache-{family}"
+
+
+@pytest.fixture(scope="session")
+def example_cache(example_processed):
+    """The example data encoded with the builtin SD model, once."""
+    return _encoded(example_processed, "sd")
+
+
+@pytest.fixture(scope="session")
+def example_cache_sdxl(example_processed):
+    """The example data encoded with the builtin SDXL model, once."""
+    return _encoded(example_processed, "sdxl")
 
 
 def make_params(root: Path, **overrides):

@@ -190,10 +190,13 @@ def test_experiment_workflow(repo, tmp_path):
     sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8", "-S", "train.learning_rate=1e-3",
        "-S", "train.max_steps=20")
     sh("dvc", "queue", "start", "-j", "2")  # two workers: the two runs side by side
-    deadline = time.time() + 400
+    # wait for both tasks' final states: "neither Queued nor Running" also holds for a moment
+    # while a worker takes a task off the queue, so it cannot be the end condition
+    deadline = time.time() + 600
     while True:
         status = sh("dvc", "queue", "status")
-        if "Queued" not in status and "Running" not in status:
+        done = [line for line in status.splitlines() if re.search(r"\b(Success|Failed)\b", line)]
+        if len(done) == 2:
             break
         assert time.time() < deadline, status
         time.sleep(3)

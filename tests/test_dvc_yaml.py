@@ -15,23 +15,30 @@ PACKAGE = REPO / "src" / "lorapipe"
 
 
 def _imports(path) -> set[str]:
-    """The lorapipe modules a file imports anywhere (top level or inside functions)."""
+    """The lorapipe modules a file imports anywhere (top level or inside functions), with
+    the packages that hold them (importing lorapipe.families.sd runs families/__init__)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "lorapipe":  # from lorapipe import outputs, health
-                found |= {f"lorapipe.{a.name}" for a in node.names
-                          if (PACKAGE / f"{a.name}.py").exists()}
-            elif node.module.startswith("lorapipe."):
-                found.add(node.module)
-    return found | ({"lorapipe"} if found else set())
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.startswith("lorapipe"):
+            found.add(node.module)  # from lorapipe.families import sd: the submodule too
+            found |= {f"{node.module}.{a.name}" for a in node.names
+                      if _exists(f"{node.module}.{a.name}")}
+    return {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
+
+
+def _exists(module: str) -> bool:
+    parts = module.split(".")[1:]
+    return (PACKAGE.joinpath(*parts).with_suffix(".py").exists()
+            or (PACKAGE.joinpath(*parts) / "__init__.py").exists())
 
 
 def _file(module: str):
-    parts = module.split(".")[1:]
-    return PACKAGE / ("/".join(parts) + ".py" if parts else "__init__.py")
+    folder = PACKAGE.joinpath(*module.split(".")[1:])
+    return folder / "__init__.py" if (folder / "__init__.py").exists() \
+        else folder.with_suffix(".py")
 
 
 def import_closure(stage_file) -> set[str]:

@@ -198,8 +198,8 @@ def tiny_caches(tmp_path_factory, example_cache):
     out = {}
     for n in (2, 3):
         folder = tmp_path_factory.mktemp(f"cache{n}")
-        save_cache(Cache(full.latents[:n], full.text_states[:n], full.files[:n],
-                         full.captions[:n], meta), folder, "builtin:tiny-sd")
+        save_cache(Cache(full.latents[:n], {k: v[:n] for k, v in full.cond.items()},
+                         full.files[:n], full.captions[:n], meta), folder, "builtin:tiny-sd")
         out[n] = folder
     return out
 

@@ -109,7 +109,7 @@ def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_ca
 
 
 def test_base_version_from_the_actual_base():
-    from lorapipe.webui import base_version
+    from lorapipe.families.sd import base_version
 
     assert base_version(768, "epsilon")["version"] == "sd_v1"
     sd2 = base_version(1024, "v_prediction")

@@ -80,7 +80,7 @@ def test_offline_switches_are_set():
 def test_latents_have_unit_variance_on_the_example_data(example_cache):
     cache = load_cache(example_cache)
     assert 0.8 < cache.latents.std().item() < 1.25
-    assert cache.latents.shape == (20, 4, 8, 8) and cache.text_states.shape == (20, 77, 32)
+    assert cache.latents.shape == (20, 4, 8, 8) and cache.cond["text_states"].shape == (20, 77, 32)
     assert cache.files[0] == "00_red_circle.png"
 
 
@@ -118,7 +118,7 @@ def test_pickle_checkpoints_are_refused(tmp_path, suffix):
 
 def test_unrecognised_checkpoint(tmp_path):
     save_file({"some.weight": torch.zeros(3)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(LorapipeError, match="not a Stable Diffusion checkpoint"):
+    with pytest.raises(LorapipeError, match="holds no Stable Diffusion UNet.*a LoRA or a VAE"):
         load_pipeline("odd.safetensors", root=tmp_path)
 
 

@@ -40,7 +40,7 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/current", "loss/average", "loss/epoch_average", "lr/unet", "loss/train/fixed",
-            "loss/validation/step_average", "loss/validation/divergence"} <= tags
+            "loss/validation/step_average", "loss/validation/step_divergence"} <= tags
     for name in ("loss/current", "loss/average", "lr/unet", "loss/epoch_average"):
         board = [(e.step, e.value) for e in events.Scalars(name)]
         live = tsv(tmp_path, name)
@@ -53,7 +53,7 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
     assert average[6] == pytest.approx(sum(current[3:7]) / 4)  # moving mean over one epoch
     train_fixed = dict(tsv(tmp_path, "loss/train/fixed"))
     validation = dict(tsv(tmp_path, "loss/validation/step_average"))
-    divergence = dict(tsv(tmp_path, "loss/validation/divergence"))
+    divergence = dict(tsv(tmp_path, "loss/validation/step_divergence"))
     assert sorted(validation) == [0, 10, 12] == sorted(train_fixed)
     assert divergence[10] == pytest.approx(validation[10] - train_fixed[10])
     metrics = json.loads((tmp_path / "dvclive/metrics.json").read_text())
@@ -165,7 +165,7 @@ def test_fp16_on_cpu_is_refused(tmp_path, example_cache):
 class _Echo(torch.nn.Module):
     """A stand-in UNet whose prediction is its input, to check the loss arithmetic."""
 
-    def forward(self, x, t, c):
+    def forward(self, x, t, **conditioning):
         return type("Out", (), {"sample": x * 0.5})()
 
 
@@ -182,7 +182,7 @@ def _loss(**kw):
     ts = kw.pop("timesteps", torch.tensor([10, 200, 600, 990]))
     sched = kw.pop("scheduler", _scheduler())
     gen = torch.Generator().manual_seed(1)
-    return diffusion_loss(_Echo(), sched, latents, None, gen, timesteps=ts, **kw), latents
+    return diffusion_loss(_Echo(), sched, latents, {}, gen, timesteps=ts, **kw), latents
 
 
 def test_min_snr_weighting():

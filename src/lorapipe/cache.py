@@ -1,4 +1,4 @@
-"""The encode cache: VAE latents and text-encoder states for every processed image.
+"""The encode cache: VAE latents and the family's conditioning for every processed image.
 
 Encoding is the same for every LoRA experiment on one base model, so it is done once and
 sweeps over lora.* and train.* read this file instead of running the VAE and text encoder.
@@ -12,14 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lorapipe import outputs
+from lorapipe import families, outputs
 from lorapipe.errors import LorapipeError
 
 CACHE_FILE = "latents.safetensors"
@@ -28,17 +28,20 @@ CACHE_FILE = "latents.safetensors"
 @dataclass
 class Cache:
     latents: torch.Tensor  # [N, 4, H/8, W/8], already multiplied by the VAE scaling factor
-    text_states: torch.Tensor  # [N, 77, D], the text encoder's last hidden state
+    # the family's conditioning (families.Family.cond_keys): SD's text_states [N, 77, D];
+    # SDXL's text_states [N, 77, D1+D2], pooled [N, P] and time_ids [N, 6]
+    cond: dict[str, torch.Tensor]
     files: list[str]
     captions: list[str]
     meta: dict
 
 
-def read_processed(folder: str | Path) -> list[tuple[str, str]]:
+def read_processed(folder: str | Path) -> list[dict[str, str]]:
+    """data/processed/metadata.csv's rows (file_name, text, sizes and crops)."""
     path = Path(folder) / "metadata.csv"
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            rows = [(r["file_name"], r["text"]) for r in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
     except FileNotFoundError:
         raise LorapipeError(f"{path} not found; run the preprocess stage first") from None
     if not rows:
@@ -46,33 +49,25 @@ def read_processed(folder: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
+_PIXELS = VaeImageProcessor(do_resize=False)  # PIL -> [-1, 1] float tensors, diffusers' way
+
+
 def image_tensor(path: Path) -> torch.Tensor:
     """An RGB image as a [3, H, W] float tensor in [-1, 1], the VAE's input range."""
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode_texts(pipe, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """Text-encoder last hidden states, and the indices of captions cut at the token limit."""
-    tok = pipe.tokenizer
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt").input_ids
-    full = tok(captions, truncation=False).input_ids
-    cut = [i for i, seq in enumerate(full) if len(seq) > tok.model_max_length]
-    return pipe.text_encoder(ids)[0].float(), cut
+        return _PIXELS.preprocess(im.convert("RGB"))[0]
 
 
 @torch.no_grad()
 def encode_dataset(pipe, folder: str | Path, batch_size: int) -> Cache:
     folder = Path(folder)
+    family = families.of_pipeline(pipe)
     rows = read_processed(folder)
-    files = [f for f, _ in rows]
-    captions = [c for _, c in rows]
+    files = [r["file_name"] for r in rows]
+    captions = [r["text"] for r in rows]
     vae = pipe.vae.eval()
     scale = vae.config.scaling_factor
-    latents, texts, truncated = [], [], []
+    latents, conds, truncated = [], [], []
     size = None
     bar = tqdm(total=len(rows), desc="encode", unit="img", dynamic_ncols=True)
     with bar:
@@ -98,13 +93,16 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int) -> Cache:
                         f"{name}: the VAE gave non-finite latents; check the image, or the "
                         "base model's VAE (fp16 SD VAEs overflow: use an fp32 VAE)"
                     )
-            states, cut = encode_texts(pipe, captions[start:start + batch_size])
+            cond, cut = family.encode_text(pipe, captions[start:start + batch_size])
             truncated += [files[start + i] for i in cut]
             latents.append(z.float())
-            texts.append(states)
+            conds.append(cond)
             bar.update(len(names))
-    meta = {"scaling_factor": scale, "image_size": list(size), "truncated": truncated}
-    return Cache(torch.cat(latents), torch.cat(texts), files, captions, meta)
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    cond.update(family.image_conditioning(rows))
+    meta = {"scaling_factor": scale, "image_size": list(size), "truncated": truncated,
+            "family": family.name}
+    return Cache(torch.cat(latents), cond, files, captions, meta)
 
 
 def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
@@ -115,7 +113,8 @@ def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
         "base": base,
         "meta": json.dumps(cache.meta),
     }
-    tensors = {"latents": cache.latents.contiguous(), "text_states": cache.text_states.contiguous()}
+    tensors = {"latents": cache.latents.contiguous(),
+               **{k: v.contiguous() for k, v in cache.cond.items()}}
     with outputs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         outputs.canonical_safetensors(tmp)  # same content, same bytes: DVC sees no change
@@ -128,7 +127,7 @@ def load_cache(folder: str | Path) -> Cache:
         raise LorapipeError(f"{path} not found; run the encode stage first")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        latents = f.get_tensor("latents")
-        text_states = f.get_tensor("text_states")
-    return Cache(latents, text_states, json.loads(meta["files"]), json.loads(meta["captions"]),
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    latents = tensors.pop("latents")
+    return Cache(latents, tensors, json.loads(meta["files"]), json.loads(meta["captions"]),
                  {**json.loads(meta["meta"]), "base": meta["base"]})

@@ -6,13 +6,11 @@ no sampling noise and move only when the model does (see lorapipe.health).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lorapipe import lora
@@ -21,7 +19,8 @@ from lorapipe.losses import diffusion_loss, seeded_generator
 
 
 @torch.no_grad()
-def fixed_loss(unet, scheduler, latents, text, seed: int, timesteps: list[int]) -> float:
+def fixed_loss(unet, scheduler, latents, unet_inputs: dict, seed: int,
+               timesteps: list[int]) -> float:
     """Loss on these images at these timesteps with noise fixed by the seed: no sampling
     noise left, so it moves only when the model does. Dropout off."""
     was_training = unet.training
@@ -30,7 +29,7 @@ def fixed_loss(unet, scheduler, latents, text, seed: int, timesteps: list[int]) 
     for t in timesteps:
         gen = seeded_generator(seed, "fixed", t)
         ts = torch.full((latents.shape[0],), t, dtype=torch.long)
-        total += diffusion_loss(unet, scheduler, latents, text, gen, timesteps=ts).item()
+        total += diffusion_loss(unet, scheduler, latents, unet_inputs, gen, timesteps=ts).item()
     unet.train(was_training)
     return total / len(timesteps)
 
@@ -48,19 +47,6 @@ def holdout(files: list[str], split: float) -> tuple[list[int], list[int]]:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Every RNG state as it was on entry, restored on exit: evaluating never changes what
-    training draws next."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
 @dataclass
 class Evaluator:
     """The fixed-noise losses: on a fixed subset of the training images and on the held-out
@@ -69,25 +55,32 @@ class Evaluator:
     unet: torch.nn.Module
     scheduler: object
     latents: torch.Tensor
-    text: torch.Tensor
+    cond: dict[str, torch.Tensor]  # the cache's conditioning (families.Family.cond_keys)
+    unet_inputs: Callable[[dict], dict]  # the family's: cond -> the UNet's keyword inputs
     train_subset: list[int]
     validation: list[int]
     seed: int
     timesteps: list[int]
 
+    def _loss(self, idx: list[int]) -> float:
+        cond = {k: v[idx] for k, v in self.cond.items()}
+        return fixed_loss(self.unet, self.scheduler, self.latents[idx], self.unet_inputs(cond),
+                          self.seed, self.timesteps)
+
     def __call__(self) -> dict[str, float]:
-        with preserved_rng():
-            idx = self.train_subset
-            train = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
-                               self.seed, self.timesteps)
+        # evaluating never changes what training draws next (LoRA dropout uses this RNG)
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            train = self._loss(self.train_subset)
             out = {"loss/train/fixed": train}
             if self.validation:
-                idx = self.validation
-                val = fixed_loss(self.unet, self.scheduler, self.latents[idx], self.text[idx],
-                                 self.seed, self.timesteps)
+                val = self._loss(self.validation)
                 out["loss/validation/step_average"] = val
-                out["loss/validation/divergence"] = val - train
+                out["loss/validation/step_divergence"] = val - train  # kohya's name
         return out
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 @dataclass

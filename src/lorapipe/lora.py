@@ -1,5 +1,5 @@
-"""LoRA on the UNet: attach (peft), save in the diffusers and WebUI/kohya formats, load back,
-and continue from an existing LoRA.
+"""LoRA on the UNet: attach (peft), export in the diffusers and WebUI/kohya formats, load
+back, and continue from an existing LoRA.
 
 Two files are written to the output folder:
 - pytorch_lora_weights.safetensors: diffusers/peft format with the adapter config in its
@@ -11,10 +11,10 @@ Two files are written to the output folder:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -68,11 +68,12 @@ def adapter_metadata(config: LoraConfig) -> dict:
 RUN_KEY = "lorapipe.run"  # metadata: the TensorBoard run that trained it (sample logs beside)
 
 
-def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, folder: Path,
+def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, family, folder: Path,
                    run: str) -> Path:
-    """The diffusers/peft file; `run` names the training run, so the sample stage can name
-    its TensorBoard run the same (diffusers ignores metadata keys it does not know)."""
-    StableDiffusionPipeline.save_lora_weights(
+    """The diffusers/peft file, written by the family's pipeline; `run` names the training
+    run, so the sample stage can name its TensorBoard run the same (diffusers ignores
+    metadata keys it does not know)."""
+    family.pipeline_class.save_lora_weights(
         save_directory=str(folder),
         unet_lora_layers=convert_state_dict_to_diffusers(state),
         safe_serialization=True,
@@ -89,21 +90,22 @@ def training_run(folder: Path) -> str | None:
         return (f.metadata() or {}).get(RUN_KEY)
 
 
-def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft names -> kohya/WebUI names: 'a.b.lora_A.weight' -> 'lora_unet_a_b.lora_down.weight'."""
+def to_kohya(state: dict[str, torch.Tensor], alpha: float, family, unet_config
+             ) -> dict[str, torch.Tensor]:
+    """peft names -> kohya/WebUI names: 'a.b.lora_A.weight' -> 'lora_unet_a_b.lora_down.weight'
+    (SD), or the module's original SGM name (SDXL; families.Family.webui_module)."""
     out = {}
     for key, tensor in state.items():
         module, kind, _ = key.rsplit(".", 2)
-        name = KOHYA_PREFIX + module.replace(".", "_")
+        name = KOHYA_PREFIX + family.webui_module(module, unet_config)
         out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return dict(sorted(out.items()))
 
 
-def save_webui(state: dict[str, torch.Tensor], alpha: float, metadata: dict, path: Path) -> Path:
-    """kohya-layout single file with `metadata` (lorapipe.webui.build_metadata) written as
-    kohya writes it, plus the additional-networks hashes of its tensors."""
-    tensors = to_kohya(state, alpha)
+def save_webui(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
+    """kohya-layout tensors (to_kohya) in one file with `metadata` (webui.build_metadata)
+    written as kohya writes it, plus the additional-networks hashes of its tensors."""
     meta = webui.as_strings(metadata)
     meta.update(webui.addnet_hashes(tensors, meta))
     save_file(tensors, str(path), metadata=meta)
@@ -111,7 +113,36 @@ def save_webui(state: dict[str, torch.Tensor], alpha: float, metadata: dict, pat
     return path
 
 
-def load_init(unet: torch.nn.Module, path: str, config: LoraConfig) -> int:
+@dataclass(frozen=True)
+class Record:
+    """What the WebUI file's metadata says about the training run (webui.build_metadata)."""
+
+    base: dict  # families.Family.base_version
+    resolution: tuple[int, int]  # (width, height)
+    captions: list[str]  # of the training images
+    max_steps: int
+    epochs: int
+    step: int  # the step whose weights are saved (the best one after early stopping)
+    run: str  # the TensorBoard run
+
+
+def save_lora(unet, config: LoraConfig, family, params, out_dir: Path, record: Record) -> None:
+    """Both formats into out_dir, atomically; refuses non-finite weights."""
+    state = peft_state(unet)
+    bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
+    name = webui.output_name(params.lora.name)
+    metadata = webui.build_metadata(params, name, record.base, record.resolution,
+                                    record.captions, record.max_steps, record.epochs,
+                                    record.step)
+    tensors = to_kohya(state, params.lora.alpha, family, unet.config)
+    with outputs.atomic_dir(out_dir) as tmp:
+        save_diffusers(state, config, family, tmp, record.run)
+        save_webui(tensors, metadata, tmp / webui.file_name(name))
+
+
+def load_init(unet: torch.nn.Module, path: str, config: LoraConfig, family) -> int:
     """Load an existing LoRA (diffusers folder/file or a kohya/WebUI file) into the attached
     adapter, so training continues from it. Returns the number of tensors loaded.
 
@@ -119,8 +150,9 @@ def load_init(unet: torch.nn.Module, path: str, config: LoraConfig) -> int:
     starts out computing exactly what that LoRA computed.
     """
     try:
-        loaded, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            path, local_files_only=True, return_lora_metadata=True
+        # unet_config: diffusers maps kohya's SGM block names (SDXL) back to its own
+        loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
+            path, local_files_only=True, return_lora_metadata=True, unet_config=unet.config
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None

@@ -13,14 +13,15 @@ def seeded_generator(seed: int, purpose: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) * 1_000_003 + index)
 
 
-def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_snr_gamma=0.0,
-                   timesteps=None, shard: tuple[int, int] = (0, 1)):
+def diffusion_loss(unet, scheduler, latents, unet_inputs: dict, gen, noise_offset=0.0,
+                   min_snr_gamma=0.0, timesteps=None, shard: tuple[int, int] = (0, 1)):
     """DDPM training loss (Ho et al., 2020) for epsilon or v-prediction bases.
 
     shard=(rank, world): these latents are part `rank` of a global batch split over `world`
     processes. Noise and timesteps are drawn for the whole global batch and sliced, so each
     image gets exactly what it would get in a single process: data parallelism changes where
-    the work runs, not what is computed.
+    the work runs, not what is computed. unet_inputs: the family's conditioning for these
+    latents (encoder_hidden_states, and SDXL's added_cond_kwargs).
     """
     rank, world = shard
     b = latents.shape[0]
@@ -40,7 +41,7 @@ def diffusion_loss(unet, scheduler, latents, text, gen, noise_offset=0.0, min_sn
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    pred = unet(noisy, timesteps, text).sample
+    pred = unet(noisy, timesteps, **unet_inputs).sample
     if not min_snr_gamma:
         return F.mse_loss(pred.float(), target.float())
     # Min-SNR-gamma weighting (Hang et al., 2023), as in diffusers' training examples

@@ -1,4 +1,4 @@
-"""Base models: the builtin tiny SD, a local diffusers folder, or a single .safetensors file.
+"""Base models: the builtin tiny models, a local diffusers folder, or a single .safetensors file.
 
 Everything loads offline (lorapipe/__init__ sets the Hugging Face offline switches before
 any HF library is imported). Pickle checkpoints are refused (lorapipe.params says why and
@@ -17,7 +17,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from lorapipe import families
 from lorapipe.errors import LorapipeError
 from lorapipe.params import BUILTIN_PREFIX, model_source_problem
 
@@ -41,23 +43,9 @@ small large big tiny one two three high quality detailed best
 """.split()
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The byte-to-character table of GPT-2/CLIP byte-level BPE (Radford et al., 2019)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def tiny_tokenizer() -> CLIPTokenizer:
     """A real CLIP BPE tokenizer with a small vocabulary made here, so nothing is downloaded."""
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())  # GPT-2/CLIP byte-level BPE's byte table
     vocab: dict[str, int] = {}
     for token in chars + [c + "</w>" for c in chars]:
         vocab[token] = len(vocab)
@@ -75,6 +63,18 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def tiny_vae() -> AutoencoderKL:
+    """SD's KL VAE (8x downsampling, 4 latent channels) with tiny widths, seeded; the tiny
+    SDXL shares it (SDXL's VAE has SD's architecture, only its weights and scale differ)."""
+    torch.manual_seed(TINY_SEED + 1)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        sample_size=64, scaling_factor=TINY_VAE_SCALING,
+    )
+
+
 def build_tiny_sd() -> StableDiffusionPipeline:
     """An SD1.x-shaped pipeline small enough to train in minutes on 2 CPU cores.
 
@@ -90,13 +90,7 @@ def build_tiny_sd() -> StableDiffusionPipeline:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    torch.manual_seed(TINY_SEED + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        sample_size=64, scaling_factor=TINY_VAE_SCALING,
-    )
+    vae = tiny_vae()
     torch.manual_seed(TINY_SEED + 2)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4,
@@ -117,37 +111,38 @@ def build_tiny_sd() -> StableDiffusionPipeline:
     )
 
 
-def load_pipeline(base: str, config: str = "", root: Path | None = None
-                  ) -> StableDiffusionPipeline:
-    """The base model named by model.base (and model.config for single files), on the CPU."""
-    if base.startswith(BUILTIN_PREFIX):
-        return build_tiny_sd()
+def load_pipeline(base: str, config: str = "", root: Path | None = None):
+    """The base model named by model.base (and model.config for single files), on the CPU,
+    as its family's diffusers pipeline."""
     path = (root or Path.cwd()) / base
-    if not path.exists():
-        raise LorapipeError(f"model.base: {base!r} does not exist")
-    problem = model_source_problem(path, base)
-    if problem:
-        raise LorapipeError(f"model.base: {problem}")
+    if not base.startswith(BUILTIN_PREFIX):
+        if not path.exists():
+            raise LorapipeError(f"model.base: {base!r} does not exist")
+        problem = model_source_problem(path, base)
+        if problem:
+            raise LorapipeError(f"model.base: {problem}")
+    family = families.detect(path, base)
+    if base.startswith(BUILTIN_PREFIX):
+        return family.build_builtin()
+    cls = family.pipeline_class
+    kwargs = {"local_files_only": True, **family.load_kwargs}
     if path.is_dir():
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                path, local_files_only=True, safety_checker=None, requires_safety_checker=False
-            )
+            return cls.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LorapipeError(
                 f"model.base: cannot load diffusers folder {base!r}: {exc}") from None
-    kwargs = {"local_files_only": True, "safety_checker": None, "requires_safety_checker": False}
     if config:
         kwargs["config"] = str((root or Path.cwd()) / config)
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        return cls.from_single_file(str(path), **kwargs)
     except Exception as exc:  # diffusers raises many types for a file it cannot map
         hint = "" if config else (
             "; offline, diffusers needs the model's configs: set model.config to a diffusers "
-            "folder of the same architecture (e.g. a saved SD 1.5 pipeline)"
+            f"folder of the same architecture (e.g. a saved {family.example} pipeline)"
         )
         raise LorapipeError(
-            f"model.base: {base!r} is not a Stable Diffusion checkpoint diffusers recognises "
+            f"model.base: {base!r} is not a {family.title} checkpoint diffusers can load "
             f"({type(exc).__name__}: {exc}){hint}"
         ) from None
 

@@ -19,7 +19,7 @@ import yaml
 from lorapipe.errors import LorapipeError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-sd",)
+BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl")
 # Checkpoint formats that are Python pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -71,7 +71,8 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    base: str = key("builtin:tiny-sd, a diffusers folder or a .safetensors file", path="model")
+    base: str = key("builtin:tiny-sd, builtin:tiny-sdxl, a diffusers folder or a .safetensors "
+                    "file", path="model")
     config: str = key("diffusers folder with configs for a single-file base", path="dir",
                       optional=True)
 
@@ -98,6 +99,8 @@ class ValidationParams:
     split: float = key("fraction of images held out; 0 = off", minimum=0, maximum=0.5)
     every: int = key("steps between evaluations", minimum=1)
     timesteps: list[int] = key("fixed timesteps of the evaluation losses")
+    fixed_images: int = key("training images in the fixed training loss", minimum=1)
+    max_images: int = key("held-out images in the validation loss, at most", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class EarlyStopParams:
     patience: int = key("evaluations without a better validation loss; 0 = off", minimum=0)
 
 
+SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -133,6 +137,8 @@ class TrainParams:
     sample_every: int = key("log sample images every N steps; 0 = off", minimum=0)
     sample_prompts: list[str] = key("prompts of the images logged during training")
     sample_steps: int = key("denoising steps of those images", minimum=1)
+    sample_scheduler: str = key("sampler of those images", choices=SAMPLERS)
+    sample_guidance_scale: float = key("guidance scale of those images", minimum=0)
     validation: ValidationParams
     early_stop: EarlyStopParams
 
@@ -151,9 +157,6 @@ class HealthParams:
     overfit_evals: int = key("evaluations in a row validation stays above its best",
                              minimum=1)
     overfit_margin: float = key("how far above its best validation must be", minimum=0)
-
-
-SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
 
 
 @dataclass(frozen=True)

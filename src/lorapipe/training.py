@@ -1,8 +1,8 @@
 """The one training loop: LoRA on the UNet over cached latents, through accelerate.
 
-Reads in the order it runs: set up, derive and print the plan, resume, then per step:
-evaluate, micro-steps (forward, backward), clip, optimizer step, log, checkpoint; finally
-save the LoRA in both formats.
+`Recipe` reads in the order it runs: setup (model, LoRA, optimizer, data, resume, trackers),
+train (per step: evaluate, micro-steps, log, checkpoint), loss_step (one micro-batch, where
+the model family's conditioning enters), finish (verdict, and the LoRA in both formats).
 
 Randomness is a pure function of (train.seed, position): the data order of epoch e comes from
 seed and e, the noise and timesteps of micro-batch k from seed and k. A resumed run therefore
@@ -27,7 +27,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import checkpoints, health, lora, outputs, webui
+from lorapipe import checkpoints, families, health, lora, outputs
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import EarlyStop, Evaluator, holdout
@@ -36,16 +36,8 @@ from lorapipe.models import load_pipeline, training_scheduler
 from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, remove_partial_runs, run_name
 
-# The fixed training loss uses the first FIXED_IMAGES training images; validation uses up to
-# VALIDATION_IMAGES held-out ones. Each evaluation costs len(timesteps) forward passes.
-FIXED_IMAGES = 8
-VALIDATION_IMAGES = 32
 BEST_LORA = "best_lora.safetensors"
 CHECKPOINT_LORA = "lora.safetensors"
-# Images logged during training (train.sample_every): Euler ancestral at SD's usual guidance;
-# params.yaml says so beside train.sample_steps.
-TRAIN_SAMPLER = "euler_a"
-TRAIN_GUIDANCE = 7.5
 
 
 class Diverged(LorapipeError):
@@ -118,222 +110,295 @@ class TrainResult:
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         ckpt_dir: Path, health_report: Path | None = None) -> TrainResult:
     """Train, log, diagnose and save. Raises Diverged on NaN/Inf."""
-    p, lp = params.train, params.lora
-    if p.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
-    accelerator = Accelerator(mixed_precision=p.mixed_precision,
-                              gradient_accumulation_steps=p.grad_accum)
-    main = accelerator.is_main_process
-    cache = load_cache(cache_dir)
-    if cache.meta["base"] != params.model.base:
-        raise LorapipeError(f"the cache in {cache_dir} was encoded with {cache.meta['base']}, "
-                            f"not model.base {params.model.base}; rerun the encode stage")
-    train_idx, val_idx = holdout(cache.files, p.validation.split)
-    pipe = load_pipeline(params.model.base, params.model.config)
-    unet, scheduler = pipe.unet, training_scheduler(pipe)
-    base = webui.base_version(unet.config.cross_attention_dim, scheduler.config.prediction_type)
-    if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
-        pipe.scheduler = make_scheduler(TRAIN_SAMPLER, pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        del pipe  # the VAE and text encoder are not needed: their outputs are cached
+    recipe = Recipe(params, Paths(cache_dir, out_dir, live_dir, logs_dir, ckpt_dir,
+                                  health_report))
+    recipe.setup()
+    end_step = recipe.train()
+    return recipe.finish(end_step)
 
-    torch.manual_seed(p.seed)  # the LoRA's Gaussian init
-    config = lora.lora_config(lp.rank, lp.alpha, lp.dropout, lp.targets)
-    lora.attach_lora(unet, config)
-    if lp.init:
-        lora.load_init(unet, lp.init, config)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        # frozen base in half precision, trainable LoRA weights in fp32 (diffusers' recipe)
-        unet.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
-        cast_training_params(unet, dtype=torch.float32)
-    if p.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trainable = [q for q in unet.parameters() if q.requires_grad]
-    n_trainable = sum(q.numel() for q in trainable)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    plan = Plan.from_params(p, len(train_idx), world)
-    facts = health.RunFacts.from_params(params, len(train_idx))
-    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.adam_weight_decay)
-    lr_scheduler = get_scheduler(
-        p.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=p.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.max_steps * accelerator.num_processes,
-    )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    _register_lora_hooks(accelerator)
-    latents = cache.latents.to(accelerator.device)
-    text = cache.text_states.to(accelerator.device)
-    train_pos = torch.tensor(train_idx)
-    # evaluations run on the main process only, so on the bare module (no DDP collectives)
-    evaluate = Evaluator(accelerator.unwrap_model(unet), scheduler, latents, text,
-                         train_idx[:FIXED_IMAGES],
-                         val_idx[:VALIDATION_IMAGES], p.seed, p.validation.timesteps)
-    stopper = EarlyStop(p.early_stop.patience)
+@dataclass(frozen=True)
+class Paths:
+    cache: Path
+    out: Path
+    live: Path
+    logs: Path
+    checkpoints: Path
+    health: Path | None
 
-    fp = checkpoints.fingerprint(params, Path(cache_dir) / CACHE_FILE)
-    found, notes = checkpoints.find(ckpt_dir, fp)
-    # named after what decides the result, not the clock: a rerun of the same params and data
-    # writes the same outputs, TensorBoard run name included
-    state = {"run_name": run_name(f"run-{fp[:8]}"), "history": [], "wall_time": 0.0}
-    if found:
-        _load_checkpoint(accelerator, found, ckpt_dir)
-        state = checkpoints.read_state(found)
-        stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
-                            best_state=checkpoints.read_tensors(found, BEST_LORA))
-    start_step = state.get("step", 0)
 
-    tracker = None
-    if main:
+class Recipe:
+    """One training run, in the shape of torchtune's LoRA recipes: setup() builds everything
+    (model, LoRA, optimizer, data, resume state, trackers), train() is the loop, loss_step()
+    is one micro-batch's loss, checkpoint() and finish() save. The model family (SD, SDXL)
+    enters through its conditioning (loss_step, evaluation) and the export (finish)."""
+
+    def __init__(self, params, paths: Paths):
+        self.params, self.paths = params, paths
+        self.p, self.lp = params.train, params.lora
+
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        p, lp, paths = self.p, self.lp, self.paths
+        if p.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
+        acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
+                                             gradient_accumulation_steps=p.grad_accum)
+        self.main = acc.is_main_process
+        self.world, self.rank = acc.num_processes, acc.process_index
+        cache = self.cache = load_cache(paths.cache)
+        if cache.meta["base"] != self.params.model.base:
+            raise LorapipeError(
+                f"the cache in {paths.cache} was encoded with {cache.meta['base']}, not "
+                f"model.base {self.params.model.base}; rerun the encode stage")
+        self.train_idx, self.val_idx = holdout(cache.files, p.validation.split)
+        pipe = load_pipeline(self.params.model.base, self.params.model.config)
+        self.family = families.of_pipeline(pipe)
+        self.base = self.family.base_version(pipe)
+        unet, self.scheduler = pipe.unet, training_scheduler(pipe)
+        self.pipe = None
+        if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
+            pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe = pipe
+        del pipe  # else the VAE and text encoders go: their outputs are cached
+
+        torch.manual_seed(p.seed)  # the LoRA's Gaussian init
+        self.config = lora.lora_config(lp.rank, lp.alpha, lp.dropout, lp.targets)
+        lora.attach_lora(unet, self.config)
+        if lp.init:
+            lora.load_init(unet, lp.init, self.config, self.family)
+        if acc.mixed_precision in ("fp16", "bf16"):
+            # frozen base in half precision, trainable LoRA weights in fp32 (diffusers' recipe)
+            unet.to(torch.float16 if acc.mixed_precision == "fp16" else torch.bfloat16)
+            cast_training_params(unet, dtype=torch.float32)
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.trainable = [q for q in unet.parameters() if q.requires_grad]
+        self.n_trainable = sum(q.numel() for q in self.trainable)
+
+        self.plan = Plan.from_params(p, len(self.train_idx), self.world)
+        self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))
+        optimizer = torch.optim.AdamW(self.trainable, lr=p.learning_rate,
+                                      weight_decay=p.adam_weight_decay)
+        lr_scheduler = get_scheduler(
+            p.lr_scheduler, optimizer=optimizer,
+            num_warmup_steps=p.lr_warmup_steps * self.world,
+            num_training_steps=self.plan.max_steps * self.world,
+        )
+        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        _register_lora_hooks(acc)
+        self.latents = cache.latents.to(acc.device)
+        self.cond = {k: v.to(acc.device) for k, v in cache.cond.items()}
+        self.train_pos = torch.tensor(self.train_idx)
+        # evaluations run on the main process only, so on the bare module (no DDP collectives)
+        self.evaluate = Evaluator(
+            acc.unwrap_model(self.unet), self.scheduler, self.latents, self.cond,
+            self.family.unet_inputs, self.train_idx[:p.validation.fixed_images],
+            self.val_idx[:p.validation.max_images], p.seed, p.validation.timesteps)
+        self._resume()
+
+    def _resume(self) -> None:
+        """The newest intact checkpoint of these params and data, if any; the trackers."""
+        p, paths = self.p, self.paths
+        self.stopper = EarlyStop(p.early_stop.patience)
+        self.fp = checkpoints.fingerprint(self.params, Path(paths.cache) / CACHE_FILE)
+        found, notes = checkpoints.find(paths.checkpoints, self.fp)
+        # named after what decides the result, not the clock: a rerun of the same params and
+        # data writes the same outputs, TensorBoard run name included
+        state = {"run_name": run_name(f"run-{self.fp[:8]}"), "history": [], "wall_time": 0.0}
+        if found:
+            _load_checkpoint(self.accelerator, found, paths.checkpoints)
+            state = checkpoints.read_state(found)
+            self.stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
+                                     best_state=checkpoints.read_tensors(found, BEST_LORA))
+        self.state, self.start_step = state, state.get("step", 0)
+        self.step_losses = [v["loss/current"] for _, v in state["history"]
+                            if "loss/current" in v]
+        self.epoch_losses = list(state.get("epoch_losses", []))
+        self.t0 = time.perf_counter() - state["wall_time"]
+        self.tracker = None
+        if not self.main:
+            return
         for note in notes:
             print(f"train: {note}")
         if notes and not found:
             print("train: no usable checkpoint: starting from step 0")
         if not found:
-            for gone in remove_partial_runs(logs_dir, checkpoints.run_names(ckpt_dir),
+            for gone in remove_partial_runs(paths.logs, checkpoints.run_names(paths.checkpoints),
                                             state["run_name"]):
                 print(f"train: removed TensorBoard run {gone}: unfinished, or this run's "
                       "own earlier one")
-        tracker = Tracker(live_dir, logs_dir, state["run_name"], flat_params(params),
-                          history=state["history"], resume_step=start_step,
-                          images=[(step, found / name) for step, name in state.get("images", [])])
-        header = (
-            f"train: {len(train_idx)} training + {len(val_idx)} validation images, batch "
-            f"{p.batch_size} x grad_accum {p.grad_accum} x {accelerator.num_processes} "
-            f"process(es) = global batch {p.batch_size * p.grad_accum * accelerator.num_processes}"
-            f"; {plan.max_steps} steps ({plan.steps_per_epoch} per epoch, "
-            f"~{plan.max_steps / plan.steps_per_epoch:.1f} epochs); {n_trainable:,} trainable "
-            f"LoRA parameters (rank {lp.rank}, alpha {lp.alpha:g}); TensorBoard run "
-            f"{state['run_name']}"
-        )
-        if found:
-            header += f"; resumed from {found} at step {start_step}"
+        self.tracker = Tracker(paths.live, paths.logs, state["run_name"], flat_params(self.params),
+                               history=state["history"], resume_step=self.start_step,
+                               images=[(step, found / name)
+                                       for step, name in state.get("images", [])])
+        header = self._header() + (f"; resumed from {found} at step {self.start_step}"
+                                   if found else "")
         print(header)
-        tracker.text(header)
-        if not val_idx:
+        self.tracker.text(header)
+        if not self.val_idx:
             print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
 
-    step_losses = [v["loss/current"] for _, v in state["history"] if "loss/current" in v]
-    epoch_losses = list(state.get("epoch_losses", []))
-    t0 = time.perf_counter() - state["wall_time"]
-    timed_from, timed_steps = time.perf_counter(), 0
-    end_step = plan.max_steps
-    bar = tqdm(total=plan.max_steps, initial=start_step, desc="train", unit="step",
-               dynamic_ncols=True, disable=not main, mininterval=1.0)
-    unet.train()
-    try:
-        for step in range(start_step, plan.max_steps):
-            lr = lr_scheduler.get_last_lr()[0]
-            # evaluate: the fixed-noise losses before this step's update; maybe stop early
-            stop = False
-            if main and step % p.validation.every == 0:
-                metrics = evaluate()
-                tracker.log(step, metrics)
-                if val_idx:
-                    stop = stopper.update(step, metrics["loss/validation/step_average"],
-                                          accelerator.unwrap_model(unet))
-            if p.early_stop.patience and _any_process(accelerator, stop):
-                end_step = step
-                break
-            if main and p.sample_every and step % p.sample_every == 0:
-                tracker.log_image(step, _samples(pipe, unet, accelerator, p, cache.meta))
+    def _header(self) -> str:
+        p, lp, plan = self.p, self.lp, self.plan
+        return (
+            f"train: {self.family.name} base {self.params.model.base}; {len(self.train_idx)} "
+            f"training + {len(self.val_idx)} validation images, batch {p.batch_size} x "
+            f"grad_accum {p.grad_accum} x {self.world} process(es) = global batch "
+            f"{p.batch_size * p.grad_accum * self.world}; {plan.max_steps} steps "
+            f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
+            f"epochs); {self.n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
+            f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
+        )
 
-            # micro-steps: forward and backward; accelerate syncs and steps on the last one
-            micro_losses = []
-            for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum):
-                # this process's shard of the global micro-batch
-                idx = train_pos[plan.batch_indices(micro, p.seed)].chunk(world)[rank]
-                _trace(rank, step, micro, idx)
-                gen = seeded_generator(p.seed, "micro", micro)
-                # LoRA dropout draws from the global RNG: seeded per micro-batch and process
-                torch.manual_seed(gen.initial_seed() + rank)
-                with accelerator.accumulate(unet), accelerator.autocast():
-                    loss = diffusion_loss(unet, scheduler, latents[idx], text[idx], gen,
-                                          p.noise_offset, p.min_snr_gamma, shard=(rank, world))
-                    if not torch.isfinite(loss):
-                        raise _diverged(accelerator, unet, config, out_dir, tracker, step, lr,
-                                        "the loss", health_report, facts)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(trainable, p.max_grad_norm or math.inf)
-                        if not torch.isfinite(norm):
-                            raise _diverged(accelerator, unet, config, out_dir, tracker, step,
-                                            lr, "the gradient", health_report, facts)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    # -- the loop -------------------------------------------------------------------------
+    def train(self) -> int:
+        """Steps from the resume point to the end (or an early stop); returns the last."""
+        p, acc, plan = self.p, self.accelerator, self.plan
+        self.timed_from, self.timed_steps = time.perf_counter(), 0
+        bar = tqdm(total=plan.max_steps, initial=self.start_step, desc="train", unit="step",
+                   dynamic_ncols=True, disable=not self.main, mininterval=1.0)
+        self.unet.train()
+        try:
+            for step in range(self.start_step, plan.max_steps):
+                lr = self.lr_scheduler.get_last_lr()[0]
+                if step % p.validation.every == 0 and self._evaluate(step):
+                    acc.set_trigger()  # every process stops at this step
+                if p.early_stop.patience and acc.check_trigger():
+                    return step
+                if self.main and p.sample_every and step % p.sample_every == 0:
+                    self.tracker.log_image(step, self._samples())
+                # micro-steps: forward, backward; accelerate syncs and steps on the last one
+                losses = [self.optimizer_micro_step(micro, step, lr)
+                          for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum)]
+                self._log_step(step, sum(losses) / len(losses), lr)
+                bar.set_postfix(loss=f"{self.step_losses[-1]:.4f}", lr=f"{lr:.1e}")
+                bar.update()
+                if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
+                        and step + 1 < plan.max_steps:
+                    self.checkpoint(step + 1)
+        finally:
+            bar.close()
+        return plan.max_steps
 
-            # log
-            step_loss = sum(micro_losses) / len(micro_losses)
-            step_losses.append(step_loss)
-            epoch_losses.append(step_loss)
-            window = step_losses[-plan.steps_per_epoch:]  # moving mean over one epoch of steps
-            average = sum(window) / len(window)
-            timed_steps += 1
-            if main:
-                metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
-                if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
-                    metrics["loss/epoch_average"] = sum(epoch_losses) / len(epoch_losses)
-                    epoch_losses = []
-                tracker.log(step + 1, metrics)
-                tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
-                             f"average {average:.5f} lr {lr:.3e}")
-                bar.set_postfix(loss=f"{average:.4f}", lr=f"{lr:.1e}")
-            bar.update()
+    def loss_step(self, micro: int) -> torch.Tensor:
+        """The loss of this process's shard of global micro-batch `micro`."""
+        idx = self.train_pos[self.plan.batch_indices(micro, self.p.seed)].chunk(self.world)[
+            self.rank]
+        _trace(self.rank, micro // self.p.grad_accum, micro, idx)
+        gen = seeded_generator(self.p.seed, "micro", micro)
+        # LoRA dropout draws from the global RNG: seeded per micro-batch and process
+        torch.manual_seed(gen.initial_seed() + self.rank)
+        cond = self.family.unet_inputs({k: v[idx] for k, v in self.cond.items()})
+        return diffusion_loss(self.unet, self.scheduler, self.latents[idx], cond, gen,
+                              self.p.noise_offset, self.p.min_snr_gamma,
+                              shard=(self.rank, self.world))
 
-            # checkpoint
-            if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
-                    and step + 1 < plan.max_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    images = [(s, f"samples/{file.name}", file) for s, file in tracker.images]
-                    checkpoints.save(accelerator, ckpt_dir, step + 1, {
-                        "fingerprint": fp, "run_name": state["run_name"],
-                        "history": tracker.history, "epoch_losses": epoch_losses,
-                        "early_stop": stopper.to_state(),
-                        "images": [(s, name) for s, name, _ in images],
-                        "wall_time": time.perf_counter() - t0,
-                    }, tensors={BEST_LORA: stopper.best_state},
-                        files={name: file for _, name, file in images})
-    finally:
-        bar.close()
+    def optimizer_micro_step(self, micro: int, step: int, lr: float) -> float:
+        """Forward and backward of one micro-batch; clip and step on the last of a step.
+        Non-finite loss or gradient: save the last good LoRA and raise Diverged."""
+        acc = self.accelerator
+        with acc.accumulate(self.unet), acc.autocast():
+            loss = self.loss_step(micro)
+            if not torch.isfinite(loss):
+                raise self._diverged(step, lr, "the loss")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(self.trainable, self.p.max_grad_norm or math.inf)
+                if not torch.isfinite(norm):
+                    raise self._diverged(step, lr, "the gradient")
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(loss.detach(), "mean").item()
 
-    accelerator.wait_for_everyone()
-    summary = {}
-    unwrapped = accelerator.unwrap_model(unet)
-    if main:
-        steps_per_s = timed_steps / max(time.perf_counter() - timed_from, 1e-9)
+    def _evaluate(self, step: int) -> bool:
+        """The fixed-noise losses before this step's update; True to stop early."""
+        if not self.main:
+            return False
+        metrics = self.evaluate()
+        self.tracker.log(step, metrics)
+        return bool(self.val_idx) and self.stopper.update(
+            step, metrics["loss/validation/step_average"],
+            self.accelerator.unwrap_model(self.unet))
+
+    def _log_step(self, step: int, step_loss: float, lr: float) -> None:
+        plan = self.plan
+        self.step_losses.append(step_loss)
+        self.epoch_losses.append(step_loss)
+        window = self.step_losses[-plan.steps_per_epoch:]  # moving mean over an epoch of steps
+        average = sum(window) / len(window)
+        self.timed_steps += 1
+        if not self.main:
+            return
+        metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
+        if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
+            metrics["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
+            self.epoch_losses = []
+        self.tracker.log(step + 1, metrics)
+        self.tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
+                          f"average {average:.5f} lr {lr:.3e}")
+
+    # -- saving ---------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> None:
+        """Everything a resume needs, after optimizer step `step`."""
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            return
+        images = [(s, f"samples/{file.name}", file) for s, file in self.tracker.images]
+        checkpoints.save(self.accelerator, self.paths.checkpoints, step, {
+            "fingerprint": self.fp, "run_name": self.state["run_name"],
+            "history": self.tracker.history, "epoch_losses": self.epoch_losses,
+            "early_stop": self.stopper.to_state(),
+            "images": [(s, name) for s, name, _ in images],
+            "wall_time": time.perf_counter() - self.t0,
+        }, tensors={BEST_LORA: self.stopper.best_state},
+            files={name: file for _, name, file in images})
+
+    def finish(self, end_step: int) -> TrainResult:
+        """Last evaluation, verdict, summary and the LoRA in both formats (the best
+        validation step's after an early stop)."""
+        p, plan, acc = self.p, self.plan, self.accelerator
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(self.unet)
+        if not self.main:
+            return TrainResult({}, unwrapped, {})
+        tracker, stopper = self.tracker, self.stopper
+        steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
         stopped_early = end_step < plan.max_steps
         if not stopped_early:
-            metrics = evaluate()
+            metrics = self.evaluate()
             tracker.log(end_step, metrics)
-            if val_idx:
+            if self.val_idx:
                 stopper.update(end_step, metrics["loss/validation/step_average"], unwrapped)
         if p.sample_every:
-            tracker.log_image(end_step, _samples(pipe, unet, accelerator, p, cache.meta))
+            tracker.log_image(end_step, self._samples())
         saved_step = end_step
         if stopped_early:  # the LoRA to keep is the one from the best validation step
             set_peft_model_state_dict(unwrapped, stopper.best_state, adapter_name="default")
             saved_step = stopper.best_step
-        verdict = _diagnose(tracker.history, facts, params.health)
+        verdict = _diagnose(tracker.history, self.facts, self.params.health)
         fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
-        averages = _averages(step_losses, plan.steps_per_epoch)
-        summary = _summary(verdict, tracker.history, end_step, {
+        averages = _averages(self.step_losses, plan.steps_per_epoch)
+        summary = _summary(verdict, tracker.history, end_step, self.family.name, {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
             "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
             "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
-            "trainable_params": n_trainable,
+            "trainable_params": self.n_trainable,
         })
-        if val_idx:
+        if self.val_idx:
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
-        save_lora(unwrapped, config, params, plan, out_dir, cache.meta, base,
-                  [cache.captions[i] for i in train_idx], saved_step, tracker.name)
+        height, width = self.cache.meta["image_size"]
+        lora.save_lora(unwrapped, self.config, self.family, self.params, self.paths.out,
+                       lora.Record(self.base, (width, height),
+                                   [self.cache.captions[i] for i in self.train_idx],
+                                   plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
+                                   saved_step, tracker.name))
         # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
         # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
-        timing = {"wall_time_s": round(time.perf_counter() - t0, 2),
+        timing = {"wall_time_s": round(time.perf_counter() - self.t0, 2),
                   "steps_per_s": round(steps_per_s, 3)}
         tracker.summary(end_step, summary, timing)
         if stopped_early:
@@ -342,13 +407,49 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
                   f"{stopper.best_step}, the best validation loss ({stopper.best:.4f})")
         print(f"train: {end_step} steps in {timing['wall_time_s']} s "
               f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
-              f"fixed-noise loss {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {out_dir}")
-        tracker.hparams(flat_params(params), {"health.status": verdict.status})
-        _report_health(tracker, verdict, health_report, end_step)  # the last line
+              f"fixed-noise loss {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {self.paths.out}")
+        tracker.hparams(flat_params(self.params), {"health.status": verdict.status})
+        _report_health(tracker, verdict, self.paths.health, end_step)  # the last line
         tracker.text(f"done: {summary}")
         tracker.close()
-        checkpoints.clear(ckpt_dir)
-    return TrainResult(summary, unwrapped, timing if main else {})
+        checkpoints.clear(self.paths.checkpoints)
+        return TrainResult(summary, unwrapped, timing)
+
+    def _samples(self):
+        """A base-vs-LoRA grid of train.sample_prompts at the train seed, with the UNet as it
+        is now. Draws only from its own seeded generators, so training is unaffected."""
+        p = self.p
+        height, width = self.cache.meta["image_size"]
+        settings = SampleSettings(steps=p.sample_steps, guidance_scale=p.sample_guidance_scale,
+                                  negative_prompt="", width=width, height=height, lora_scale=1.0)
+        was_training = self.unet.training
+        self.unet.eval()
+        with self.accelerator.autocast():
+            image, _ = sample_grid(self.pipe, p.sample_prompts, [p.seed], settings)
+        self.unet.train(was_training)
+        return image
+
+    def _diverged(self, step: int, lr: float, what: str) -> Diverged:
+        """Save the last good LoRA (the weights before this step), record the health, and
+        return the error to raise."""
+        facts = self.facts
+        verdict = health.Verdict(
+            "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
+            [f"{what} at step {step} was NaN or Inf"], health.diverged_advice(facts),
+            numbers={"step": step, "lr": lr})
+        verdict.command = health.try_next(verdict, facts)
+        error = Diverged(step, lr, what, verdict.advice, verdict.command)
+        if self.main:
+            tracker = self.tracker
+            state = lora.peft_state(self.accelerator.unwrap_model(self.unet))
+            if all(torch.isfinite(t).all() for t in state.values()):
+                with outputs.atomic_dir(self.paths.out) as tmp:
+                    lora.save_diffusers(state, self.config, self.family, tmp, tracker.name)
+            tracker.summary(step, _summary(verdict, tracker.history, step, self.family.name, {}))
+            _report_health(tracker, verdict, self.paths.health, step)
+            tracker.text(f"diverged: {error}")
+            tracker.close()
+        return error
 
 
 def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
@@ -371,15 +472,6 @@ def _trace(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
             f.write(json.dumps({"step": step, "micro": micro, "images": idx.tolist()}) + "\n")
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """True on every process when the main process says so (a collective: all must call)."""
-    if accelerator.num_processes == 1:
-        return flag
-    from accelerate.utils import broadcast
-
-    return bool(broadcast(torch.tensor([int(flag)], device=accelerator.device)).item())
-
-
 def _series(history, name: str) -> health.Series:
     return [(step, m[name]) for step, m in history if name in m]
 
@@ -390,7 +482,7 @@ def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
                            _series(history, "loss/current"), facts, thresholds)
 
 
-def _summary(verdict: health.Verdict, history, step: int, rest: dict) -> dict:
+def _summary(verdict: health.Verdict, history, step: int, family: str, rest: dict) -> dict:
     """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
     decides between runs (verdict, the last fixed-noise losses, the best validation step),
     then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
@@ -401,8 +493,8 @@ def _summary(verdict: health.Verdict, history, step: int, rest: dict) -> dict:
         if values:
             last[name] = values[-1]
     best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
-    return {"health": verdict.summary(), "loss": last, **best, "step": step, **rest,
-            "verdict_numbers": verdict.numbers}
+    return {"health": verdict.summary(), "loss": last, **best, "model": {"family": family},
+            "step": step, **rest, "verdict_numbers": verdict.numbers}
 
 
 def _report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
@@ -417,66 +509,12 @@ def _report_health(tracker, verdict: health.Verdict, path: Path | None, step: in
           + (f"; try: {verdict.command}" if verdict.command else ""))
 
 
-def _samples(pipe, unet, accelerator, p, meta):
-    """A base-vs-LoRA grid of train.sample_prompts at the train seed, with the UNet as it is
-    now. Draws only from its own seeded generators, so training is unaffected."""
-    height, width = meta["image_size"]
-    settings = SampleSettings(steps=p.sample_steps, guidance_scale=TRAIN_GUIDANCE,
-                              negative_prompt="", width=width, height=height, lora_scale=1.0)
-    was_training = unet.training
-    unet.eval()
-    with accelerator.autocast():
-        image, _ = sample_grid(pipe, p.sample_prompts, [p.seed], settings)
-    unet.train(was_training)
-    return image
-
-
 def _averages(losses: list[float], window: int) -> list[float]:
     out = []
     for i in range(len(losses)):
         chunk = losses[max(0, i + 1 - window):i + 1]
         out.append(sum(chunk) / len(chunk))
     return out
-
-
-def _diverged(accelerator, unet, config, out_dir, tracker, step, lr, what,
-              health_report, facts: health.RunFacts) -> Diverged:
-    """Save the last good LoRA (the weights before this step), record the health, and return
-    the error to raise."""
-    verdict = health.Verdict(
-        "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
-        [f"{what} at step {step} was NaN or Inf"], health.diverged_advice(facts),
-        numbers={"step": step, "lr": lr})
-    verdict.command = health.try_next(verdict, facts)
-    error = Diverged(step, lr, what, verdict.advice, verdict.command)
-    if accelerator.is_main_process:
-        state = lora.peft_state(accelerator.unwrap_model(unet))
-        if all(torch.isfinite(t).all() for t in state.values()):
-            with outputs.atomic_dir(out_dir) as tmp:
-                lora.save_diffusers(state, config, tmp, tracker.name)
-        tracker.summary(step, _summary(verdict, tracker.history, step, {}))
-        _report_health(tracker, verdict, health_report, step)
-        tracker.text(f"diverged: {error}")
-        tracker.close()
-    return error
-
-
-def save_lora(unet, config, params, plan: Plan, out_dir: Path, meta: dict, base: dict,
-              captions: list[str], steps: int, run: str) -> None:
-    """Both formats into out_dir, atomically; refuses non-finite weights. `steps` is the
-    step whose weights these are (the best one after early stopping)."""
-    state = lora.peft_state(unet)
-    bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
-    name = webui.output_name(params.lora.name)
-    height, width = meta["image_size"]
-    metadata = webui.build_metadata(
-        params, name, base, (width, height), captions, plan.max_steps,
-        math.ceil(plan.max_steps / plan.steps_per_epoch), steps)
-    with outputs.atomic_dir(out_dir) as tmp:
-        lora.save_diffusers(state, config, tmp, run)
-        lora.save_webui(state, params.lora.alpha, metadata, tmp / webui.file_name(name))
 
 
 def _register_lora_hooks(accelerator: Accelerator) -> None:

@@ -25,12 +25,6 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 DEFAULT_NAME = "lorapipe"
-# the Stability AI model spec's architecture ids for the SD families lorapipe trains
-ARCH_SD_V1 = "stable-diffusion-v1"
-ARCH_SD_V2_512 = "stable-diffusion-v2-512"
-ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
-
-
 def output_name(configured: str) -> str:
     """lora.name, else the DVC experiment's name, else 'lorapipe'."""
     return configured or os.environ.get("DVC_EXP_NAME") or DEFAULT_NAME
@@ -38,16 +32,6 @@ def output_name(configured: str) -> str:
 
 def file_name(name: str) -> str:
     return f"{name}.safetensors"
-
-
-def base_version(cross_attention_dim: int, prediction_type: str) -> dict:
-    """What the base model is, from its UNet and scheduler (SD 2.x conditions on 1024-wide
-    OpenCLIP states, SD 1.x on 768-wide CLIP ones; the builtin tiny model is SD 1.x-shaped)."""
-    v2 = cross_attention_dim == 1024
-    v_pred = prediction_type == "v_prediction"
-    arch = (ARCH_SD_V2_768_V if v_pred else ARCH_SD_V2_512) if v2 else ARCH_SD_V1
-    return {"v2": v2, "v_pred": v_pred, "version": "sd_v2" if v2 else "sd_v1",
-            "architecture": arch}
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:
