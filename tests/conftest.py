@@ -103,9 +103,8 @@ def copy_repo(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def example_processed(tmp_path_factory):
     """The example data preprocessed to 64 px, with preprocess's metadata.csv columns."""
-    from stages.preprocess import SIZE_COLUMNS, size_columns
-
     from lorapipe.images import save_square_png
+    from stages.preprocess import SIZE_COLUMNS, size_columns
 
     processed = tmp_path_factory.mktemp("example") / "processed"
     processed.mkdir()
