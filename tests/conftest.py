@@ -252,3 +252,15 @@ def git_copy(root: Path):
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "copy")
     return root, sh
+
+
+SDXL = {"model__base": "builtin:tiny-sdxl"}
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_run(request):
+    """(encoded example cache, params overrides) for each model family's builtin: a test
+    using it runs once per family."""
+    if request.param == "sd":
+        return request.getfixturevalue("example_cache"), {}
+    return request.getfixturevalue("example_cache_sdxl"), dict(SDXL)

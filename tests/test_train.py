@@ -100,10 +100,11 @@ def test_same_seed_same_bytes(tmp_path, example_cache):
     assert (c / "lora" / name).read_bytes() != (a / "lora" / name).read_bytes()
 
 
-def test_nan_guard_stops_keeps_last_good_lora(tmp_path, example_cache):
+def test_nan_guard_stops_keeps_last_good_lora(tmp_path, family_run):
+    cache, family = family_run
     with pytest.raises(Diverged) as exc:
-        train_in(tmp_path, example_cache, train__learning_rate=1e12, train__max_grad_norm=0.0,
-                 train__max_steps=30)
+        train_in(tmp_path, cache, train__learning_rate=1e12, train__max_grad_norm=0.0,
+                 train__max_steps=30, **family)
     message = str(exc.value)
     assert "non-finite at step" in message and "lr 1.00e+12" in message
     assert "lower train.learning_rate" in message
@@ -133,18 +134,22 @@ def test_grad_accum_and_epochs(tmp_path, example_cache, capsys):
     assert "global batch 6" in capsys.readouterr().out
 
 
-def test_bf16_keeps_lora_weights_fp32(tmp_path, example_cache):
-    result = train_in(tmp_path, example_cache, train__mixed_precision="bf16", train__max_steps=4)
+def test_bf16_keeps_lora_weights_fp32(tmp_path, family_run):
+    cache, family = family_run
+    result = train_in(tmp_path, cache, train__mixed_precision="bf16", train__max_steps=4,
+                      **family)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.summary["loss"].values())
     lora_params = [p for n, p in result.unet.named_parameters() if "lora_" in n]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
     base = [p for n, p in result.unet.named_parameters() if "lora_" not in n]
     assert all(p.dtype == torch.bfloat16 for p in base)
 
 
-def test_gradient_checkpointing_gives_the_same_training(tmp_path, example_cache):
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, family_run):
+    cache, family = family_run
     a, b = run_dirs(tmp_path, "a", "b")
-    ra = train_in(a, example_cache, train__max_steps=4)
-    rb = train_in(b, example_cache, train__max_steps=4, train__gradient_checkpointing=True)
+    ra = train_in(a, cache, train__max_steps=4, **family)
+    rb = train_in(b, cache, train__max_steps=4, train__gradient_checkpointing=True, **family)
     for (na, pa), (_, pb) in zip(ra.unet.named_parameters(), rb.unet.named_parameters(),
                                  strict=True):
         if "lora_" in na:

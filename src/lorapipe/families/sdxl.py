@@ -89,15 +89,17 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     from lorapipe.models import TINY_SEED, tiny_tokenizer, tiny_vae
 
     tokenizer = tiny_tokenizer()
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(TINY_SEED + 10)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_act="quick_gelu"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        **common, hidden_size=32, intermediate_size=64, hidden_act="quick_gelu"))
+    # wider than the first, as bigG (1280) is than CLIP-L (768): loaders tell the two apart
+    # by width
     torch.manual_seed(TINY_SEED + 11)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(**common, hidden_act="gelu", projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        **common, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=48))
     vae = tiny_vae()
     torch.manual_seed(TINY_SEED + 12)
     unet = UNet2DConditionModel(
@@ -106,9 +108,9 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 32, 64), layers_per_block=2,
         transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
-        use_linear_projection=True, norm_num_groups=8, cross_attention_dim=64,
+        use_linear_projection=True, norm_num_groups=8, cross_attention_dim=32 + 48,
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
+        projection_class_embeddings_input_dim=6 * 8 + 48,
     )
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -123,3 +125,18 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 
 FAMILY = SDXL()
+
+
+# SDXL 1.0 base's UNet config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json;
+# the keys that differ from UNet2DConditionModel's defaults): the tests check the WebUI
+# export against it and bench/sdxl_step.py builds it, both without weights.
+SDXL_1_0_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048, "use_linear_projection": True, "norm_num_groups": 32,
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}

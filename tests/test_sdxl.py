@@ -1,0 +1,211 @@
+"""SDXL end to end on the builtin tiny SDXL: its shape, the encode cache (both encoders,
+pooled embedding, micro-conditioning from preprocess), training, the two export files loaded
+back the ways users load them, the WebUI names against the real SDXL 1.0 UNet, and
+single-file bases in the original layout for both families."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+
+from conftest import SDXL, WEBUI_FILE, make_params, train_in
+from ldm_layout import write_single_file
+from lorapipe import families, ldm, lora
+from lorapipe.cache import encode_dataset, load_cache, save_cache
+from lorapipe.families.sdxl import SDXL_1_0_UNET, build_tiny_sdxl
+from lorapipe.models import load_pipeline
+from stages import sample as sample_stage
+
+
+def test_tiny_sdxl_is_sdxl_shaped_and_its_cache_holds_the_micro_conditioning(
+        example_cache_sdxl, example_processed):
+    pipe = build_tiny_sdxl()
+    cfg = pipe.unet.config
+    assert cfg.addition_embed_type == "text_time" and list(cfg.transformer_layers_per_block) \
+        == [1, 1, 2] and cfg.down_block_types[0] == "DownBlock2D"
+    # cross-attention sees both encoders' states side by side; the pooled one is bigG-like's
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert cfg.cross_attention_dim == width
+    assert cfg.projection_class_embeddings_input_dim == \
+        6 * cfg.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
+
+    cache = load_cache(example_cache_sdxl)
+    assert cache.meta["family"] == "sdxl" and 0.8 < cache.latents.std().item() < 1.25
+    assert cache.cond["text_states"].shape == (20, 77, width)
+    assert cache.cond["pooled"].shape == (20, pipe.text_encoder_2.config.projection_dim)
+    # the pipeline's own prompt encoding (same batch of 8 as the encode stage's), so training
+    # conditions exactly as sampling does
+    states, _, pooled, _ = pipe.encode_prompt(cache.captions[:8],
+                                              do_classifier_free_guidance=False)
+    assert torch.equal(cache.cond["text_states"][:8], states)
+    assert torch.equal(cache.cond["pooled"][:8], pooled)
+    # time ids: (original h, w, crop top, left, target h, w) as preprocess recorded them
+    with open(example_processed / "metadata.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    wide = next(i for i, r in enumerate(rows) if int(r["original_width"]) > int(
+        r["original_height"]))
+    r = rows[wide]
+    assert int(r["crop_left"]) > 0 and int(r["crop_top"]) == 0  # a landscape loses its sides
+    assert cache.cond["time_ids"][wide].tolist() == [
+        float(r[c]) for c in ("original_height", "original_width", "crop_top", "crop_left",
+                              "height", "width")]
+
+
+@pytest.fixture(scope="module")
+def sdxl_trained(tmp_path_factory, example_cache_sdxl):
+    root = tmp_path_factory.mktemp("sdxl")
+    result = train_in(root, example_cache_sdxl, lora__rank=4, lora__alpha=8,
+                      train__max_steps=30, train__learning_rate=5e-3, **SDXL)
+    return root, result
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    inputs = {
+        "encoder_hidden_states": torch.randn(2, 77, cfg.cross_attention_dim, generator=gen),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, cfg.projection_class_embeddings_input_dim
+                                       - 6 * cfg.addition_time_embed_dim, generator=gen),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [160, 224, 0, 13, 64, 64]])}}
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        return unet.eval()(x, torch.tensor([100, 700]), **inputs).sample
+
+
+def test_sdxl_trains_and_says_so(sdxl_trained):
+    root, result = sdxl_trained
+    s = result.summary
+    assert s["model"]["family"] == "sdxl" and s["fixed_loss_end"] < s["fixed_loss_start"]
+    assert (root / "logs/train.log").read_text().startswith(
+        "train: sdxl base builtin:tiny-sdxl;")
+
+
+@pytest.mark.parametrize("source", ["folder", "webui"])
+def test_sdxl_lora_loads_back_in_the_sdxl_pipeline_exactly(sdxl_trained, source):
+    """Both files through StableDiffusionXLPipeline.load_lora_weights: the WebUI file goes
+    through diffusers' own SGM -> diffusers mapping, an independent check of its names."""
+    root, result = sdxl_trained
+    expected = unet_output(result.unet)
+    assert (expected - unet_output(build_tiny_sdxl().unet)).abs().max() > 1e-3
+    pipe = build_tiny_sdxl()
+    pipe.load_lora_weights(str(root / "lora" if source == "folder" else root / "lora" / WEBUI_FILE))
+    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=0, atol=0)
+    image = pipe("a red circle, lpstyle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_sdxl_webui_metadata_says_sdxl(sdxl_trained):
+    root, _ = sdxl_trained
+    with safe_open(str(root / "lora" / WEBUI_FILE), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert not any("down_blocks" in k for k in keys)  # SGM names only, as kohya writes SDXL
+
+
+def test_continue_an_sdxl_lora_from_its_webui_file(tmp_path, sdxl_trained, example_cache_sdxl):
+    root, result = sdxl_trained
+    cont = train_in(tmp_path, example_cache_sdxl, lora__rank=4, lora__alpha=4,
+                    lora__init=str(root / "lora" / WEBUI_FILE), train__max_steps=1,
+                    train__learning_rate=1e-12, **SDXL)
+    torch.testing.assert_close(unet_output(cont.unet), unet_output(result.unet),
+                               rtol=1e-4, atol=1e-5)
+
+
+def _meta_unet(config: dict) -> UNet2DConditionModel:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return UNet2DConditionModel(**config)
+
+
+def test_webui_names_are_the_real_sdxl_unet_modules():
+    """SDXL 1.0's UNet built from its config without weights: the original-name map agrees
+    with diffusers' own converter on every tensor, and every exported LoRA key names a
+    Linear of the original model, with matching shapes."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    unet = _meta_unet(SDXL_1_0_UNET)
+    weights = {k: v for k, v in unet.state_dict().items()}
+    original = {}
+    for key, tensor in weights.items():
+        module, param = key.rsplit(".", 1)
+        original[f"model.diffusion_model.{ldm.unet_module(module, unet.config)}.{param}"] = tensor
+    back = convert_ldm_unet_checkpoint(original, dict(unet.config))
+    assert set(back) == set(weights)
+    assert all(back[k].shape == weights[k].shape for k in weights)
+
+    config = lora.lora_config(4, 4, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    lora.attach_lora(unet, config)
+    state = lora.peft_state(unet)
+    assert len(state) == 2 * 4 * 140  # 70 transformer blocks x 2 attentions x 4 projections
+    tensors = lora.to_kohya(state, 4, families.by_name("sdxl"), unet.config)
+    linear = {k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(
+        ".", "_"): v.shape for k, v in original.items() if v.ndim == 2}
+    for key, tensor in tensors.items():
+        module, kind = key.removeprefix("lora_unet_").split(".", 1)
+        assert module in linear, key
+        out_features, in_features = linear[module]
+        if kind == "lora_down.weight":
+            assert tensor.shape == (4, in_features), key
+        elif kind == "lora_up.weight":
+            assert tensor.shape == (out_features, 4), key
+    # and diffusers maps the names back to exactly the modules that were trained
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet.config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(mapped)
+    assert set(convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in converted.items()})) == set(state)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_file_base_in_the_original_layout_loads_the_same_weights(tmp_path, family):
+    """What users have: one .safetensors in the LDM/SGM layout, with model.config naming a
+    diffusers folder of the same architecture for the configs (offline)."""
+    f = families.by_name(family)
+    pipe = f.build_builtin()
+    pipe.save_pretrained(tmp_path / "config")
+    write_single_file(pipe, tmp_path / "base.safetensors")
+    assert families.detect(tmp_path / "base.safetensors", "base.safetensors") is f
+    assert families.detect(tmp_path / "config", "config") is f
+    loaded = load_pipeline("base.safetensors", "config", root=tmp_path)
+    assert type(loaded) is f.pipeline_class
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if hasattr(pipe, part):
+            want, got = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
+            assert want.keys() == got.keys(), part
+            assert all(torch.equal(want[k], got[k]) for k in want), part
+
+
+def test_sdxl_single_file_base_trains_and_samples(tmp_path, example_processed, monkeypatch):
+    """model.base: a single SGM-layout file + model.config: encode, train and sample run on
+    it, and it encodes exactly as the builtin it was written from."""
+    pipe = build_tiny_sdxl()
+    pipe.save_pretrained(tmp_path / "sdxl-config")
+    write_single_file(pipe, tmp_path / "sdxl.safetensors")
+    base = {"model__base": str(tmp_path / "sdxl.safetensors"),
+            "model__config": str(tmp_path / "sdxl-config")}
+    cache = encode_dataset(load_pipeline(base["model__base"], base["model__config"]),
+                           example_processed, batch_size=8)
+    builtin = encode_dataset(pipe, example_processed, batch_size=8)
+    assert torch.equal(cache.latents, builtin.latents)
+    assert all(torch.equal(cache.cond[k], builtin.cond[k]) for k in builtin.cond)
+    save_cache(cache, tmp_path / "cache", base["model__base"])
+    result = train_in(tmp_path, tmp_path / "cache", train__max_steps=4, **base)
+    assert result.summary["model"]["family"] == "sdxl"
+
+    make_params(tmp_path, sample__steps=2, sample__images_per_prompt=1, **base)
+    monkeypatch.chdir(tmp_path)  # the stage reads params.yaml from the working folder
+    assert sample_stage.main(["--lora", "lora", "--out", "samples", "--logs", "slogs"]) == 0
+    assert (tmp_path / "samples/grid.png").exists()
