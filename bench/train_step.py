@@ -98,8 +98,8 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
                                      max_length=77, truncation=True, return_tensors="pt")
                 text = pipe.text_encoder(ids.input_ids)[0]
         else:
-            latents, text = cache.latents[idx], cache.text_states[idx]
-        loss = diffusion_loss(unet, sched, latents, text, gen)
+            latents, text = cache.latents[idx], cache.cond["text_states"][idx]
+        loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -158,7 +158,7 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
     times = []
     for _ in range(steps + 1):  # the first is warm-up
         start = time.perf_counter()
-        loss = diffusion_loss(unet, sched, latents, text, gen)
+        loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -202,7 +202,15 @@ def test_experiment_workflow(repo, tmp_path):
         time.sleep(3)
     assert "Failed" not in status, status
 
+    # another model family is one params change: the data stages stay cached
+    out = sh("dvc", "exp", "run", "-S", "model.base=builtin:tiny-sdxl", "-S",
+             "train.learning_rate=1e-3", "-S", "train.max_steps=20", "-n", "sdxl")
+    assert ran(out) == ["params", "encode", "train", "sample"]
+    assert "train: sdxl base builtin:tiny-sdxl;" in out
+
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert exps["sdxl"]["metrics"]["model"]["family"] == "sdxl"
+    assert exps["rank16"]["metrics"]["model"]["family"] == "sd"
     assert exps["rank16"]["params"]["lora"]["rank"] == 16
     # the plain `dvc exp show` as a 120-column terminal shows it (its pager chops the rest):
     # the verdict and both fixed-noise losses, with values, for every experiment
@@ -217,8 +225,8 @@ def test_experiment_workflow(repo, tmp_path):
         for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]
-    for name, exp in exps.items():  # rank16, steps6, lrtiny and the two queued runs
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16, 16]
+    for name, exp in exps.items():  # rank16, steps6, lrtiny, the two queued runs, sdxl
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from lorapipe.errors import LorapipeError
 
@@ -210,37 +210,10 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
     return problems
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads scalars as YAML 1.2 does, like DVC's parser (ruamel).
-
-    PyYAML follows YAML 1.1: there a float needs a dot ("1.0e-4" but not "1e-4") and
-    yes/no/on/off are booleans. `dvc exp run -S` writes params.yaml in YAML 1.2 style, e.g.
-    `mixed_precision: no` for the string "no"; read as 1.1 that would become False.
-    """
-
-
-# YAML 1.2 core schema booleans: true/false only.
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+def _yaml() -> YAML:
+    """ruamel.yaml's safe loader, as DVC reads params.yaml: YAML 1.2, so "1e-4" is a float
+    and `mixed_precision: no` (as `dvc exp run -S` writes it) the string "no", not False."""
+    return YAML(typ="safe", pure=True)
 
 
 def _fields(cls: type) -> dict[str, tuple[type, Rule | None]]:
@@ -417,7 +390,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except UnicodeDecodeError:
         raise ParamsError(f"{path} is not UTF-8 text") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
+        raw = _yaml().load(text)
+    except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, path.resolve().parent, source=str(path))
