@@ -130,10 +130,12 @@ def test_stage_writes_squares_and_metadata(prepared):
     before = tree_digest(images)
     assert run_stage(ws, images) == 0
     lines = (ws / "processed/metadata.csv").read_text().splitlines()
-    assert lines[0] == "file_name,text,source"
-    assert lines[-3:] == ["sub/x.png,caption sub/x.jpg,sub/x.jpg",
-                          "x.png,caption x.jpg,x.jpg",
-                          "x.png.png,caption x.png,x.png"]
+    assert lines[0] == ("file_name,text,source,width,height,original_width,original_height,"
+                        "crop_left,crop_top")
+    # 120x90 to 64 px: resized to 85.3x64, so 11 px cut off the left (SDXL is told so)
+    assert lines[-3:] == ["sub/x.png,caption sub/x.jpg,sub/x.jpg,64,64,120,90,11,0",
+                          "x.png,caption x.jpg,x.jpg,64,64,120,90,11,0",
+                          "x.png.png,caption x.png,x.png,64,64,90,120,0,11"]
     outputs = sorted(p.relative_to(ws / "processed").as_posix()
                      for p in (ws / "processed").rglob("*.png"))
     assert len(outputs) == len(names)
