@@ -51,10 +51,13 @@ def step(setting: str, steps: int) -> dict:
     bf16 = setting.startswith("bf16")
     start = time.perf_counter()
     torch.manual_seed(0)
+    # bf16 settings build the UNet in bf16 directly: an fp32 build (10 GiB) would set the
+    # peak before training starts
+    torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
     unet = UNet2DConditionModel(**SDXL_1_0_UNET)
+    torch.set_default_dtype(torch.float32)
     lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
     if bf16:  # frozen base in bf16, trainable LoRA in fp32, as train.mixed_precision: bf16
-        unet.to(torch.bfloat16)
         cast_training_params(unet, dtype=torch.float32)
     if setting.endswith("+ckpt"):
         unet.enable_gradient_checkpointing()

@@ -98,7 +98,7 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
                                      max_length=77, truncation=True, return_tensors="pt")
                 text = pipe.text_encoder(ids.input_ids)[0]
         else:
-            latents, text = cache.latents[idx], cache.cond["text_states"][idx]
+            latents, text = cache.latents.tensor[idx], cache.cond["text_states"][idx]
         loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

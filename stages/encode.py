@@ -26,8 +26,9 @@ def main(argv: list[str] | None) -> int:
     path = save_cache(cache, args.out, params.model.base)
     std = cache.latents.std().item()
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in cache.cond.items())
-    print(f"encode: {len(cache.files)} images ({cache.meta['family']}) -> {path} (latents "
-          f"{tuple(cache.latents.shape)}, std {std:.3f}; {shapes})")
+    sizes = ", ".join(f"{size}: {n}" for size, n in cache.latents.histogram().items())
+    print(f"encode: {len(cache.files)} images ({cache.meta['family']}) -> {path} (latents of "
+          f"{sizes}, std {std:.3f}; {shapes})")
     if not 0.5 < std < 2.0:
         print(f"encode: warning: latent std {std:.3f} is far from 1; the VAE's scaling_factor "
               "may not suit this data, and the loss will say little about the image")

@@ -1,4 +1,5 @@
-"""preprocess: every usable image to a square PNG at preprocess.resolution, on all cores.
+"""preprocess: every usable image to a square PNG at preprocess.resolution (or to its
+aspect-ratio bucket, preprocess.buckets), on all cores.
 
     python -m stages.preprocess --images data/example --usable reports/usable.csv \
         --out data/processed
@@ -9,14 +10,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from lorapipe import outputs
+from lorapipe import buckets, outputs
 from lorapipe.cli import run_stage
 from lorapipe.errors import LorapipeError
-from lorapipe.images import resolve_inside, save_square_png
+from lorapipe.images import oriented_size, resolve_inside, save_placed_png, save_square_png
 from lorapipe.parallel import map_progress, resolve_workers
 from lorapipe.params import load_params
 
@@ -42,14 +46,32 @@ SIZE_COLUMNS = ("width", "height", "original_width", "original_height", "crop_le
                 "crop_top")
 
 
-def size_columns(source: tuple[int, int], resolution: int) -> list[int]:
-    """SIZE_COLUMNS for a source of (width, height) resized so its shorter side is
-    `resolution` and centre-cropped to a square."""
-    width, height = source
-    scale = resolution / min(width, height)
-    left = round((width * scale - resolution) / 2)
-    top = round((height * scale - resolution) / 2)
-    return [resolution, resolution, width, height, left, top]
+def size_columns(source: tuple[int, int], placement: buckets.Placement) -> list[int]:
+    return [placement.width, placement.height, *source, placement.crop_left,
+            placement.crop_top]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Square crops at `resolution`, or the bucket set (preprocess.buckets)."""
+
+    resolution: int
+    buckets: tuple[tuple[int, int], ...] = ()
+    step: int = 0
+    upscale: bool = False
+
+    @classmethod
+    def from_params(cls, p) -> Layout:
+        if not p.buckets:
+            return cls(p.resolution)
+        return cls(p.resolution, tuple(buckets.make_buckets(p.resolution, p.bucket_step,
+                                                            p.min_side, p.max_side)),
+                   p.bucket_step, p.upscale)
+
+    def place(self, size: tuple[int, int]) -> buckets.Placement:
+        if not self.buckets:
+            return buckets.square(size, self.resolution)
+        return buckets.place(size, list(self.buckets), self.step, self.upscale)
 
 
 def read_usable(path: str) -> list[tuple[str, str]]:
@@ -60,13 +82,19 @@ def read_usable(path: str) -> list[tuple[str, str]]:
         raise LorapipeError(f"{path} not found; run the validate stage first") from None
 
 
-def process_one(images: str, out_dir: str, resolution: int, job: tuple[str, str]):
-    """Worker: one source image to one PNG; returns the source size."""
+def process_one(images: str, out_dir: str, layout: Layout, job: tuple[str, str]) -> list[int]:
+    """Worker: one source image to one PNG; returns its SIZE_COLUMNS."""
     src_name, dst_name = job
     src = resolve_inside(images, src_name)  # validate checked it; re-check, never trust
     dst = Path(out_dir) / dst_name
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return save_square_png(src, dst, resolution)
+    if not layout.buckets:
+        source = save_square_png(src, dst, layout.resolution)
+        return size_columns(source, layout.place(source))
+    source = oriented_size(src)
+    placement = layout.place(source)
+    save_placed_png(src, dst, placement)
+    return size_columns(source, placement)
 
 
 def main(argv: list[str] | None) -> int:
@@ -82,25 +110,37 @@ def main(argv: list[str] | None) -> int:
         raise LorapipeError(f"{args.usable} lists no usable images")
     names = output_names([src for src, _ in rows])
     workers = resolve_workers(params.workers)
-    print(f"preprocess: {len(rows)} images -> {params.resolution}x{params.resolution} PNG, "
-          f"{workers} worker(s)")
+    layout = Layout.from_params(params)
+    shape = (f"aspect-ratio buckets of at most {params.resolution}x{params.resolution} px "
+             f"({len(layout.buckets)} possible)" if layout.buckets
+             else f"{params.resolution}x{params.resolution} PNG")
+    print(f"preprocess: {len(rows)} images -> {shape}, {workers} worker(s)")
 
     with outputs.atomic_dir(args.out) as tmp:
-        job = partial(process_one, args.images, str(tmp), params.resolution)
+        job = partial(process_one, args.images, str(tmp), layout)
         sizes = map_progress(job, list(zip([s for s, _ in rows], names, strict=True)),
                              workers, desc="preprocess")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["file_name", "text", "source", *SIZE_COLUMNS])
         writer.writerows(
-            [name, text, src, *size_columns(size, params.resolution)]
+            [name, text, src, *size]
             for name, (src, text), size in zip(names, rows, sizes, strict=True)
         )
         (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8")
+        # how the sizes were chosen, for the WebUI file's ss_* fields (encode keeps it)
+        (tmp / buckets.LAYOUT_FILE).write_text(json.dumps({
+            "resolution": params.resolution, "buckets": params.buckets,
+            "bucket_step": params.bucket_step, "min_side": params.min_side,
+            "max_side": params.max_side, "upscale": params.upscale}) + "\n")
 
-    upscaled = sum(min(size) < params.resolution for size in sizes)
+    if layout.buckets:
+        counts = Counter(f"{w}x{h}" for w, h, *_ in sizes)
+        print("preprocess: buckets " + ", ".join(f"{b}: {n}" for b, n in sorted(
+            counts.items(), key=lambda kv: -kv[1])))
+    upscaled = sum(max(w / ow, h / oh) > 1 for w, h, ow, oh, *_ in sizes)
     if upscaled:
-        print(f"preprocess: {upscaled} image(s) were smaller than {params.resolution} px and "
+        print(f"preprocess: {upscaled} image(s) were smaller than their output size and "
               "were upscaled; raise validate.min_side to refuse them", file=sys.stderr)
     print(f"preprocess: wrote {len(rows)} images and metadata.csv to {args.out}")
     return 0

@@ -12,9 +12,9 @@ import io
 import sys
 from collections import Counter
 
-from lorapipe import outputs
+from lorapipe import buckets, outputs
 from lorapipe.cli import run_stage
-from lorapipe.metadata import Report, validate_dataset
+from lorapipe.metadata import Finding, Report, Row, validate_dataset
 from lorapipe.params import load_params
 
 SHOWN_PER_CODE = 5  # the terminal gets a sample; the report has every finding
@@ -49,22 +49,49 @@ def print_summary(report: Report, on_error: str, out=None) -> None:
               "(validate.on_error: skip)", file=out)
 
 
+def bucket_report(report: Report, p) -> dict[str, int]:
+    """With preprocess.buckets: the bucket each usable image will land in, as counts per
+    size ('WxH', largest count first), and a warning for a bucket of one image (its batches
+    repeat that image). {} without buckets."""
+    if not p.buckets:
+        return {}
+    sizes = buckets.make_buckets(p.resolution, p.bucket_step, p.min_side, p.max_side)
+    landing: dict[str, list[Row]] = {}
+    for row in report.usable:
+        placed = buckets.place(report.sizes[row.name], sizes, p.bucket_step, p.upscale)
+        landing.setdefault(f"{placed.width}x{placed.height}", []).append(row)
+    for size, rows in landing.items():
+        if len(rows) == 1:
+            report.findings.append(Finding(
+                "warning", "SINGLE_IMAGE_BUCKET",
+                f"the only image of bucket {size}: its batches repeat it; add images of this "
+                "shape or crop it to a common one", row=rows[0].line, file=rows[0].file_name))
+    return {size: len(rows) for size, rows in sorted(landing.items(),
+                                                     key=lambda kv: (-len(kv[1]), kv[0]))}
+
+
 def main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__)
     parser.add_argument("--images", required=True, help="folder with images and metadata.csv")
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--usable", required=True, help="CSV of usable rows to write")
     args = parser.parse_args(argv)
-    params = load_params().validate
+    all_params = load_params()
+    params = all_params.validate
 
     report = validate_dataset(args.images, params.min_side, params.max_pixels)
+    histogram = bucket_report(report, all_params.preprocess)
     failed = bool(report.errors) and (params.on_error == "fail" or not report.usable)
     outputs.write_json(args.report, {
         **report.summary(),
         "passed": not failed,
+        **({"buckets": histogram} if histogram else {}),
         "findings": [f.to_dict() for f in report.findings],
     })
     print_summary(report, params.on_error)
+    if histogram:
+        print("validate: buckets (images per size): "
+              + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
     if failed:
         if report.usable:
             hint = "fix the rows above or set validate.on_error: skip to drop them"

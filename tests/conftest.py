@@ -100,23 +100,40 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def example_processed(tmp_path_factory):
-    """The example data preprocessed to 64 px, with preprocess's metadata.csv columns."""
-    from lorapipe.images import save_square_png
-    from stages.preprocess import SIZE_COLUMNS, size_columns
+def _preprocess_example(folder: Path, bucketed: bool) -> Path:
+    """The example data through preprocess's own worker and layout, at 64 px."""
+    import json
 
-    processed = tmp_path_factory.mktemp("example") / "processed"
-    processed.mkdir()
+    from lorapipe import buckets
+    from stages.preprocess import SIZE_COLUMNS, Layout, process_one
+
+    folder.mkdir()
+    settings = {"resolution": 64, "buckets": bucketed, "bucket_step": 16, "min_side": 32,
+                "max_side": 128, "upscale": False}
+    layout = Layout.from_params(type("P", (), settings))
     rows = []
     with open(REPO / "data/example/metadata.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             name = Path(row["file_name"]).with_suffix(".png").name
-            size = save_square_png(REPO / "data/example" / row["file_name"], processed / name, 64)
-            rows.append([name, row["text"], row["file_name"], *size_columns(size, 64)])
-    write_csv(processed / "metadata.csv", rows,
-              header=("file_name", "text", "source", *SIZE_COLUMNS))
-    return processed
+            size = process_one(str(REPO / "data/example"), str(folder), layout,
+                               (row["file_name"], name))
+            rows.append([name, row["text"], row["file_name"], *size])
+    write_csv(folder / "metadata.csv", rows, header=("file_name", "text", "source", *SIZE_COLUMNS))
+    (folder / buckets.LAYOUT_FILE).write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def example_processed(tmp_path_factory):
+    """The example data preprocessed to 64 px squares, with preprocess's metadata.csv."""
+    return _preprocess_example(tmp_path_factory.mktemp("example") / "processed", False)
+
+
+@pytest.fixture(scope="session")
+def example_processed_buckets(tmp_path_factory):
+    """The example data in aspect-ratio buckets of at most 64x64 px (3 sizes: its
+    portraits, landscapes and squares)."""
+    return _preprocess_example(tmp_path_factory.mktemp("example-b") / "processed", True)
 
 
 def _encoded(processed: Path, family: str) -> Path:
@@ -139,6 +156,18 @@ def example_cache(example_processed):
 def example_cache_sdxl(example_processed):
     """The example data encoded with the builtin SDXL model, once."""
     return _encoded(example_processed, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def bucketed_cache(example_processed_buckets):
+    """The bucketed example encoded with the builtin SD model."""
+    return _encoded(example_processed_buckets, "sd")
+
+
+@pytest.fixture(scope="session")
+def bucketed_cache_sdxl(example_processed_buckets):
+    """The bucketed example encoded with the builtin SDXL model."""
+    return _encoded(example_processed_buckets, "sdxl")
 
 
 def make_params(root: Path, **overrides):

@@ -105,9 +105,10 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert changed(sh) == {"params", "sample"}
     assert ran(sh("dvc", "repro")) == ["params", "sample"]
 
-    # preprocess.resolution: preprocess (and, once its output changed, all after it)...
+    # preprocess.resolution: validate (it reports the buckets images will land in) and
+    # preprocess (and, once its output changed, all after it)...
     set_param(root, "preprocess.resolution", 32)
-    assert changed(sh) == {"params", "preprocess"}
+    assert changed(sh) == {"params", "validate", "preprocess"}
     # ...and a validate key that drops images: validate, then the rest on what is left
     # (one repro for both: each full run costs half a minute here)
     set_param(root, "validate.min_side", 170)  # the 160-px-wide half of the examples
@@ -273,6 +274,11 @@ def test_fresh_clone_runs_one_stage_as_an_experiment(tmp_path):
     assert not (root / "samples").exists()
     out = sh("dvc", "exp", "run", "-n", "all")
     assert ran(out) == ["sample"]
+    # aspect-ratio buckets are one switch: validate (which reports them) onward reruns
+    out = sh("dvc", "exp", "run", "-S", "preprocess.buckets=true", "-n", "buckets")
+    assert ran(out) == ["params", "validate", "preprocess", "encode", "train", "sample"]
+    assert "train: 3 buckets (training images per size): 80x48:" in out
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
-    assert {"only-train", "all"} <= set(exps)
+    assert {"only-train", "all", "buckets"} <= set(exps)
+    assert exps["buckets"]["metrics"]["health"]["status"] == "healthy"
     assert exps["only-train"]["metrics"]["health"]["status"] == "healthy"

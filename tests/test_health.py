@@ -191,15 +191,16 @@ def test_tiny_learning_rate_is_not_learning(tmp_path, example_cache):
 @pytest.fixture(scope="module")
 def tiny_caches(tmp_path_factory, example_cache):
     """The example cache cut to its first 2 and 3 images: datasets of 1-2 steps per epoch."""
-    from lorapipe.cache import Cache, load_cache, save_cache
+    from lorapipe.cache import load_cache, save_cache
 
     full = load_cache(example_cache)
     meta = {k: v for k, v in full.meta.items() if k != "base"}
     out = {}
     for n in (2, 3):
         folder = tmp_path_factory.mktemp(f"cache{n}")
-        save_cache(Cache(full.latents[:n], {k: v[:n] for k, v in full.cond.items()},
-                         full.files[:n], full.captions[:n], meta), folder, "builtin:tiny-sd")
+        part = full.subset(n)
+        part.meta = meta
+        save_cache(part, folder, "builtin:tiny-sd")
         out[n] = folder
     return out
 

@@ -183,7 +183,7 @@ def test_upscaling_is_reported(prepared, workspace, capsys):
     workspace(data__dir=str(images), preprocess__resolution=128, preprocess__workers=1)
     assert run_stage(ws, images) == 0
     # shorter sides: n0..n5 90..130, alpha 100, the x images 90 -> 8 below 128
-    assert "8 image(s) were smaller than 128 px" in capsys.readouterr().err
+    assert "8 image(s) were smaller than their output size" in capsys.readouterr().err
 
 
 def test_pixels_survive_the_round_trip(tmp_path):

@@ -101,16 +101,18 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache, straight)
         assert (other / name).read_bytes() == (straight / name).read_bytes(), name
 
 
-def test_two_process_sdxl_run_resumes_to_the_same_result(tmp_path, example_cache_sdxl):
+def test_two_process_sdxl_bucketed_run_resumes_to_the_same_result(tmp_path,
+                                                                    bucketed_cache_sdxl):
     """The same under `accelerate launch` with 2 CPU processes (gloo), for an SDXL base (its
-    pooled embedding and time ids sharded with the latents)."""
-    cache = example_cache_sdxl
+    pooled embedding and time ids sharded with the latents) on aspect-ratio buckets (the
+    bucketed batch order is resumed too)."""
+    cache = bucketed_cache_sdxl
     straight = setup(tmp_path / "straight", train__num_processes=2, train__batch_size=2, **SDXL)
     run_to_end(straight, cache)
     killed = setup(tmp_path / "killed", train__num_processes=2, train__batch_size=2, **SDXL)
     kill_after_checkpoint(killed, cache)
     out = run_to_end(killed, cache)
-    assert "train: sdxl base builtin:tiny-sdxl" in out, out
+    assert "train: sdxl base builtin:tiny-sdxl" in out and "train: 3 buckets" in out, out
     assert re.search(r"resumed from \S+ at step (20|40)", out), out
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -199,7 +200,7 @@ def test_sdxl_single_file_base_trains_and_samples(tmp_path, example_processed, m
     cache = encode_dataset(load_pipeline(base["model__base"], base["model__config"]),
                            example_processed, batch_size=8)
     builtin = encode_dataset(pipe, example_processed, batch_size=8)
-    assert torch.equal(cache.latents, builtin.latents)
+    assert torch.equal(cache.latents.tensor, builtin.latents.tensor)
     assert all(torch.equal(cache.cond[k], builtin.cond[k]) for k in builtin.cond)
     save_cache(cache, tmp_path / "cache", base["model__base"])
     result = train_in(tmp_path, tmp_path / "cache", train__max_steps=4, **base)
@@ -209,3 +210,22 @@ def test_sdxl_single_file_base_trains_and_samples(tmp_path, example_processed, m
     monkeypatch.chdir(tmp_path)  # the stage reads params.yaml from the working folder
     assert sample_stage.main(["--lora", "lora", "--out", "samples", "--logs", "slogs"]) == 0
     assert (tmp_path / "samples/grid.png").exists()
+
+
+def test_sdxl_sampling_seeds_schedulers_and_lora_scale(sdxl_trained):
+    """The sample stage's generate() on the SDXL pipeline: a sampler from the base's own
+    schedule, the LoRA changes the image, scale 0 gives the base image exactly."""
+    from lorapipe.sampling import SampleSettings, generate, make_scheduler
+
+    root, _ = sdxl_trained
+    pipe = build_tiny_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(root / "lora"))
+    pipe.scheduler = make_scheduler("dpm++_2m", pipe.scheduler.config)
+    assert pipe.scheduler.config.timestep_spacing == "leading"  # SDXL's, kept
+    on = SampleSettings(steps=3, guidance_scale=5.0, negative_prompt="blurry", width=64,
+                        height=64, lora_scale=1.0)
+    off = SampleSettings(**{**on.__dict__, "lora_scale": 0.0})
+    px = [np.asarray(generate(pipe, "a red circle, lpstyle", 7, s, lora=lora), dtype=np.int16)
+          for s, lora in ((on, True), (on, False), (off, True))]
+    assert np.abs(px[0] - px[1]).mean() > 1 and (px[1] == px[2]).all()

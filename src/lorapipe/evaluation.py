@@ -54,7 +54,7 @@ class Evaluator:
 
     unet: torch.nn.Module
     scheduler: object
-    latents: torch.Tensor
+    latents: object  # cache.Latents: one tensor per image size
     cond: dict[str, torch.Tensor]  # the cache's conditioning (families.Family.cond_keys)
     unet_inputs: Callable[[dict], dict]  # the family's: cond -> the UNet's keyword inputs
     train_subset: list[int]
@@ -63,9 +63,17 @@ class Evaluator:
     timesteps: list[int]
 
     def _loss(self, idx: list[int]) -> float:
-        cond = {k: v[idx] for k, v in self.cond.items()}
-        return fixed_loss(self.unet, self.scheduler, self.latents[idx], self.unet_inputs(cond),
-                          self.seed, self.timesteps)
+        """The fixed-noise loss over these images: per image size (bucket), weighted by
+        the images of each size."""
+        losses = []
+        for group in self.latents.groups(idx):
+            cond = {k: v[group] for k, v in self.cond.items()}
+            losses.append((fixed_loss(self.unet, self.scheduler, self.latents[group],
+                                      self.unet_inputs(cond), self.seed, self.timesteps),
+                           len(group)))
+        if len(losses) == 1:
+            return losses[0][0]
+        return sum(loss * n for loss, n in losses) / len(idx)
 
     def __call__(self) -> dict[str, float]:
         # evaluating never changes what training draws next (LoRA dropout uses this RNG)

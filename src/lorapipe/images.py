@@ -248,25 +248,34 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _open_rgb(path: str | Path, cover: tuple[int, int]):
+    """An image with its EXIF orientation applied, as RGB, and its size after orientation
+    (before any JPEG draft). cover=(w, h): the oriented image will be scaled to cover that
+    size, so libjpeg may decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) while it
+    still covers it: for a 2048 px photo going to 512 px this skips most of the decode
+    work, the stage's largest cost.
+
+    No pixel limit here: validate already refused images over validate.max_pixels.
+    """
+    with _pixel_limit(None), Image.open(path) as im:
+        swapped = _orientation(im) in _SWAPS_SIDES
+        source_size = im.size[::-1] if swapped else im.size
+        if im.format == "JPEG":
+            need = cover[::-1] if swapped else cover  # in the stored orientation
+            scale = max(need[0] / im.width, need[1] / im.height)
+            im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        im.seek(0)
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im), source_size
+
+
 def load_square(path: str | Path, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
     """Open an image, apply EXIF orientation, make it RGB, resize the shorter side to
     `resolution` with Lanczos and center-crop it to a square.
 
     Returns the square and the source size (after orientation, before any JPEG draft).
-
-    No pixel limit here: validate already refused images over validate.max_pixels.
     """
-    with _pixel_limit(None), Image.open(path) as im:
-        source_size = im.size[::-1] if _orientation(im) in _SWAPS_SIDES else im.size
-        if im.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while staying at
-            # least `resolution` on the shorter side: for a 2048px photo to 512px this skips
-            # most of the decode work, the largest cost of the stage.
-            scale = resolution / min(im.size)
-            im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-        im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        im = to_rgb(im)
+    im, source_size = _open_rgb(path, (resolution, resolution))
     side = min(im.size)
     left = (im.width - side) / 2
     top = (im.height - side) / 2
@@ -275,6 +284,18 @@ def load_square(path: str | Path, resolution: int) -> tuple[Image.Image, tuple[i
     box = (left, top, left + side, top + side)
     return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box), source_size
 
+
+def load_placed(path: str | Path, placement) -> Image.Image:
+    """Open an image as load_square does and cut it as a buckets.Placement says: resized to
+    cover its bucket, centre-cropped on the overhanging axis, in one resampling pass."""
+    im, (width, height) = _open_rgb(path, (placement.width, placement.height))
+    # the placement is in the source's coordinates; a JPEG draft shrank the decode
+    fx, fy = im.width / width, im.height / height
+    sx, sy = width / placement.resized[0], height / placement.resized[1]
+    box = (placement.crop_left * sx * fx, placement.crop_top * sy * fy,
+           (placement.crop_left + placement.width) * sx * fx,
+           (placement.crop_top + placement.height) * sy * fy)
+    return im.resize((placement.width, placement.height), Image.Resampling.LANCZOS, box=box)
 
 
 def save_square_png(src: str | Path, dst: str | Path, resolution: int) -> tuple[int, int]:
@@ -287,3 +308,14 @@ def save_square_png(src: str | Path, dst: str | Path, resolution: int) -> tuple[
     square, source_size = load_square(src, resolution)
     square.save(dst, format="PNG", compress_level=1)
     return source_size
+
+
+def save_placed_png(src: str | Path, dst: str | Path, placement) -> None:
+    """load_placed(src, placement) written to dst as PNG (as save_square_png)."""
+    load_placed(src, placement).save(dst, format="PNG", compress_level=1)
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation, from the header only."""
+    with _pixel_limit(None), Image.open(path) as im:
+        return im.size[::-1] if _orientation(im) in _SWAPS_SIDES else im.size

@@ -124,6 +124,8 @@ class Record:
     epochs: int
     step: int  # the step whose weights are saved (the best one after early stopping)
     run: str  # the TensorBoard run
+    layout: dict | None = None  # preprocess's resolution and bucket params
+    histogram: dict[str, int] | None = None  # images per bucket ('WxH')
 
 
 def save_lora(unet, config: LoraConfig, family, params, out_dir: Path, record: Record) -> None:
@@ -135,7 +137,7 @@ def save_lora(unet, config: LoraConfig, family, params, out_dir: Path, record: R
     name = webui.output_name(params.lora.name)
     metadata = webui.build_metadata(params, name, record.base, record.resolution,
                                     record.captions, record.max_steps, record.epochs,
-                                    record.step)
+                                    record.step, record.layout, record.histogram)
     tensors = to_kohya(state, params.lora.alpha, family, unet.config)
     with outputs.atomic_dir(out_dir) as tmp:
         save_diffusers(state, config, family, tmp, record.run)

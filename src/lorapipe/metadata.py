@@ -75,6 +75,7 @@ class Report:
     rows: int = 0
     usable: list[Row] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # usable: name -> (w, h)
 
     @property
     def errors(self) -> list[Finding]:
@@ -196,7 +197,8 @@ def read_metadata(csv_path: str | Path) -> list[Row]:
 
 
 def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
-    """All findings for one row, and the image's content hash (None if unusable).
+    """All findings for one row, the image's content hash (None if unusable) and its size
+    after EXIF orientation (None if unusable).
 
     Runs in a worker process: takes and returns only plain data.
     """
@@ -217,7 +219,7 @@ def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
         info = inspect_image(path, max_pixels)
     except ImageProblem as problem:
         add("error", problem.code, str(problem))
-        return findings, None
+        return findings, None, None
     if min(info.width, info.height) < min_side:
         add(
             "error",
@@ -227,7 +229,7 @@ def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
         )
     for code, message in info.warnings:
         add("warning", code, message)
-    return findings, info.content_hash
+    return findings, info.content_hash, (info.width, info.height)
 
 
 def unlisted_images(image_dir: str | Path, listed: set[str]) -> list[str]:
@@ -279,7 +281,7 @@ def validate_dataset(
     check = partial(check_row, image_dir, min_side=min_side, max_pixels=max_pixels)
     results = map_progress(check, to_check, workers, desc="validate")
     seen_content: dict[str, Row] = {}
-    for row, (findings, content_hash) in zip(to_check, results, strict=True):
+    for row, (findings, content_hash, size) in zip(to_check, results, strict=True):
         report.findings += findings
         if content_hash is not None and content_hash in seen_content:
             first = seen_content[content_hash]
@@ -292,6 +294,7 @@ def validate_dataset(
             seen_content[content_hash] = row
         if not any(f.severity == "error" for f in findings):
             report.usable.append(row)
+            report.sizes[row.name] = size
 
     for name in unlisted_images(image_dir, set(first_line)):
         report.findings.append(Finding(

@@ -65,8 +65,15 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    resolution: int = key("output side in pixels", minimum=8, multiple_of=8)
+    resolution: int = key("square side in pixels; with buckets, each bucket's area is at "
+                          "most resolution squared", minimum=8, multiple_of=8)
     workers: int = key("worker processes, 0 = one per CPU core", minimum=0)
+    buckets: bool = key("aspect-ratio buckets instead of square centre crops")
+    bucket_step: int = key("bucket sides are multiples of this", minimum=8, multiple_of=8)
+    min_side: int = key("shortest bucket side in pixels", minimum=8, multiple_of=8)
+    max_side: int = key("longest bucket side in pixels", minimum=8, multiple_of=8)
+    upscale: bool = key("enlarge images smaller than their bucket (kohya: not "
+                        "bucket_no_upscale)")
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,17 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
+    if has("preprocess.min_side", "preprocess.max_side", "preprocess.resolution",
+           "preprocess.bucket_step"):
+        lo, hi, res, step = (v[f"preprocess.{k}"] for k in ("min_side", "max_side",
+                                                             "resolution", "bucket_step"))
+        if not lo <= res <= hi:
+            problems.append(f"preprocess.min_side {lo} <= preprocess.resolution {res} <= "
+                            f"preprocess.max_side {hi} does not hold; widen the bucket range")
+        for name, side in (("min_side", lo), ("max_side", hi)):
+            if side % step:
+                problems.append(f"preprocess.{name} {side} is not a multiple of "
+                                f"preprocess.bucket_step {step}")
     return problems
 
 

@@ -55,31 +55,51 @@ class Diverged(LorapipeError):
 class Plan:
     """How micro-batches tile the data stream; every count derived once, here.
 
-    batch_size is the global micro-batch: train.batch_size per process x processes."""
+    batch_size is the global micro-batch: train.batch_size per process x processes.
+    buckets: the training positions of each image size, when there are several
+    (preprocess.buckets); every micro-batch then comes from one of them."""
 
     images: int
     batch_size: int
     grad_accum: int
     max_steps: int
+    buckets: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
-    def from_params(cls, p, images: int, processes: int = 1) -> Plan:
-        per_step = p.batch_size * processes * p.grad_accum
-        steps = p.max_steps or math.ceil(p.epochs * images / per_step)
-        return cls(images, p.batch_size * processes, p.grad_accum, steps)
+    def from_params(cls, p, images: int, processes: int = 1,
+                    buckets: list[list[int]] | None = None) -> Plan:
+        groups = tuple(tuple(g) for g in buckets or []) if buckets and len(buckets) > 1 else ()
+        plan = cls(images, p.batch_size * processes, p.grad_accum, 0, groups)
+        steps = p.max_steps or math.ceil(p.epochs * plan.batches_per_epoch / p.grad_accum)
+        return cls(images, p.batch_size * processes, p.grad_accum, steps, groups)
+
+    @property
+    def batches_per_epoch(self) -> float:
+        """Micro-batches per pass over the data: bucketed, each bucket's last batch is
+        filled up from the same bucket; otherwise batches run across epoch ends."""
+        if self.buckets:
+            return sum(math.ceil(len(g) / self.batch_size) for g in self.buckets)
+        return self.images / self.batch_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.images / (self.batch_size * self.grad_accum)))
+        return max(1, math.ceil(self.batches_per_epoch / self.grad_accum))
 
     def epoch_of(self, step: int) -> int:
         """The epoch the last image of optimizer step `step` (0-based) belongs to."""
+        if self.buckets:
+            return ((step + 1) * self.grad_accum - 1) // int(self.batches_per_epoch)
         last = (step + 1) * self.batch_size * self.grad_accum - 1
         return last // self.images
 
     def batch_indices(self, micro: int, seed: int) -> torch.Tensor:
-        """Image indices of micro-batch `micro`: epochs are seeded permutations, batches
-        run across epoch ends so every batch is full."""
+        """Training positions of micro-batch `micro`: epochs are seeded permutations, batches
+        run across epoch ends so every batch is full; bucketed, an epoch is every bucket's
+        seeded batches in a seeded order."""
+        if self.buckets:
+            per_epoch = int(self.batches_per_epoch)
+            epoch = _bucket_epoch(seed, micro // per_epoch, self.buckets, self.batch_size)
+            return torch.tensor(epoch[micro % per_epoch])
         positions = range(micro * self.batch_size, (micro + 1) * self.batch_size)
         return torch.tensor([_epoch_order(seed, pos // self.images, self.images)[pos % self.images]
                              for pos in positions])
@@ -89,6 +109,22 @@ class Plan:
 def _epoch_order(seed: int, epoch: int, images: int) -> tuple[int, ...]:
     """The seeded image order of one epoch, drawn once per epoch instead of once per image."""
     return tuple(torch.randperm(images, generator=seeded_generator(seed, "epoch", epoch)).tolist())
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_epoch(seed: int, epoch: int, buckets: tuple[tuple[int, ...], ...],
+                  batch: int) -> tuple[tuple[int, ...], ...]:
+    """One epoch's single-bucket batches: each bucket shuffled and cut into full batches
+    (the last one filled up from the start of the same shuffled bucket), then all batches
+    in a shuffled order. A pure function of (seed, epoch), as the unbucketed order is."""
+    gen = seeded_generator(seed, "bucket", epoch)
+    batches = []
+    for members in buckets:
+        order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+        count = math.ceil(len(order) / batch)
+        cycled = [order[i % len(order)] for i in range(count * batch)]
+        batches += [tuple(cycled[k * batch:(k + 1) * batch]) for k in range(count)]
+    return tuple(batches[i] for i in torch.randperm(len(batches), generator=gen).tolist())
 
 
 def flat_params(params) -> dict:
@@ -177,7 +213,9 @@ class Recipe:
         self.trainable = [q for q in unet.parameters() if q.requires_grad]
         self.n_trainable = sum(q.numel() for q in self.trainable)
 
-        self.plan = Plan.from_params(p, len(self.train_idx), self.world)
+        positions = {i: pos for pos, i in enumerate(self.train_idx)}
+        self.plan = Plan.from_params(p, len(self.train_idx), self.world, [
+            [positions[i] for i in group] for group in cache.latents.groups(self.train_idx)])
         self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))
         optimizer = torch.optim.AdamW(self.trainable, lr=p.learning_rate,
                                       weight_decay=p.adam_weight_decay)
@@ -237,6 +275,16 @@ class Recipe:
                                    if found else "")
         print(header)
         self.tracker.text(header)
+        histogram = self._train_histogram()
+        if len(histogram) > 1:
+            line = (f"train: {len(histogram)} buckets (training images per size): "
+                    + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
+            print(line)
+            self.tracker.text(line)
+            lonely = [size for size, n in histogram.items() if n == 1]
+            if lonely:
+                print(f"train: warning: bucket(s) {', '.join(lonely)} hold a single image: "
+                      "its batches repeat that image")
         if not self.val_idx:
             print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
 
@@ -390,12 +438,17 @@ class Recipe:
         if self.val_idx:
             summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
-        height, width = self.cache.meta["image_size"]
+        meta = self.cache.meta
+        height, width = meta["image_size"]
+        layout = meta.get("layout") or {}
+        if layout.get("buckets"):  # kohya writes the base resolution of a bucketed run
+            width = height = layout["resolution"]
         lora.save_lora(unwrapped, self.config, self.family, self.params, self.paths.out,
                        lora.Record(self.base, (width, height),
                                    [self.cache.captions[i] for i in self.train_idx],
                                    plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
-                                   saved_step, tracker.name))
+                                   saved_step, tracker.name, layout,
+                                   self._train_histogram()))
         # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
         # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
         timing = {"wall_time_s": round(time.perf_counter() - self.t0, 2),
@@ -414,6 +467,14 @@ class Recipe:
         tracker.close()
         checkpoints.clear(self.paths.checkpoints)
         return TrainResult(summary, unwrapped, timing)
+
+    def _train_histogram(self) -> dict[str, int]:
+        """Training images per bucket, largest count first."""
+        counts: dict[str, int] = {}
+        for i in self.train_idx:
+            size = self.cache.latents.bucket(i)
+            counts[size] = counts.get(size, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def _samples(self):
         """A base-vs-LoRA grid of train.sample_prompts at the train seed, with the UNet as it

@@ -43,7 +43,9 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
 
 
 def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
-                   captions: list[str], max_steps: int, epochs: int, steps: int) -> dict:
+                   captions: list[str], max_steps: int, epochs: int, steps: int,
+                   layout: dict | None = None, histogram: dict[str, int] | None = None
+                   ) -> dict:
     """The ss_* and modelspec.* fields (values not yet strings); resolution is (width,
     height); steps is the step whose weights the file holds."""
     p, lp = params.train, params.lora
@@ -73,6 +75,16 @@ def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
         "modelspec.title": name, "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if base["v_pred"] else "epsilon",
     }
+    layout = layout or {}
+    meta["ss_enable_bucket"] = bool(layout.get("buckets"))
+    if layout.get("buckets"):  # kohya's bucket fields: A1111 shows ss_bucket_info's counts
+        meta.update({
+            "ss_min_bucket_reso": layout["min_side"], "ss_max_bucket_reso": layout["max_side"],
+            "ss_bucket_no_upscale": not layout["upscale"],
+            "ss_bucket_info": {"buckets": {
+                str(i): {"resolution": [int(x) for x in size.split("x")], "count": n}
+                for i, (size, n) in enumerate((histogram or {}).items())}},
+        })
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch and epoch.strip().isdigit():
         seconds = int(epoch)
