@@ -208,3 +208,11 @@ def test_device_list(tmp_path):
     assert params.train.devices == [1, 3]
     msg = error_for(tmp_path, lambda p: p["train"].update(devices="1"))
     assert "train.devices must be a list of integers >= 0" in msg
+
+
+def test_bucket_range_is_checked_only_with_buckets_on(tmp_path):
+    write(tmp_path, lambda p: p["preprocess"].update(resolution=512))  # squares: fine
+    msg = error_for(tmp_path, lambda p: p["preprocess"].update(
+        resolution=512, buckets=True, min_side=40))
+    assert "preprocess.min_side 40 <= preprocess.resolution 512 <= preprocess.max_side 128" \
+        in msg and "preprocess.min_side 40 is not a multiple of preprocess.bucket_step 16" in msg

@@ -214,8 +214,8 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
-    if has("preprocess.min_side", "preprocess.max_side", "preprocess.resolution",
-           "preprocess.bucket_step"):
+    if has("preprocess.buckets", "preprocess.min_side", "preprocess.max_side",
+           "preprocess.resolution", "preprocess.bucket_step") and v["preprocess.buckets"]:
         lo, hi, res, step = (v[f"preprocess.{k}"] for k in ("min_side", "max_side",
                                                              "resolution", "bucket_step"))
         if not lo <= res <= hi:
