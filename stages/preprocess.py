@@ -137,7 +137,7 @@ def main(argv: list[str] | None) -> int:
     if layout.buckets:
         counts = Counter(f"{w}x{h}" for w, h, *_ in sizes)
         print("preprocess: buckets " + ", ".join(f"{b}: {n}" for b, n in sorted(
-            counts.items(), key=lambda kv: -kv[1])))
+            counts.items(), key=lambda kv: (-kv[1], kv[0]))))
     upscaled = sum(max(w / ow, h / oh) > 1 for w, h, ow, oh, *_ in sizes)
     if upscaled:
         print(f"preprocess: {upscaled} image(s) were smaller than their output size and "

@@ -257,8 +257,9 @@ def shell_in(root: Path):
         GIT_COMMITTER_EMAIL="t@t",
     )
 
-    def sh(*cmd: str, check=True) -> str:
-        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    def sh(*cmd: str, check=True, extra_env: dict | None = None) -> str:
+        result = subprocess.run(cmd, cwd=root, env={**env, **(extra_env or {})},
+                                capture_output=True, text=True)
         if check and result.returncode:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout + result.stderr
