@@ -26,3 +26,17 @@ def write(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def peak_memory(rss_after_setup_gib: float) -> dict:
+    """A child benchmark's peak memory: torch's peak allocated memory on CUDA, else the
+    process's peak RSS (and the RSS it had after set-up)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "device_name": torch.cuda.get_device_name()}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_after_setup_gib": rss_after_setup_gib}

@@ -90,12 +90,7 @@ def step(setting: str, steps: int) -> dict:
            "warmup_s": times[0], "build_s": build_s,
            "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
            "lora_params": sum(p.numel() for p in params)}
-    if cuda:
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["device_name"] = torch.cuda.get_device_name()
-    else:
-        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        out["rss_after_setup_gib"] = rss_setup
+    out.update(report.peak_memory(rss_setup))
     return out
 
 

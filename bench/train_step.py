@@ -169,12 +169,7 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
            "s_per_step": sum(times[1:]) / steps,
            "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
            "lora_params": sum(p.numel() for p in params)}
-    if cuda:
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["device_name"] = torch.cuda.get_device_name()
-    else:
-        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        out["rss_after_setup_gib"] = rss_before
+    out.update(report.peak_memory(rss_before))
     return out
 
 

@@ -103,6 +103,7 @@ def copy_repo(dest: Path) -> Path:
 def _preprocess_example(folder: Path, bucketed: bool) -> Path:
     """The example data through preprocess's own worker and layout, at 64 px."""
     import json
+    from types import SimpleNamespace
 
     from lorapipe import buckets
     from stages.preprocess import SIZE_COLUMNS, Layout, process_one
@@ -110,7 +111,7 @@ def _preprocess_example(folder: Path, bucketed: bool) -> Path:
     folder.mkdir()
     settings = {"resolution": 64, "buckets": bucketed, "bucket_step": 16, "min_side": 32,
                 "max_side": 128, "upscale": False}
-    layout = Layout.from_params(type("P", (), settings))
+    layout = Layout.from_params(SimpleNamespace(**settings))
     rows = []
     with open(REPO / "data/example/metadata.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):

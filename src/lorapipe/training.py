@@ -11,6 +11,7 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -71,7 +72,7 @@ class Plan:
         groups = tuple(tuple(g) for g in buckets or []) if buckets and len(buckets) > 1 else ()
         plan = cls(images, p.batch_size * processes, p.grad_accum, 0, groups)
         steps = p.max_steps or math.ceil(p.epochs * plan.batches_per_epoch / p.grad_accum)
-        return cls(images, p.batch_size * processes, p.grad_accum, steps, groups)
+        return dataclasses.replace(plan, max_steps=steps)
 
     @property
     def batches_per_epoch(self) -> float:
