@@ -92,6 +92,9 @@ class Cache:
     # the family's conditioning (families.Family.cond_keys): SD's text_states [N, 77, D];
     # SDXL's text_states [N, 77, D1+D2], pooled [N, P] and time_ids [N, 6]
     cond: dict[str, torch.Tensor]
+    # the captions' token ids per text encoder ([N, 77] each): what a text-encoder LoRA
+    # encodes per step (families.Family.encode_tokens)
+    tokens: dict[str, torch.Tensor]
     files: list[str]
     captions: list[str]
     meta: dict
@@ -99,7 +102,8 @@ class Cache:
     def subset(self, n: int) -> Cache:
         """The first n images (a dataset of one size)."""
         return Cache(Latents.single(self.latents.tensor[:n]),
-                     {k: v[:n] for k, v in self.cond.items()}, self.files[:n],
+                     {k: v[:n] for k, v in self.cond.items()},
+                     {k: v[:n] for k, v in self.tokens.items()}, self.files[:n],
                      self.captions[:n], dict(self.meta))
 
 
@@ -161,11 +165,12 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int) -> Cache:
             buckets[size] = torch.cat(chunks)
             for row, i in enumerate(members):
                 where[i] = (size, row)
-        conds, truncated = [], []
+        conds, tokens, truncated = [], [], []
         for start in range(0, len(rows), batch_size):
-            cond, cut = family.encode_text(pipe, captions[start:start + batch_size])
+            cond, ids, cut = family.encode_text(pipe, captions[start:start + batch_size])
             truncated += [files[start + i] for i in cut]
             conds.append(cond)
+            tokens.append(ids)
             bar.update(len(cond["text_states"]))
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     cond.update(family.image_conditioning(rows))
@@ -176,7 +181,11 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int) -> Cache:
     meta = {"scaling_factor": scale, "image_size": [height, width], "truncated": truncated,
             "family": family.name, "buckets": latents.histogram(),
             "layout": json.loads(layout.read_text()) if layout.exists() else {}}
-    return Cache(latents, cond, files, captions, meta)
+    return Cache(latents, cond, {k: torch.cat([t[k] for t in tokens]) for k in tokens[0]},
+                 files, captions, meta)
+
+
+TOKENS = "tokens."  # the key prefix of the token ids in the cache file
 
 
 def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
@@ -194,6 +203,7 @@ def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
         tensors = {f"latents.{k}": v.contiguous() for k, v in latents.buckets.items()}
         metadata["bucket_of"] = json.dumps([name for name, _ in latents.where])
     tensors.update({k: v.contiguous() for k, v in cache.cond.items()})
+    tensors.update({TOKENS + k: v.contiguous() for k, v in cache.tokens.items()})
     with outputs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         outputs.canonical_safetensors(tmp)  # same content, same bytes: DVC sees no change
@@ -218,5 +228,10 @@ def load_cache(folder: str | Path) -> Cache:
             where.append((name, seen.get(name, 0)))
             seen[name] = seen.get(name, 0) + 1
         latents = Latents(buckets, where)
-    return Cache(latents, tensors, json.loads(meta["files"]), json.loads(meta["captions"]),
+    tokens = {k.removeprefix(TOKENS): tensors.pop(k) for k in list(tensors)
+              if k.startswith(TOKENS)}
+    if not tokens:
+        raise LorapipeError(f"{path} holds no token ids (an older lorapipe wrote it); rerun "
+                            "the encode stage: dvc repro -f encode")
+    return Cache(latents, tensors, tokens, json.loads(meta["files"]), json.loads(meta["captions"]),
                  {**json.loads(meta["meta"]), "base": meta["base"]})

@@ -55,8 +55,8 @@ class Evaluator:
     unet: torch.nn.Module
     scheduler: object
     latents: object  # cache.Latents: one tensor per image size
-    cond: dict[str, torch.Tensor]  # the cache's conditioning (families.Family.cond_keys)
-    unet_inputs: Callable[[dict], dict]  # the family's: cond -> the UNet's keyword inputs
+    # image indices -> the UNet's keyword inputs (the family's conditioning of those images)
+    unet_inputs: Callable[[list[int]], dict]
     train_subset: list[int]
     validation: list[int]
     seed: int
@@ -67,9 +67,8 @@ class Evaluator:
         the images of each size."""
         losses = []
         for group in self.latents.groups(idx):
-            cond = {k: v[group] for k, v in self.cond.items()}
             losses.append((fixed_loss(self.unet, self.scheduler, self.latents[group],
-                                      self.unet_inputs(cond), self.seed, self.timesteps),
+                                      self.unet_inputs(group), self.seed, self.timesteps),
                            len(group)))
         if len(losses) == 1:
             return losses[0][0]
@@ -101,11 +100,12 @@ class EarlyStop:
     since_best: int = 0
     best_state: dict | None = None
 
-    def update(self, step: int, value: float, unet) -> bool:
-        """Record one evaluation; True when training should stop."""
+    def update(self, step: int, value: float, models: dict) -> bool:
+        """Record one evaluation of the LoRA in `models` (by component); True when training
+        should stop."""
         if value < self.best:
             self.best, self.best_step, self.since_best = value, step, 0
-            self.best_state = lora.peft_state(unet)
+            self.best_state = lora.adapter_state(models)
         else:
             self.since_best += 1
         return bool(self.patience) and self.since_best >= self.patience

@@ -1,11 +1,16 @@
-"""LoRA on the UNet: attach (peft), export in the diffusers and WebUI/kohya formats, load
-back, and continue from an existing LoRA.
+"""LoRA on the UNet and, with lora.text_encoder, the text encoder(s): attach (peft), export
+in the diffusers and WebUI/kohya formats, load back, and continue from an existing LoRA.
+
+A run's adapters are a dict of components ('unet', 'text_encoder', 'text_encoder_2' as the
+pipeline names them); their weights travel together as adapter_state(), keyed
+'<component>.<peft name>'.
 
 Two files are written to the output folder:
 - pytorch_lora_weights.safetensors: diffusers/peft format with the adapter config in its
   metadata, so `pipe.load_lora_weights(folder)` restores the right alpha/rank scale;
 - <lora.name>.safetensors: one file for AUTOMATIC1111/Forge/ComfyUI in kohya's layout
-  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) with kohya's metadata
+  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders
+  `lora_te_*`, SDXL's `lora_te1_*` and `lora_te2_*`) with kohya's metadata
   (lorapipe.webui).
 """
 
@@ -15,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,28 +38,81 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIX = "lora_unet_"
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str],
+                layers: list[int] | None = None) -> LoraConfig:
+    """layers: for a text encoder, the encoder layers that get a LoRA (None = all)."""
     # Gaussian A, zero B (Hu et al., 2021): the LoRA starts as a no-op on the base model.
+    where = {"layers_to_transform": layers, "layers_pattern": "layers"} if layers else {}
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                      init_lora_weights="gaussian", target_modules=list(targets))
+                      init_lora_weights="gaussian", target_modules=list(targets), **where)
 
 
-def attach_lora(unet: torch.nn.Module, config: LoraConfig) -> None:
-    """Freeze the UNet and add the LoRA adapter; raises if a target matches nothing."""
-    unet.requires_grad_(False)
-    try:
-        unet.add_adapter(config)
-    except ValueError as exc:
-        raise LorapipeError(
-            f"lora.targets {sorted(config.target_modules)} match no UNet layer ({exc}); use "
-            "attention projections such as to_q, to_k, to_v, to_out.0"
-        ) from None
+def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, LoraConfig]:
+    """The peft config of every component that gets a LoRA: the UNet, and with
+    lora.text_encoder each text encoder (all its layers the conditioning uses)."""
+    targets = family.targets(lp.targets)
+    out = {"unet": lora_config(lp.rank, lp.alpha, lp.dropout, targets["unet"])}
+    if lp.text_encoder:
+        for name in family.text_encoders:
+            used = models[name].config.num_hidden_layers - family.unused_text_layers.get(name, 0)
+            layers = list(range(used)) if name in family.unused_text_layers else None
+            out[name] = lora_config(lp.rank, lp.alpha, lp.dropout, targets[name], layers)
+    return out
 
 
-def peft_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]) -> dict[str, int]:
+    """Freeze each component and add its LoRA; returns the LoRA modules per component.
+    Raises if a component's targets match nothing."""
+    counts = {}
+    for name, config in configs.items():
+        model = models[name]
+        model.requires_grad_(False)
+        try:
+            model.add_adapter(config)
+        except ValueError as exc:
+            raise LorapipeError(
+                f"lora.targets {sorted(config.target_modules)} match no {name} layer ({exc}); "
+                "use a preset (attn, kohya) or UNet module names such as to_q, to_k, to_v, "
+                "to_out.0") from None
+        counts[name] = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+    return counts
+
+
+def peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights in peft naming ('<module>.lora_A.weight'), contiguous fp32 copies."""
     return {k: v.detach().float().contiguous().clone()
-            for k, v in get_peft_model_state_dict(unet).items()}
+            for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every component's LoRA weights, keyed '<component>.<peft name>' (diffusers' prefixes:
+    'unet.', 'text_encoder.', 'text_encoder_2.')."""
+    return {f"{name}.{k}": v for name, model in models.items()
+            for k, v in peft_state(model).items()}
+
+
+def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """'<component>.<name>' keys -> {component: {name: tensor}}."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        parts.setdefault(component, {})[rest] = tensor
+    return parts
+
+
+def load_adapter_state(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor],
+                       source: str) -> None:
+    """Put adapter_state() weights back; every component's LoRA tensors must all be there
+    (peft itself would skip missing ones without a word)."""
+    parts = split_state(state)
+    for name, model in models.items():
+        part = parts.get(name, {})
+        expected = set(get_peft_model_state_dict(model))
+        if set(part) != expected:
+            raise LorapipeError(
+                f"{source} holds {len(part)} {name} LoRA tensors where this run has "
+                f"{len(expected)}: it was saved by another configuration")
+        set_peft_model_state_dict(model, part, adapter_name="default")
 
 
 def adapter_metadata(config: LoraConfig) -> dict:
@@ -68,20 +131,29 @@ def adapter_metadata(config: LoraConfig) -> dict:
 RUN_KEY = "lorapipe.run"  # metadata: the TensorBoard run that trained it (sample logs beside)
 
 
-def save_diffusers(state: dict[str, torch.Tensor], config: LoraConfig, family, folder: Path,
-                   run: str) -> Path:
-    """The diffusers/peft file, written by the family's pipeline; `run` names the training
-    run, so the sample stage can name its TensorBoard run the same (diffusers ignores
-    metadata keys it does not know)."""
+def save_diffusers(state: dict[str, torch.Tensor], configs: dict[str, LoraConfig], family,
+                   folder: Path, run: str) -> Path:
+    """The diffusers/peft file (adapter_state() weights: the UNet's and any text encoder's),
+    written by the family's pipeline; `run` names the training run, so the sample stage can
+    name its TensorBoard run the same (diffusers ignores metadata keys it does not know)."""
+    layers = {}
+    for name, part in split_state(state).items():
+        if name != "unet":
+            part = {portable_text_name(k): v for k, v in part.items()}
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(part)
+        layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(configs[name])
     family.pipeline_class.save_lora_weights(
-        save_directory=str(folder),
-        unet_lora_layers=convert_state_dict_to_diffusers(state),
-        safe_serialization=True,
-        weight_name=DIFFUSERS_FILE,
-        unet_lora_adapter_metadata=adapter_metadata(config),
-    )
+        save_directory=str(folder), safe_serialization=True, weight_name=DIFFUSERS_FILE,
+        **layers)
     outputs.canonical_safetensors(folder / DIFFUSERS_FILE, {RUN_KEY: run})
     return folder / DIFFUSERS_FILE
+
+
+def portable_text_name(name: str) -> str:
+    """A text-encoder module or tensor name as every loader knows it: transformers 5 flattened
+    CLIPTextModel ('encoder.layers.0...'), while A1111, ComfyUI, kohya and older diffusers
+    expect the 'text_model.' level (diffusers strips it again for a flattened model)."""
+    return name if name.startswith("text_model.") else "text_model." + name
 
 
 def training_run(folder: Path) -> str | None:
@@ -92,12 +164,19 @@ def training_run(folder: Path) -> str | None:
 
 def to_kohya(state: dict[str, torch.Tensor], alpha: float, family, unet_config
              ) -> dict[str, torch.Tensor]:
-    """peft names -> kohya/WebUI names: 'a.b.lora_A.weight' -> 'lora_unet_a_b.lora_down.weight'
-    (SD), or the module's original SGM name (SDXL; families.Family.webui_module)."""
+    """adapter_state() names -> kohya/WebUI names: 'unet.a.b.lora_A.weight' ->
+    'lora_unet_a_b.lora_down.weight' (SD) or the module's original SGM name (SDXL;
+    families.Family.webui_module); 'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'
+    -> 'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_)."""
     out = {}
     for key, tensor in state.items():
-        module, kind, _ = key.rsplit(".", 2)
-        name = KOHYA_PREFIX + family.webui_module(module, unet_config)
+        component, _, rest = key.partition(".")
+        module, kind, _ = rest.rsplit(".", 2)
+        if component == "unet":
+            name = KOHYA_PREFIX + family.webui_module(module, unet_config)
+        else:
+            name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
+                ".", "_")
         out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return dict(sorted(out.items()))
@@ -120,6 +199,7 @@ class Record:
     base: dict  # families.Family.base_version
     resolution: tuple[int, int]  # (width, height)
     captions: list[str]  # of the training images
+    dirs: list[str]  # the dataset folder of each training image (kohya's ss_dataset_dirs)
     max_steps: int
     epochs: int
     step: int  # the step whose weights are saved (the best one after early stopping)
@@ -128,41 +208,71 @@ class Record:
     histogram: dict[str, int] | None = None  # images per bucket ('WxH')
 
 
-def save_lora(unet, config: LoraConfig, family, params, out_dir: Path, record: Record) -> None:
+def save_lora(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig], family,
+              params, out_dir: Path, record: Record) -> None:
     """Both formats into out_dir, atomically; refuses non-finite weights."""
-    state = peft_state(unet)
+    state = adapter_state(models)
     bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
     if bad:
         raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
     name = webui.output_name(params.lora.name)
-    metadata = webui.build_metadata(params, name, record.base, record.resolution,
-                                    record.captions, record.max_steps, record.epochs,
-                                    record.step, record.layout, record.histogram)
-    tensors = to_kohya(state, params.lora.alpha, family, unet.config)
+    metadata = webui.build_metadata(params, name, record)
+    tensors = to_kohya(state, params.lora.alpha, family, models["unet"].config)
     with outputs.atomic_dir(out_dir) as tmp:
-        save_diffusers(state, config, family, tmp, record.run)
+        save_diffusers(state, configs, family, tmp, record.run)
         save_webui(tensors, metadata, tmp / webui.file_name(name))
 
 
-def load_init(unet: torch.nn.Module, path: str, config: LoraConfig, family) -> int:
+def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, LoraConfig],
+              family) -> list[str]:
     """Load an existing LoRA (diffusers folder/file or a kohya/WebUI file) into the attached
-    adapter, so training continues from it. Returns the number of tensors loaded.
+    adapters, so training continues from it. Returns notes for the user.
 
-    A LoRA saved with another alpha is rescaled (up weights * file_alpha / alpha) so the model
-    starts out computing exactly what that LoRA computed.
+    Every part of the file must be used: a text-encoder part while lora.text_encoder is off
+    is an error, never a silent drop. A component the file lacks (a UNet-only LoRA continued
+    with lora.text_encoder on) starts fresh, with a note. A LoRA saved with another alpha is
+    rescaled (up weights * file_alpha / alpha) so the model starts out computing exactly
+    what that LoRA computed.
     """
     try:
         # unet_config: diffusers maps kohya's SGM block names (SDXL) back to its own
         loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
-            path, local_files_only=True, return_lora_metadata=True, unet_config=unet.config
-        )
+            path, local_files_only=True, return_lora_metadata=True,
+            unet_config=models["unet"].config)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None
-    unet_part = {k.removeprefix("unet."): v for k, v in loaded.items() if k.startswith("unet.")}
-    if not unet_part:
+    parts = split_state(loaded)
+    if "unet" not in parts:
         raise LorapipeError(f"lora.init: {path!r} holds no UNet LoRA weights")
-    incoming = convert_unet_state_dict_to_peft(unet_part)
-    current = get_peft_model_state_dict(unet)
+    unused = [name for name in parts if name not in models]
+    if unused:
+        count = sum(len(parts[name]) for name in unused)
+        raise LorapipeError(
+            f"lora.init: {path!r} also holds a text-encoder LoRA ({count} tensors: "
+            f"{', '.join(unused)}), which lora.text_encoder: false would drop; set "
+            "lora.text_encoder: true to continue all of it")
+    notes = []
+    file_alpha = _file_alpha(path, alphas, metadata, configs["unet"])
+    for name, model in models.items():
+        if name not in parts:
+            notes.append(f"lora.init: {path} has no {name} LoRA; the {name} LoRA starts fresh")
+            continue
+        if name == "unet":
+            incoming = convert_unet_state_dict_to_peft(parts[name])
+        else:
+            incoming = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts[name]))
+            if not hasattr(model, "text_model"):  # flattened (transformers 5): as diffusers does
+                incoming = {k.removeprefix("text_model."): v for k, v in incoming.items()}
+        _check_init(path, name, incoming, get_peft_model_state_dict(model), configs[name])
+        if file_alpha != configs[name].lora_alpha:
+            for key in incoming:
+                if key.endswith("lora_B.weight"):
+                    incoming[key] = incoming[key] * (file_alpha / configs[name].lora_alpha)
+        set_peft_model_state_dict(model, incoming, adapter_name="default")
+    return notes
+
+
+def _check_init(path: str, name: str, incoming: dict, current: dict, config: LoraConfig):
     missing = sorted(set(current) - set(incoming))
     extra = sorted(set(incoming) - set(current))
     if missing or extra:
@@ -172,24 +282,17 @@ def load_init(unet: torch.nn.Module, path: str, config: LoraConfig, family) -> i
             if keys
         )
         raise LorapipeError(
-            f"lora.init: {path!r} was trained on other layers than lora.targets "
+            f"lora.init: {path!r} was trained on other {name} layers than lora.targets "
             f"{sorted(config.target_modules)}: {detail}; set lora.targets to the layers it "
-            "was trained on"
+            "was trained on (a preset: attn, kohya; or the list)"
         )
     for key, tensor in incoming.items():
         if tensor.shape != current[key].shape:
-            file_rank = min(tensor.shape)
+            file_rank = min(tensor.shape[:2])
             raise LorapipeError(
                 f"lora.init: {path!r} has rank {file_rank} but lora.rank is {config.r}; "
                 f"set lora.rank: {file_rank} to continue training it"
             )
-    file_alpha = _file_alpha(path, alphas, metadata, config)
-    if file_alpha != config.lora_alpha:
-        for key in incoming:
-            if key.endswith("lora_B.weight"):
-                incoming[key] = incoming[key] * (file_alpha / config.lora_alpha)
-    set_peft_model_state_dict(unet, incoming, adapter_name="default")
-    return len(incoming)
 
 
 def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: LoraConfig):

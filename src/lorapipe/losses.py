@@ -9,7 +9,7 @@ from diffusers.training_utils import compute_snr
 
 def seeded_generator(seed: int, purpose: str, index: int) -> torch.Generator:
     """A generator seeded from (seed, purpose, index), independent of anything run before."""
-    salt = {"epoch": 1, "micro": 2, "fixed": 3, "bucket": 4}[purpose]
+    salt = {"epoch": 1, "micro": 2, "fixed": 3, "bucket": 4, "caption": 5}[purpose]
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) * 1_000_003 + index)
 
 

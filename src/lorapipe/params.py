@@ -44,6 +44,7 @@ class Rule:
     allow_empty: bool = False  # for lists: [] is allowed
     pattern: str | None = None  # for strings: a regex the whole value must match
     pattern_help: str = ""  # what that pattern allows, in words
+    presets: tuple[str, ...] | None = None  # for str | list[str]: the names a string may be
 
 
 def key(help: str, **rule) -> typing.Any:
@@ -89,6 +90,10 @@ class EncodeParams:
     batch_size: int = key("images per VAE / text-encoder batch", minimum=1)
 
 
+# lora.targets presets (lorapipe.families.Family.targets resolves them per model)
+TARGET_PRESETS = ("attn", "kohya")
+
+
 @dataclass(frozen=True)
 class LoraParams:
     name: str = key("the LoRA's name: WebUI file and ss_output_name; \"\" = experiment name",
@@ -97,7 +102,9 @@ class LoraParams:
     rank: int = key("LoRA rank (dimension)", minimum=1)
     alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
     dropout: float = key("dropout on the LoRA path", minimum=0, maximum=0.9)
-    targets: list[str] = key("UNet module names that get a LoRA")
+    targets: str | list[str] = key("a preset (attn, kohya) or a list of UNet module names",
+                                   presets=TARGET_PRESETS)
+    text_encoder: bool = key("also train a LoRA on the text encoder(s)")
     init: str = key("existing LoRA to continue from", path="any", optional=True)
 
 
@@ -108,6 +115,15 @@ class ValidationParams:
     timesteps: list[int] = key("fixed timesteps of the evaluation losses")
     fixed_images: int = key("training images in the fixed training loss", minimum=1)
     max_images: int = key("held-out images in the validation loss, at most", minimum=1)
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    shuffle: bool = key("shuffle the comma-separated tags of each caption every time")
+    keep_tokens: int = key("leading tags kept in place when shuffling", minimum=0)
+    dropout: float = key("probability of an empty caption", minimum=0, maximum=1)
+    tag_dropout: float = key("probability of dropping each (not kept) tag", minimum=0,
+                             maximum=1)
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 class TrainParams:
     seed: int = key("seed for LoRA init, data order, noise and timesteps", minimum=0)
     learning_rate: float = key("AdamW learning rate", above=0)
+    text_encoder_lr: float = key("learning rate of the text-encoder LoRA", above=0)
     lr_scheduler: str = key("learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = key("steps of linear warm-up", minimum=0)
     adam_weight_decay: float = key("AdamW weight decay", minimum=0)
@@ -146,6 +163,7 @@ class TrainParams:
     sample_steps: int = key("denoising steps of those images", minimum=1)
     sample_scheduler: str = key("sampler of those images", choices=SAMPLERS)
     sample_guidance_scale: float = key("guidance scale of those images", minimum=0)
+    captions: CaptionParams
     validation: ValidationParams
     early_stop: EarlyStopParams
 
@@ -268,6 +286,8 @@ def _type_name(t) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     if t == list[int]:
         return "a list of integers >= 0"
+    if t == str | list[str]:
+        return "a preset name or a list of strings"
     return names.get(t, "a list of strings")
 
 
@@ -278,8 +298,9 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         or (t is float and isinstance(value, int | float) and not isinstance(value, bool))
         or (t is str and isinstance(value, str))
         or (t is bool and isinstance(value, bool))
-        or (t == list[str] and isinstance(value, list) and bool(value)
+        or (t in (list[str], str | list[str]) and isinstance(value, list) and bool(value)
             and all(isinstance(v, str) and v for v in value))
+        or (t == str | list[str] and isinstance(value, str))
         or (t == list[int] and isinstance(value, list) and (bool(value) or rule.allow_empty)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
     )
@@ -299,6 +320,10 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path) -> tuple[o
         problems.append(f"{dotted} must be a multiple of {rule.multiple_of}, got {value!r}")
     if rule.pattern and not re.fullmatch(rule.pattern, value):
         problems.append(f"{dotted} {value!r} must be {rule.pattern_help}")
+    if rule.presets and isinstance(value, str) and value not in rule.presets:
+        problems.append(
+            f"{dotted} must be a preset ({', '.join(rule.presets)}) or a list of module "
+            f"names, got {value!r}" + _did_you_mean(value, list(rule.presets)))
     if rule.choices and value not in rule.choices:
         problems.append(
             f"{dotted} must be one of {', '.join(rule.choices)}, got {value!r}"

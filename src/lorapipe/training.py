@@ -24,11 +24,10 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import checkpoints, families, health, lora, outputs
+from lorapipe import captions, checkpoints, families, health, lora, outputs
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import EarlyStop, Evaluator, holdout
@@ -142,6 +141,7 @@ class TrainResult:
     summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
     unet: torch.nn.Module  # the trained UNet with its LoRA (the best one after early stopping)
     timing: dict  # wall_time_s, steps_per_s: kept out of the hashed outputs
+    models: dict  # every trained component by name: the UNet and any text encoders
 
 
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
@@ -190,51 +190,79 @@ class Recipe:
                 f"model.base {self.params.model.base}; rerun the encode stage")
         self.train_idx, self.val_idx = holdout(cache.files, p.validation.split)
         pipe = load_pipeline(self.params.model.base, self.params.model.config)
-        self.family = families.of_pipeline(pipe)
-        self.base = self.family.base_version(pipe)
+        family = self.family = families.of_pipeline(pipe)
+        self.base = family.base_version(pipe)
         unet, self.scheduler = pipe.unet, training_scheduler(pipe)
+        # the text encoders run per step when they train or when captions change per step;
+        # otherwise their outputs come from the cache
+        self.caption_ops = captions.active(p.captions)
+        self.text_per_step = lp.text_encoder or self.caption_ops
+        encoders = family.encoders_of(pipe) if self.text_per_step else {}
+        self.tokenizers = family.tokenizers_of(pipe) if self.caption_ops else {}
         self.pipe = None
         if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
             pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
             self.pipe = pipe
-        del pipe  # else the VAE and text encoders go: their outputs are cached
+        del pipe  # else the VAE (and unused text encoders) go: their outputs are cached
 
         torch.manual_seed(p.seed)  # the LoRA's Gaussian init
-        self.config = lora.lora_config(lp.rank, lp.alpha, lp.dropout, lp.targets)
-        lora.attach_lora(unet, self.config)
-        if lp.init:
-            lora.load_init(unet, lp.init, self.config, self.family)
-        if acc.mixed_precision in ("fp16", "bf16"):
-            # frozen base in half precision, trainable LoRA weights in fp32 (diffusers' recipe)
-            unet.to(torch.float16 if acc.mixed_precision == "fp16" else torch.bfloat16)
-            cast_training_params(unet, dtype=torch.float32)
+        models = {"unet": unet, **(encoders if lp.text_encoder else {})}
+        self.configs = lora.configs_for(lp, family, models)
+        self.lora_modules = lora.attach(models, self.configs)
+        for name, encoder in encoders.items():
+            if name not in self.configs:  # run per step for the captions only: frozen
+                encoder.requires_grad_(False)
+        self.init_notes = lora.load_init(models, lp.init, self.configs, family) \
+            if lp.init else []
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision)
+        for model in [unet, *encoders.values()]:
+            if half is not None:
+                # frozen base in half precision, trainable LoRA weights in fp32 (diffusers)
+                model.to(half)
+                cast_training_params(model, dtype=torch.float32)
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.trainable = [q for q in unet.parameters() if q.requires_grad]
+            for name in self.configs.keys() - {"unet"}:
+                encoders[name].gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = [{"params": [q for q in unet.parameters() if q.requires_grad],
+                   "lr": p.learning_rate}]
+        for name in self.configs.keys() - {"unet"}:
+            groups.append({"params": [q for q in encoders[name].parameters()
+                                      if q.requires_grad], "lr": p.text_encoder_lr})
+        self.trainable = [q for g in groups for q in g["params"]]
         self.n_trainable = sum(q.numel() for q in self.trainable)
 
         positions = {i: pos for pos, i in enumerate(self.train_idx)}
         self.plan = Plan.from_params(p, len(self.train_idx), self.world, [
             [positions[i] for i in group] for group in cache.latents.groups(self.train_idx)])
         self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))
-        optimizer = torch.optim.AdamW(self.trainable, lr=p.learning_rate,
+        optimizer = torch.optim.AdamW(groups, lr=p.learning_rate,
                                       weight_decay=p.adam_weight_decay)
         lr_scheduler = get_scheduler(
             p.lr_scheduler, optimizer=optimizer,
             num_warmup_steps=p.lr_warmup_steps * self.world,
             num_training_steps=self.plan.max_steps * self.world,
         )
-        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
-        _register_lora_hooks(acc)
+        names = list(models)
+        *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
+            *models.values(), optimizer, lr_scheduler)
+        self.models = dict(zip(names, prepared, strict=True))  # as prepared (DDP-wrapped)
+        self.unet = self.models["unet"]
+        # the text encoders as called per step: the prepared ones where they train
+        self.encoders = {name: self.models.get(name, e).to(acc.device)
+                         for name, e in encoders.items()}
+        _register_lora_hooks(acc, self.unwrapped)
         self.latents = cache.latents.to(acc.device)
         self.cond = {k: v.to(acc.device) for k, v in cache.cond.items()}
+        self.tokens = {k: v.to(acc.device) for k, v in cache.tokens.items()}
         self.train_pos = torch.tensor(self.train_idx)
-        # evaluations run on the main process only, so on the bare module (no DDP collectives)
+        # evaluations run on the main process only, so on the bare modules (no collectives)
         self.evaluate = Evaluator(
-            acc.unwrap_model(self.unet), self.scheduler, self.latents, self.cond,
-            self.family.unet_inputs, self.train_idx[:p.validation.fixed_images],
-            self.val_idx[:p.validation.max_images], p.seed, p.validation.timesteps)
+            self.unwrapped()["unet"], self.scheduler, self.latents, self._eval_inputs,
+            self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
+            p.seed, p.validation.timesteps)
         self._resume()
 
     def _resume(self) -> None:
@@ -274,8 +302,9 @@ class Recipe:
                                        for step, name in state.get("images", [])])
         header = self._header() + (f"; resumed from {found} at step {self.start_step}"
                                    if found else "")
-        print(header)
-        self.tracker.text(header)
+        for line in [header, self._targets_line(), *self.init_notes]:
+            print(line)
+            self.tracker.text(line)
         histogram = self._train_histogram()
         if len(histogram) > 1:
             line = (f"train: {len(histogram)} buckets (training images per size): "
@@ -301,6 +330,23 @@ class Recipe:
             f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
         )
 
+    def _targets_line(self) -> str:
+        """Where the LoRA sits (lora.targets: the preset and the modules it resolved to), and
+        how text conditioning is computed."""
+        lp, p = self.lp, self.p
+        where = f"preset {lp.targets}" if isinstance(lp.targets, str) else "list " + ",".join(
+            lp.targets)
+        modules = ", ".join(f"{n} {name}" for name, n in self.lora_modules.items())
+        line = f"train: lora.targets {where}: {sum(self.lora_modules.values())} modules ({modules})"
+        if lp.text_encoder:
+            line += f"; text encoder lr {p.text_encoder_lr:g}"
+        if self.caption_ops:
+            line += (f"; captions: {captions.describe(p.captions)}, tokenized and encoded "
+                     "per step")
+        elif lp.text_encoder:
+            line += "; text encoded per step from the cached token ids"
+        return line
+
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> int:
         """Steps from the resume point to the end (or an early stop); returns the last."""
@@ -308,10 +354,12 @@ class Recipe:
         self.timed_from, self.timed_steps = time.perf_counter(), 0
         bar = tqdm(total=plan.max_steps, initial=self.start_step, desc="train", unit="step",
                    dynamic_ncols=True, disable=not self.main, mininterval=1.0)
-        self.unet.train()
+        for model in self.models.values():
+            model.train()
         try:
             for step in range(self.start_step, plan.max_steps):
-                lr = self.lr_scheduler.get_last_lr()[0]
+                lrs = self.lr_scheduler.get_last_lr()
+                lr = lrs[0]
                 if step % p.validation.every == 0 and self._evaluate(step):
                     acc.set_trigger()  # every process stops at this step
                 if p.early_stop.patience and acc.check_trigger():
@@ -321,7 +369,7 @@ class Recipe:
                 # micro-steps: forward, backward; accelerate syncs and steps on the last one
                 losses = [self.optimizer_micro_step(micro, step, lr)
                           for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum)]
-                self._log_step(step, sum(losses) / len(losses), lr)
+                self._log_step(step, sum(losses) / len(losses), lrs)
                 bar.set_postfix(loss=f"{self.step_losses[-1]:.4f}", lr=f"{lr:.1e}")
                 bar.update()
                 if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
@@ -333,22 +381,62 @@ class Recipe:
 
     def loss_step(self, micro: int) -> torch.Tensor:
         """The loss of this process's shard of global micro-batch `micro`."""
-        idx = self.train_pos[self.plan.batch_indices(micro, self.p.seed)].chunk(self.world)[
-            self.rank]
+        batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
+        idx = batch.chunk(self.world)[self.rank]
         _trace(self.rank, micro // self.p.grad_accum, micro, idx)
         gen = seeded_generator(self.p.seed, "micro", micro)
         # LoRA dropout draws from the global RNG: seeded per micro-batch and process
         torch.manual_seed(gen.initial_seed() + self.rank)
-        cond = self.family.unet_inputs({k: v[idx] for k, v in self.cond.items()})
-        return diffusion_loss(self.unet, self.scheduler, self.latents[idx], cond, gen,
-                              self.p.noise_offset, self.p.min_snr_gamma,
-                              shard=(self.rank, self.world))
+        cond = {k: v[idx] for k, v in self.cond.items()}
+        if self.text_per_step:
+            cond.update(self._text(micro, batch, idx))
+        return diffusion_loss(self.unet, self.scheduler, self.latents[idx],
+                              self.family.unet_inputs(cond), gen, self.p.noise_offset,
+                              self.p.min_snr_gamma, shard=(self.rank, self.world))
+
+    def _text(self, micro: int, batch: torch.Tensor, idx: torch.Tensor) -> dict:
+        """This shard's text conditioning, encoded now: from the cached token ids, or with
+        train.captions on from captions changed for this micro-batch (drawn for the whole
+        global batch, then sliced, as the noise is: the same captions in any process count)."""
+        if self.caption_ops:
+            gen = seeded_generator(self.p.seed, "caption", micro)
+            texts = [captions.augment(self.cache.captions[i], self.p.captions, gen)
+                     for i in batch.tolist()]
+            mine = texts[self.rank * len(idx):(self.rank + 1) * len(idx)]
+            ids = {k: v.to(self.accelerator.device)
+                   for k, v in self.family.tokenize(self.tokenizers, mine).items()}
+        else:
+            ids = {k: v[idx] for k, v in self.tokens.items()}
+        with torch.set_grad_enabled(self.lp.text_encoder):
+            return self.family.encode_tokens(self.encoders, ids)
+
+    def _eval_inputs(self, idx: list[int]) -> dict:
+        """The UNet inputs of these images for the fixed-noise losses: the captions as
+        written (no train.captions changes), through the text-encoder LoRA as it is now
+        when one trains."""
+        cond = {k: v[idx] for k, v in self.cond.items()}
+        if self.lp.text_encoder:
+            encoders = {name: self.accelerator.unwrap_model(e)
+                        for name, e in self.encoders.items()}
+            modes = {name: e.training for name, e in encoders.items()}
+            with torch.no_grad():
+                for e in encoders.values():
+                    e.eval()
+                cond.update(self.family.encode_tokens(
+                    encoders, {k: v[idx] for k, v in self.tokens.items()}))
+                for name, e in encoders.items():
+                    e.train(modes[name])
+        return self.family.unet_inputs(cond)
+
+    def unwrapped(self) -> dict[str, torch.nn.Module]:
+        """The trained components without their DDP wrappers."""
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
 
     def optimizer_micro_step(self, micro: int, step: int, lr: float) -> float:
         """Forward and backward of one micro-batch; clip and step on the last of a step.
         Non-finite loss or gradient: save the last good LoRA and raise Diverged."""
         acc = self.accelerator
-        with acc.accumulate(self.unet), acc.autocast():
+        with acc.accumulate(*self.models.values()), acc.autocast():
             loss = self.loss_step(micro)
             if not torch.isfinite(loss):
                 raise self._diverged(step, lr, "the loss")
@@ -369,10 +457,9 @@ class Recipe:
         metrics = self.evaluate()
         self.tracker.log(step, metrics)
         return bool(self.val_idx) and self.stopper.update(
-            step, metrics["loss/validation/step_average"],
-            self.accelerator.unwrap_model(self.unet))
+            step, metrics["loss/validation/step_average"], self.unwrapped())
 
-    def _log_step(self, step: int, step_loss: float, lr: float) -> None:
+    def _log_step(self, step: int, step_loss: float, lrs: list[float]) -> None:
         plan = self.plan
         self.step_losses.append(step_loss)
         self.epoch_losses.append(step_loss)
@@ -381,7 +468,10 @@ class Recipe:
         self.timed_steps += 1
         if not self.main:
             return
+        lr = lrs[0]
         metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
+        if len(lrs) > 1:  # kohya's name; every text encoder shares this rate
+            metrics["lr/textencoder"] = lrs[1]
         if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
             metrics["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
             self.epoch_losses = []
@@ -410,9 +500,9 @@ class Recipe:
         validation step's after an early stop)."""
         p, plan, acc = self.p, self.plan, self.accelerator
         acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(self.unet)
+        unwrapped = self.unwrapped()
         if not self.main:
-            return TrainResult({}, unwrapped, {})
+            return TrainResult({}, unwrapped["unet"], {}, unwrapped)
         tracker, stopper = self.tracker, self.stopper
         steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
         stopped_early = end_step < plan.max_steps
@@ -425,7 +515,7 @@ class Recipe:
             tracker.log_image(end_step, self._samples())
         saved_step = end_step
         if stopped_early:  # the LoRA to keep is the one from the best validation step
-            set_peft_model_state_dict(unwrapped, stopper.best_state, adapter_name="default")
+            lora.load_adapter_state(unwrapped, stopper.best_state, "the best step's LoRA")
             saved_step = stopper.best_step
         verdict = _diagnose(tracker.history, self.facts, self.params.health)
         fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
@@ -444,9 +534,11 @@ class Recipe:
         layout = meta.get("layout") or {}
         if layout.get("buckets"):  # kohya writes the base resolution of a bucketed run
             width = height = layout["resolution"]
-        lora.save_lora(unwrapped, self.config, self.family, self.params, self.paths.out,
+        lora.save_lora(unwrapped, self.configs, self.family, self.params, self.paths.out,
                        lora.Record(self.base, (width, height),
                                    [self.cache.captions[i] for i in self.train_idx],
+                                   [_dataset_dir(self.params.data.dir, self.cache.files[i])
+                                    for i in self.train_idx],
                                    plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
                                    saved_step, tracker.name, layout,
                                    self._train_histogram()))
@@ -467,7 +559,7 @@ class Recipe:
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(self.paths.checkpoints)
-        return TrainResult(summary, unwrapped, timing)
+        return TrainResult(summary, unwrapped["unet"], timing, unwrapped)
 
     def _train_histogram(self) -> dict[str, int]:
         """Training images per bucket, largest count first."""
@@ -484,11 +576,13 @@ class Recipe:
         height, width = self.cache.meta["image_size"]
         settings = SampleSettings(steps=p.sample_steps, guidance_scale=p.sample_guidance_scale,
                                   negative_prompt="", width=width, height=height, lora_scale=1.0)
-        was_training = self.unet.training
-        self.unet.eval()
+        modes = {name: m.training for name, m in self.models.items()}
+        for model in self.models.values():
+            model.eval()
         with self.accelerator.autocast():
             image, _ = sample_grid(self.pipe, p.sample_prompts, [p.seed], settings)
-        self.unet.train(was_training)
+        for name, model in self.models.items():
+            model.train(modes[name])
         return image
 
     def _diverged(self, step: int, lr: float, what: str) -> Diverged:
@@ -503,15 +597,20 @@ class Recipe:
         error = Diverged(step, lr, what, verdict.advice, verdict.command)
         if self.main:
             tracker = self.tracker
-            state = lora.peft_state(self.accelerator.unwrap_model(self.unet))
+            state = lora.adapter_state(self.unwrapped())
             if all(torch.isfinite(t).all() for t in state.values()):
                 with outputs.atomic_dir(self.paths.out) as tmp:
-                    lora.save_diffusers(state, self.config, self.family, tmp, tracker.name)
+                    lora.save_diffusers(state, self.configs, self.family, tmp, tracker.name)
             tracker.summary(step, _summary(verdict, tracker.history, step, self.family.name, {}))
             _report_health(tracker, verdict, self.paths.health, step)
             tracker.text(f"diverged: {error}")
             tracker.close()
         return error
+
+
+def _dataset_dir(data_dir: str, file: str) -> str:
+    """kohya's dataset folder of an image: data.dir's name, and the image's subfolder."""
+    return str(Path(Path(data_dir).name, file).parent.as_posix())
 
 
 def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
@@ -579,21 +678,19 @@ def _averages(losses: list[float], window: int) -> list[float]:
     return out
 
 
-def _register_lora_hooks(accelerator: Accelerator) -> None:
-    """Checkpoints hold the LoRA weights only, not the whole UNet (MBs, not GBs)."""
+def _register_lora_hooks(accelerator: Accelerator, unwrapped) -> None:
+    """Checkpoints hold the LoRA weights only, of every trained component in one file, not
+    the whole models (MBs, not GBs). unwrapped(): the components by name."""
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
-            for model in models:
-                save_file(lora.peft_state(accelerator.unwrap_model(model)),
-                          str(Path(folder) / CHECKPOINT_LORA))
+            save_file(lora.adapter_state(unwrapped()), str(Path(folder) / CHECKPOINT_LORA))
         weights.clear()
 
     def load_hook(models, folder):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            set_peft_model_state_dict(model, load_file(str(Path(folder) / CHECKPOINT_LORA)),
-                                      adapter_name="default")
+        models.clear()  # loaded here, not by accelerate
+        lora.load_adapter_state(unwrapped(), load_file(str(Path(folder) / CHECKPOINT_LORA)),
+                                f"checkpoint {folder}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -34,34 +34,54 @@ def file_name(name: str) -> str:
     return f"{name}.safetensors"
 
 
-def tag_frequency(captions: list[str]) -> dict[str, int]:
-    """How often each comma-separated tag occurs in the training captions (kohya's
-    ss_tag_frequency, which A1111 shows and suggests activation text from)."""
-    counts = Counter(tag.strip() for caption in captions for tag in caption.split(",")
-                     if tag.strip())
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def tag_frequency(captions: list[str], dirs: list[str]) -> dict[str, dict[str, int]]:
+    """How often each comma-separated tag occurs in the training captions, per dataset
+    folder (kohya's ss_tag_frequency, which A1111 shows as the LoRA's training tags and
+    suggests activation text from)."""
+    out: dict[str, Counter] = {}
+    for caption, folder in zip(captions, dirs, strict=True):
+        out.setdefault(folder, Counter()).update(
+            tag.strip() for tag in caption.split(",") if tag.strip())
+    return {folder: dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            for folder, counts in sorted(out.items())}
 
 
-def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
-                   captions: list[str], max_steps: int, epochs: int, steps: int,
-                   layout: dict | None = None, histogram: dict[str, int] | None = None
-                   ) -> dict:
-    """The ss_* and modelspec.* fields (values not yet strings); resolution is (width,
-    height); steps is the step whose weights the file holds."""
-    p, lp = params.train, params.lora
-    width, height = resolution
+def network_args(lp) -> dict[str, str]:
+    """lora.targets in kohya's network_args vocabulary (strings, as `--network_args k=v`
+    gives them): `kohya` is networks.lora's default and needs none; `attn` leaves out what
+    kohya's default also wraps; a list of UNet names is kept under lorapipe's own key."""
+    if lp.targets == "kohya":
+        return {}
+    if lp.targets == "attn":
+        return {"exclude_patterns": r"['.*(proj_in|proj_out|ff[._]net|mlp[._]fc).*']"}
+    return {"lorapipe_targets": ",".join(lp.targets)}
+
+
+def build_metadata(params, name: str, record) -> dict:
+    """The ss_* and modelspec.* fields (values not yet strings) of a lora.Record; its
+    resolution is (width, height), its step the one whose weights the file holds."""
+    p, lp, cp = params.train, params.lora, params.train.captions
+    base = record.base
+    width, height = record.resolution
+    images: dict[str, int] = Counter(record.dirs)
     meta = {
         "ss_output_name": name, "ss_network_module": "networks.lora",
         "ss_network_dim": lp.rank, "ss_network_alpha": lp.alpha,
-        "ss_network_dropout": lp.dropout, "ss_network_args": {"targets": lp.targets},
+        "ss_network_dropout": lp.dropout, "ss_network_args": network_args(lp),
+        "ss_network_train_unet_only": not lp.text_encoder,
         "ss_base_model_version": base["version"], "ss_v2": base["v2"],
         "ss_v_parameterization": base["v_pred"], "ss_sd_model_name": params.model.base,
-        "ss_resolution": f"({width}, {height})", "ss_num_train_images": len(captions),
-        "ss_tag_frequency": {"dataset": tag_frequency(captions)},
-        "ss_dataset_dirs": {"dataset": {"n_repeats": 1, "img_count": len(captions)}},
-        "ss_max_train_steps": max_steps, "ss_steps": steps, "ss_num_epochs": epochs,
+        "ss_resolution": f"({width}, {height})", "ss_num_train_images": len(record.captions),
+        "ss_tag_frequency": tag_frequency(record.captions, record.dirs),
+        "ss_dataset_dirs": {folder: {"n_repeats": 1, "img_count": n}
+                            for folder, n in sorted(images.items())},
+        "ss_shuffle_caption": cp.shuffle, "ss_keep_tokens": cp.keep_tokens,
+        "ss_caption_dropout_rate": cp.dropout, "ss_caption_tag_dropout_rate": cp.tag_dropout,
+        "ss_max_train_steps": record.max_steps, "ss_steps": record.step,
+        "ss_num_epochs": record.epochs,
         "ss_learning_rate": p.learning_rate, "ss_unet_lr": p.learning_rate,
-        "ss_text_encoder_lr": 0, "ss_lr_scheduler": p.lr_scheduler,
+        "ss_text_encoder_lr": p.text_encoder_lr if lp.text_encoder else 0,
+        "ss_lr_scheduler": p.lr_scheduler,
         "ss_lr_warmup_steps": p.lr_warmup_steps, "ss_batch_size_per_device": p.batch_size,
         "ss_gradient_accumulation_steps": p.grad_accum, "ss_seed": p.seed,
         "ss_mixed_precision": p.mixed_precision,
@@ -75,7 +95,7 @@ def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
         "modelspec.title": name, "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if base["v_pred"] else "epsilon",
     }
-    layout = layout or {}
+    layout = record.layout or {}
     meta["ss_enable_bucket"] = bool(layout.get("buckets"))
     if layout.get("buckets"):  # kohya's bucket fields: A1111 shows ss_bucket_info's counts
         meta.update({
@@ -83,7 +103,7 @@ def build_metadata(params, name: str, base: dict, resolution: tuple[int, int],
             "ss_bucket_no_upscale": not layout["upscale"],
             "ss_bucket_info": {"buckets": {
                 str(i): {"resolution": [int(x) for x in size.split("x")], "count": n}
-                for i, (size, n) in enumerate((histogram or {}).items())}},
+                for i, (size, n) in enumerate((record.histogram or {}).items())}},
         })
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch and epoch.strip().isdigit():

@@ -32,6 +32,14 @@ class Family:
     load_kwargs: dict  # extra from_pretrained/from_single_file arguments
     title: str  # in messages: "a <title> checkpoint"
     example: str  # a base of this family, for hints
+    # the pipeline's text encoders (attribute names, which are also the diffusers LoRA file's
+    # key prefixes) -> their tokenizers' attribute names
+    text_encoders: dict[str, str]
+    # text encoder -> kohya's WebUI prefix ('lora_te_', or 'lora_te1_'/'lora_te2_' for SDXL)
+    kohya_text_prefixes: dict[str, str]
+    # text encoder -> how many of its last layers the conditioning never uses (SDXL reads the
+    # penultimate layer of its first encoder): they get no LoRA, which would never train
+    unused_text_layers: dict[str, int] = {}
 
     def build_builtin(self):
         raise NotImplementedError
@@ -40,10 +48,51 @@ class Family:
         """Whether a single-file checkpoint with these tensor names is of this family."""
         raise NotImplementedError
 
-    def encode_text(self, pipe, captions: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """The cached text conditioning of these captions, and the indices of captions cut
-        at the token limit."""
+    def targets(self, preset: str | list[str]) -> dict[str, list[str]]:
+        """lora.targets -> peft target module names per component ('unet' and every text
+        encoder). Presets: `attn`, the attention projections; `kohya`, what kohya's
+        networks.lora wraps: every Linear and 1x1 conv inside the UNet's Transformer2DModel
+        blocks (proj_in/out, attention, feed-forward) and the text encoders' CLIPAttention
+        and CLIPMLP layers. A list names UNet modules; the text encoders then get `attn`."""
+        text = TEXT_ATTN + (TEXT_MLP if preset == "kohya" else [])
+        unet = (UNET_ATTN if preset == "attn" else UNET_TRANSFORMER if preset == "kohya"
+                else list(preset))
+        return {"unet": unet, **{name: text for name in self.text_encoders}}
+
+    def tokenize(self, tokenizers: dict, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids per text encoder, padded to the tokenizer's length as the pipeline pads."""
+        out = {}
+        for name, tok in tokenizers.items():
+            out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+        return out
+
+    def encode_tokens(self, encoders: dict, ids: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+        """The text conditioning (cond_keys' text part) from token ids, as the pipeline
+        computes it for sampling; differentiable, so a text-encoder LoRA trains through it."""
         raise NotImplementedError
+
+    def tokenizers_of(self, pipe) -> dict:
+        return {name: getattr(pipe, tok) for name, tok in self.text_encoders.items()}
+
+    def encoders_of(self, pipe) -> dict:
+        return {name: getattr(pipe, name) for name in self.text_encoders}
+
+    @torch.no_grad()
+    def encode_text(self, pipe, captions: list[str]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+        """The cached text conditioning of these captions, their token ids (per text
+        encoder: a text-encoder LoRA or caption augmentation encodes them per step), and the
+        indices of captions cut at the token limit."""
+        tokenizers = self.tokenizers_of(pipe)
+        ids = self.tokenize(tokenizers, captions)
+        cond = self.encode_tokens(self.encoders_of(pipe), ids)
+        cut = set()
+        for tok in tokenizers.values():
+            full = tok(captions, truncation=False).input_ids
+            cut |= {i for i, seq in enumerate(full) if len(seq) > tok.model_max_length}
+        return {k: v.float() for k, v in cond.items()}, ids, sorted(cut)
 
     def image_conditioning(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Per-image conditioning from data/processed/metadata.csv rows (sizes, crops)."""
@@ -60,6 +109,13 @@ class Family:
     def webui_module(self, module: str, unet_config) -> str:
         """A UNet module's diffusers name -> the name WebUI loaders map (without prefix)."""
         return module.replace(".", "_")
+
+
+# the peft target names of the lora.targets presets (Family.targets)
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_TRANSFORMER = ["proj_in", "proj_out", *UNET_ATTN, "ff.net.0.proj", "ff.net.2"]
+TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MLP = ["fc1", "fc2"]
 
 
 def all_families() -> list[Family]:

@@ -3,7 +3,6 @@ last hidden state conditions the UNet through cross-attention; no other UNet inp
 
 from __future__ import annotations
 
-import torch
 from diffusers import StableDiffusionPipeline
 
 from lorapipe.families import Family
@@ -23,6 +22,8 @@ class SD(Family):
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     title = "Stable Diffusion 1.x/2.x"
     example = "SD 1.5"
+    text_encoders = {"text_encoder": "tokenizer"}
+    kohya_text_prefixes = {"text_encoder": "lora_te_"}
 
     def build_builtin(self):
         from lorapipe.models import build_tiny_sd
@@ -33,12 +34,9 @@ class SD(Family):
         return ("model.diffusion_model.input_blocks.0.0.weight" in keys
                 and not any(k.startswith("conditioner.") for k in keys))
 
-    @torch.no_grad()
-    def encode_text(self, pipe, captions):
-        tok = pipe.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
-        return {"text_states": pipe.text_encoder(ids)[0].float()}, truncated(tok, captions)
+    def encode_tokens(self, encoders, ids):
+        # the last hidden state, as StableDiffusionPipeline.encode_prompt (no clip skip)
+        return {"text_states": encoders["text_encoder"](ids["text_encoder"])[0]}
 
     def unet_inputs(self, cond):
         return {"encoder_hidden_states": cond["text_states"]}
@@ -46,12 +44,6 @@ class SD(Family):
     def base_version(self, pipe):
         return base_version(pipe.unet.config.cross_attention_dim,
                             pipe.scheduler.config.prediction_type)
-
-
-def truncated(tokenizer, captions: list[str]) -> list[int]:
-    """Indices of the captions longer than the tokenizer's limit (they were truncated)."""
-    full = tokenizer(captions, truncation=False).input_ids
-    return [i for i, seq in enumerate(full) if len(seq) > tokenizer.model_max_length]
 
 
 def base_version(cross_attention_dim: int, prediction_type: str) -> dict:

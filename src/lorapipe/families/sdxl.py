@@ -19,7 +19,6 @@ from transformers import (
 from lorapipe import ldm
 from lorapipe.errors import LorapipeError
 from lorapipe.families import Family
-from lorapipe.families.sd import truncated
 
 ARCH_SDXL = "stable-diffusion-xl-v1-base"  # the Stability AI model spec's id
 KOHYA_SDXL = "sdxl_base_v1-0"  # kohya's ss_base_model_version
@@ -36,6 +35,9 @@ class SDXL(Family):
     load_kwargs = {"add_watermarker": False}
     title = "SDXL"
     example = "SDXL 1.0"
+    text_encoders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    kohya_text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    unused_text_layers = {"text_encoder": 1}  # its penultimate layer conditions the UNet
 
     def build_builtin(self):
         return build_tiny_sdxl()
@@ -44,14 +46,16 @@ class SDXL(Family):
         return ("model.diffusion_model.label_emb.0.0.weight" in keys
                 and any(k.startswith("conditioner.embedders.1.model.") for k in keys))
 
-    @torch.no_grad()
-    def encode_text(self, pipe, captions):
-        # the pipeline's own encoding, so training sees exactly what sampling feeds the UNet
-        states, _, pooled, _ = pipe.encode_prompt(
-            captions, device=torch.device("cpu"), num_images_per_prompt=1,
-            do_classifier_free_guidance=False)
-        cut = set(truncated(pipe.tokenizer, captions)) | set(truncated(pipe.tokenizer_2, captions))
-        return {"text_states": states.float(), "pooled": pooled.float()}, sorted(cut)
+    def encode_tokens(self, encoders, ids):
+        # StableDiffusionXLPipeline.encode_prompt's computation (no clip skip): both
+        # encoders' penultimate states side by side; the pooled, projected embedding of the
+        # second (the tests hold it equal to encode_prompt)
+        states = []
+        for name in self.text_encoders:
+            out = encoders[name](ids[name], output_hidden_states=True)
+            pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return {"text_states": torch.cat(states, dim=-1), "pooled": pooled}
 
     def image_conditioning(self, rows):
         missing = [c for c in TIME_ID_COLUMNS if c not in rows[0]]
