@@ -56,7 +56,7 @@ def step(setting: str, steps: int) -> dict:
     torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
     unet = UNet2DConditionModel(**SDXL_1_0_UNET)
     torch.set_default_dtype(torch.float32)
-    lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
     if bf16:  # frozen base in bf16, trainable LoRA in fp32, as train.mixed_precision: bf16
         cast_training_params(unet, dtype=torch.float32)
     if setting.endswith("+ckpt"):

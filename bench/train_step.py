@@ -5,10 +5,15 @@
 1. Overhead of lorapipe's train loop (logging to dvclive + TensorBoard + text, tqdm, the NaN
    guard, the fixed-noise evaluations at start and end) vs a bare
    forward/backward/optimizer step on the same tiny UNet + LoRA and batch.
-2. Cached latents (what lorapipe does) vs running the VAE and text encoder every step
+2. The paths of lorapipe's loop side by side: UNet-only on the cached text states (the
+   default), with a text-encoder LoRA (lora.text_encoder: the encoder runs forward and
+   backward every step on cached token ids), and with caption shuffling (train.captions:
+   tokenized and encoded every step, encoder frozen).
+3. Cached latents (what lorapipe does) vs running the VAE and text encoder every step
    (the diffusers example's way), bare loops on the tiny model.
-3. An SD1.5-shaped UNet (random init, SD 1.5's real config) with a rank-4 LoRA at 64x64
-   latents, batch 1: s/step and peak memory with and without gradient checkpointing. Peak
+4. An SD1.5-shaped UNet (random init, SD 1.5's real config) with a rank-4 LoRA at 64x64
+   latents, batch 1: s/step and peak memory with and without gradient checkpointing, and
+   with a rank-4 LoRA on SD 1.5's real CLIP ViT-L text encoder trained alongside. Peak
    memory is the process's peak RSS on CPU, torch's peak allocated memory on CUDA. Each
    configuration runs in its own process so peaks do not mix.
 
@@ -47,6 +52,9 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     cross_attention_dim=768, attention_head_dim=8,
 )
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CLIP_L = dict(  # openai/clip-vit-large-patch14, SD 1.5's text encoder
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 
 def example_cache(root: Path) -> Path:
@@ -80,7 +88,7 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
     pipe = build_tiny_sd()
     unet, sched = pipe.unet, training_scheduler(pipe)
     torch.manual_seed(0)
-    lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     cache = load_cache(root / "cache")
@@ -113,7 +121,8 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
     return (time.perf_counter() - start) / steps
 
 
-def real_loop(steps: int, root: Path) -> float:
+def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool = False
+              ) -> float:
     """s/step of lorapipe's train loop (the stage's own code), from its summary."""
     import yaml
 
@@ -123,6 +132,8 @@ def real_loop(steps: int, root: Path) -> float:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
     params["train"].update(max_steps=steps, checkpoint_every=0, batch_size=4)
+    params["lora"]["text_encoder"] = text_encoder
+    params["train"]["captions"]["shuffle"] = shuffle
     work = root / "real"
     work.mkdir(exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -131,9 +142,10 @@ def real_loop(steps: int, root: Path) -> float:
     return 1.0 / timing["steps_per_s"]
 
 
-def sd15_step(checkpointing: bool, steps: int) -> dict:
+def sd15_step(checkpointing: bool, steps: int, text_encoder: bool = False) -> dict:
     """Runs in a child process: one SD1.5-shaped UNet LoRA configuration."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from lorapipe import lora
     from lorapipe.losses import diffusion_loss
@@ -142,15 +154,23 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
-    lora.attach_lora(unet, lora.lora_config(4, 4, 0.0, TARGETS))
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device).train()
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     params = [p for p in unet.parameters() if p.requires_grad]
+    encoder = None
+    if text_encoder:
+        encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        lora.attach({"text_encoder": encoder}, {"text_encoder": lora.lora_config(
+            4, 4, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"])})
+        encoder.to(device).train()
+        params += [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     latents = torch.randn(1, 4, 64, 64, device=device)
     text = torch.randn(1, 77, 768, device=device)
+    ids = torch.randint(0, CLIP_L["vocab_size"], (1, 77), device=device)
     gen = torch.Generator().manual_seed(0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     if cuda:
@@ -158,6 +178,8 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
     times = []
     for _ in range(steps + 1):  # the first is warm-up
         start = time.perf_counter()
+        if encoder is not None:
+            text = encoder(ids)[0]
         loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
         loss.backward()
         opt.step()
@@ -165,12 +187,17 @@ def sd15_step(checkpointing: bool, steps: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    out = {"checkpointing": checkpointing, "device": device,
+    out = {"checkpointing": checkpointing, "text_encoder": text_encoder, "device": device,
            "s_per_step": sum(times[1:]) / steps,
            "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
            "lora_params": sum(p.numel() for p in params)}
     out.update(report.peak_memory(rss_before))
     return out
+
+
+# child mode -> (gradient checkpointing, text-encoder LoRA)
+SD15_MODES = {"plain": (False, False), "checkpointing": (True, False),
+              "text-encoder": (False, True)}
 
 
 def main() -> None:
@@ -179,11 +206,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sd15-steps", type=int, default=2)
     parser.add_argument("--skip-sd15", action="store_true")
-    parser.add_argument("--sd15-child", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
+    parser.add_argument("--sd15-child", choices=list(SD15_MODES), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "train_step.json"))
     args = parser.parse_args()
     if args.sd15_child:
-        print(json.dumps(sd15_step(args.sd15_child == "checkpointing", args.sd15_steps)))
+        print(json.dumps(sd15_step(*SD15_MODES[args.sd15_child], args.sd15_steps)))
         return
 
     torch.set_num_threads(torch.get_num_threads())
@@ -191,22 +218,29 @@ def main() -> None:
     example_cache(root)
     # alternate the runs and keep each one's best of `--repeats`: on a shared 2-core machine
     # the minimum is the figure least disturbed by whatever else ran at the time
-    bare, real, encoding = [], [], []
+    bare, real, te, shuffled, encoding = [], [], [], [], []
     for _ in range(args.repeats):
         bare.append(bare_loop(args.steps, 4, False, root))
         real.append(real_loop(args.steps, root))
+        te.append(real_loop(args.steps, root, text_encoder=True))
+        shuffled.append(real_loop(args.steps, root, shuffle=True))
         encoding.append(bare_loop(args.steps, 4, True, root))
-    bare, real, encoding = min(bare), min(real), min(encoding)
+    bare, real, te, shuffled, encoding = (min(bare), min(real), min(te), min(shuffled),
+                                          min(encoding))
     rows = [
         {"run": "bare step, cached latents (tiny, batch 4)", "s_per_step": bare},
         {"run": "lorapipe train loop (tiny, batch 4)", "s_per_step": real,
          "vs_bare": real / bare},
+        {"run": "  + text-encoder LoRA (lora.text_encoder)", "s_per_step": te,
+         "vs_bare": te / bare},
+        {"run": "  + shuffled captions, text encoder frozen", "s_per_step": shuffled,
+         "vs_bare": shuffled / bare},
         {"run": "bare step, VAE + text encoder every step", "s_per_step": encoding,
          "vs_bare": encoding / bare},
     ]
     sd15 = []
     if not args.skip_sd15:
-        for mode in ("plain", "checkpointing"):
+        for mode in SD15_MODES:
             child = subprocess.run(
                 [sys.executable, __file__, "--sd15-child", mode, "--sd15-steps",
                  str(args.sd15_steps)], capture_output=True, text=True, check=True)
@@ -228,7 +262,8 @@ def main() -> None:
             r["peak_gib"] = r.get("peak_allocated_gib", r.get("peak_rss_gib"))
         report.table(f"SD1.5-shaped UNet ({sd15[0]['unet_params_m']}M params, LoRA "
                      f"{sd15[0]['lora_params']:,}), 64x64 latents, batch 1, {sd15[0]['device']}",
-                     [("checkpointing", "checkpointing", ">13"), ("s/step", "s_per_step", ">8.2f"),
+                     [("checkpointing", "checkpointing", ">13"),
+                      ("text encoder", "text_encoder", ">12"), ("s/step", "s_per_step", ">8.2f"),
                       ("peak GiB", "peak_gib", ">9.2f")], sd15)
     report.write(args.out, result)
 

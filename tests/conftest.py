@@ -207,6 +207,11 @@ def same_weights(folder_a: Path, folder_b: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# data.dir for runs compared byte for byte: the WebUI file names its dataset folder
+# (ss_dataset_dirs), which must not be each run's own temporary folder
+SAME_DATA_DIR = {"data__dir": str(REPO / "data" / "example")}
+
+
 def train_in(root: Path, cache: Path, health_report: Path | None = None, **overrides):
     """Run the training loop in `root` with small defaults; returns TrainResult."""
     from accelerate.state import AcceleratorState, GradientState
@@ -217,7 +222,7 @@ def train_in(root: Path, cache: Path, health_report: Path | None = None, **overr
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     settings = {"train__max_steps": 20, "train__validation__every": 10,
-                "train__checkpoint_every": 0, "train__sample_every": 0}
+                "train__checkpoint_every": 0, "train__sample_every": 0, **SAME_DATA_DIR}
     settings.update(overrides)
     params = make_params(root, **settings)
     return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt",

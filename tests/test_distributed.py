@@ -18,6 +18,9 @@ from conftest import REPO, make_params, run_dirs
 from lorapipe.cache import load_cache
 
 STEPS = 16
+# a text-encoder LoRA trained on shuffled, dropped captions: drawn per global batch
+TEXT = {"lora__text_encoder": True, "train__captions": {
+    "shuffle": True, "keep_tokens": 1, "dropout": 0.25, "tag_dropout": 0.25}}
 
 
 def train_stage(root, cache, trace) -> str:
@@ -45,11 +48,14 @@ def batches(trace, rank) -> list[list[int]]:
 
 @pytest.mark.parametrize("layout", ["square", "buckets"])
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path, layout, request):
+    """The bucketed case also trains a text-encoder LoRA on changed captions."""
     example_cache = request.getfixturevalue("example_cache" if layout == "square"
                                             else "bucketed_cache")
     multi, single = run_dirs(tmp_path, "multi", "single")
     common = {"train__max_steps": STEPS, "train__sample_every": 0,
               "train__checkpoint_every": 0, "train__validation__every": 8}
+    if layout == "buckets":  # and the text-encoder LoRA (DDP-wrapped) on changed captions
+        common.update(TEXT)
     make_params(multi, train__num_processes=2, train__batch_size=2, **common)
     make_params(single, train__num_processes=1, train__batch_size=4, **common)
     out = train_stage(multi, example_cache, tmp_path / "trace_multi")

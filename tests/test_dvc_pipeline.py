@@ -94,11 +94,16 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert changed(sh) == {"params", "preprocess"}
     assert ran(sh("dvc", "repro")) == ["params", "preprocess"]
 
-    # lora.* and train.*: train and sample; the encode cache is reused
+    # lora.* and train.*: train and sample; the encode cache is reused, also for a
+    # text-encoder LoRA on the kohya preset (the cache holds the token ids it encodes)
     set_param(root, "lora.rank", 8)
+    set_param(root, "lora.targets", "kohya")
+    set_param(root, "lora.text_encoder", "true")
     set_param(root, "train.learning_rate", "2e-3")
     assert changed(sh) == {"params", "train"}
-    assert ran(sh("dvc", "repro")) == ["params", "train", "sample"]
+    out = sh("dvc", "repro")
+    assert ran(out) == ["params", "train", "sample"]
+    assert "lora.targets preset kohya: 60 modules (48 unet, 12 text_encoder)" in out
 
     # sample.*: sample only
     set_param(root, "sample.steps", 3)

@@ -63,7 +63,9 @@ def test_webui_file_is_kohya_layout_with_real_alpha_and_metadata(trained):
     assert meta["ss_sd_model_name"] == "builtin:tiny-sd"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_steps"] == "30"
     assert meta["ss_num_train_images"] == "16" and meta["ss_seed"] == "42"  # 4 held out
-    assert json.loads(meta["ss_network_args"]) == {"targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+    # lora.targets attn in kohya's network_args: what its default network adds, excluded
+    assert json.loads(meta["ss_network_args"]) == {
+        "exclude_patterns": "['.*(proj_in|proj_out|ff[._]net|mlp[._]fc).*']"}
 
 
 def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_cache,
@@ -81,9 +83,11 @@ def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_ca
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_v_parameterization"] == "False"
     assert meta["ss_gradient_checkpointing"] == "False"  # Python's spelling, as kohya's
-    tags = json.loads(meta["ss_tag_frequency"])["dataset"]
+    # per dataset folder (data.dir's name), as kohya counts them
+    folder = "example"
+    tags = json.loads(meta["ss_tag_frequency"])[folder]
     assert tags["lpstyle"] == 16 and sum(tags.values()) == 32  # "<shape>, lpstyle" x 16
-    assert json.loads(meta["ss_dataset_dirs"]) == {"dataset": {"n_repeats": 1, "img_count": 16}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {folder: {"n_repeats": 1, "img_count": 16}}
     # the model spec
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SDXL, make_params
+from conftest import REPO, SAME_DATA_DIR, SDXL, make_params
 
 STEPS = 60
 EVERY = 20
@@ -57,7 +57,8 @@ def kill_after_checkpoint(root: Path, cache: Path, step: int = EVERY) -> None:
 def setup(root: Path, **overrides) -> Path:
     root.mkdir()
     settings = {"train__max_steps": STEPS, "train__checkpoint_every": EVERY,
-                "train__validation__every": EVERY, "train__sample_every": 0, **overrides}
+                "train__validation__every": EVERY, "train__sample_every": 0, **SAME_DATA_DIR,
+                **overrides}
     make_params(root, **settings)
     return root
 
@@ -94,7 +95,8 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, example_cache, straight)
     other = setup(tmp_path / "other", train__seed=1, **SAMPLES)
     kill_after_checkpoint(other, example_cache)
     make_params(other, **{"train__max_steps": STEPS, "train__checkpoint_every": EVERY,
-                          "train__validation__every": EVERY, **SAMPLES})  # straight's params
+                          "train__validation__every": EVERY, **SAME_DATA_DIR,
+                          **SAMPLES})  # straight's params
     out = run_to_end(other, example_cache)
     assert "made with other params or data" in out and "resumed from" not in out
     for name in FILES[:2]:
@@ -105,14 +107,21 @@ def test_two_process_sdxl_bucketed_run_resumes_to_the_same_result(tmp_path,
                                                                     bucketed_cache_sdxl):
     """The same under `accelerate launch` with 2 CPU processes (gloo), for an SDXL base (its
     pooled embedding and time ids sharded with the latents) on aspect-ratio buckets (the
-    bucketed batch order is resumed too)."""
+    bucketed batch order is resumed too), with text-encoder LoRAs and caption changes (their
+    weights, optimizer state and caption draws resume too)."""
     cache = bucketed_cache_sdxl
-    straight = setup(tmp_path / "straight", train__num_processes=2, train__batch_size=2, **SDXL)
+    # both text encoders' LoRAs too, on the kohya preset, with captions changed per step
+    settings = {"train__num_processes": 2, "train__batch_size": 2, "lora__targets": "kohya",
+                "lora__text_encoder": True, "train__captions": {
+                    "shuffle": True, "keep_tokens": 1, "dropout": 0.2, "tag_dropout": 0.2},
+                **SDXL}
+    straight = setup(tmp_path / "straight", **settings)
     run_to_end(straight, cache)
-    killed = setup(tmp_path / "killed", train__num_processes=2, train__batch_size=2, **SDXL)
+    killed = setup(tmp_path / "killed", **settings)
     kill_after_checkpoint(killed, cache)
     out = run_to_end(killed, cache)
     assert "train: sdxl base builtin:tiny-sdxl" in out and "train: 3 buckets" in out, out
+    assert "(192 unet, 6 text_encoder, 12 text_encoder_2)" in out, out
     assert re.search(r"resumed from \S+ at step (20|40)", out), out
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name

@@ -127,10 +127,13 @@ def _meta_unet(config: dict) -> UNet2DConditionModel:
         return UNet2DConditionModel(**config)
 
 
-def test_webui_names_are_the_real_sdxl_unet_modules():
+@pytest.mark.parametrize("preset, modules", [("attn", 560), ("kohya", 722)])
+def test_webui_names_are_the_real_sdxl_unet_modules(preset, modules):
     """SDXL 1.0's UNet built from its config without weights: the original-name map agrees
     with diffusers' own converter on every tensor, and every exported LoRA key names a
-    Linear of the original model, with matching shapes."""
+    Linear of the original model, with matching shapes. The presets: attn, 70 transformer
+    blocks x 2 attentions x 4 projections; kohya, + 2 feed-forward Linears per block and
+    proj_in/proj_out of the 11 Transformer2DModels (the 722 kohya reports for SDXL)."""
     from diffusers.loaders.lora_conversion_utils import (
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
@@ -148,11 +151,11 @@ def test_webui_names_are_the_real_sdxl_unet_modules():
     assert set(back) == set(weights)
     assert all(back[k].shape == weights[k].shape for k in weights)
 
-    config = lora.lora_config(4, 4, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    lora.attach_lora(unet, config)
-    state = lora.peft_state(unet)
-    assert len(state) == 2 * 4 * 140  # 70 transformer blocks x 2 attentions x 4 projections
-    tensors = lora.to_kohya(state, 4, families.by_name("sdxl"), unet.config)
+    sdxl = families.by_name("sdxl")
+    config = lora.lora_config(4, 4, 0.0, sdxl.targets(preset)["unet"])
+    assert lora.attach({"unet": unet}, {"unet": config}) == {"unet": modules}
+    state = lora.adapter_state({"unet": unet})
+    tensors = lora.to_kohya(state, 4, sdxl, unet.config)
     linear = {k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(
         ".", "_"): v.shape for k, v in original.items() if v.ndim == 2}
     for key, tensor in tensors.items():
@@ -166,8 +169,8 @@ def test_webui_names_are_the_real_sdxl_unet_modules():
     # and diffusers maps the names back to exactly the modules that were trained
     mapped = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet.config)
     converted, _ = _convert_non_diffusers_lora_to_diffusers(mapped)
-    assert set(convert_unet_state_dict_to_peft(
-        {k.removeprefix("unet."): v for k, v in converted.items()})) == set(state)
+    assert {f"unet.{k}" for k in convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in converted.items()})} == set(state)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

@@ -223,5 +223,7 @@ def test_params_logged_flat_including_number_lists(tmp_path):
     from conftest import make_params
     from lorapipe.training import flat_params
 
-    flat = flat_params(make_params(tmp_path, train__devices=[1, 2]))
-    assert flat["train.devices"] == "1,2" and flat["lora.targets"] == "to_q,to_k,to_v,to_out.0"
+    flat = flat_params(make_params(tmp_path, train__devices=[1, 2],
+                                   lora__targets=["to_q", "to_v"]))
+    assert flat["train.devices"] == "1,2" and flat["lora.targets"] == "to_q,to_v"
+    assert flat_params(make_params(tmp_path))["lora.targets"] == "attn"  # a preset

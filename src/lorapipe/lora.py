@@ -71,7 +71,8 @@ def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]) -
             model.add_adapter(config)
         except ValueError as exc:
             raise LorapipeError(
-                f"lora.targets {sorted(config.target_modules)} match no {name} layer ({exc}); "
+                f"lora.targets {sorted(config.target_modules)} match no {_title(name)} layer "
+                f"({exc}); "
                 "use a preset (attn, kohya) or UNet module names such as to_q, to_k, to_v, "
                 "to_out.0") from None
         counts[name] = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
@@ -136,11 +137,14 @@ def save_diffusers(state: dict[str, torch.Tensor], configs: dict[str, LoraConfig
     """The diffusers/peft file (adapter_state() weights: the UNet's and any text encoder's),
     written by the family's pipeline; `run` names the training run, so the sample stage can
     name its TensorBoard run the same (diffusers ignores metadata keys it does not know)."""
+    # peft's own key format ('.lora_A.weight'), which every diffusers loader reads; not
+    # convert_state_dict_to_diffusers, which renames only the attention projections and
+    # leaves a kohya-preset LoRA in two formats that load_lora_weights half-ignores
     layers = {}
     for name, part in split_state(state).items():
         if name != "unet":
             part = {portable_text_name(k): v for k, v in part.items()}
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(part)
+        layers[f"{name}_lora_layers"] = part
         layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(configs[name])
     family.pipeline_class.save_lora_weights(
         save_directory=str(folder), safe_serialization=True, weight_name=DIFFUSERS_FILE,
@@ -272,6 +276,11 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
     return notes
 
 
+def _title(component: str) -> str:
+    """'unet' -> 'UNet', 'text_encoder_2' -> 'text encoder 2': for messages."""
+    return "UNet" if component == "unet" else component.replace("_", " ")
+
+
 def _check_init(path: str, name: str, incoming: dict, current: dict, config: LoraConfig):
     missing = sorted(set(current) - set(incoming))
     extra = sorted(set(incoming) - set(current))
@@ -282,9 +291,9 @@ def _check_init(path: str, name: str, incoming: dict, current: dict, config: Lor
             if keys
         )
         raise LorapipeError(
-            f"lora.init: {path!r} was trained on other {name} layers than lora.targets "
-            f"{sorted(config.target_modules)}: {detail}; set lora.targets to the layers it "
-            "was trained on (a preset: attn, kohya; or the list)"
+            f"lora.init: {path!r} was trained on other layers than lora.targets "
+            f"{sorted(config.target_modules)} ({_title(name)}): {detail}; set lora.targets to "
+            "the layers it was trained on (a preset: attn, kohya; or the list)"
         )
     for key, tensor in incoming.items():
         if tensor.shape != current[key].shape:

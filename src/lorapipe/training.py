@@ -210,6 +210,8 @@ class Recipe:
         models = {"unet": unet, **(encoders if lp.text_encoder else {})}
         self.configs = lora.configs_for(lp, family, models)
         self.lora_modules = lora.attach(models, self.configs)
+        # in the family's order: optimizer groups and checkpoints must not depend on set order
+        self.text_trained = [name for name in self.configs if name != "unet"]
         for name, encoder in encoders.items():
             if name not in self.configs:  # run per step for the captions only: frozen
                 encoder.requires_grad_(False)
@@ -223,12 +225,12 @@ class Recipe:
                 cast_training_params(model, dtype=torch.float32)
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            for name in self.configs.keys() - {"unet"}:
+            for name in self.text_trained:
                 encoders[name].gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
         groups = [{"params": [q for q in unet.parameters() if q.requires_grad],
                    "lr": p.learning_rate}]
-        for name in self.configs.keys() - {"unet"}:
+        for name in self.text_trained:
             groups.append({"params": [q for q in encoders[name].parameters()
                                       if q.requires_grad], "lr": p.text_encoder_lr})
         self.trainable = [q for g in groups for q in g["params"]]
