@@ -131,7 +131,9 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
-    params["train"].update(max_steps=steps, checkpoint_every=0, batch_size=4)
+    # the loop itself: evaluations at start and end only, no sample grids (they are not steps)
+    params["train"].update(max_steps=steps, checkpoint_every=0, batch_size=4, sample_every=0)
+    params["train"]["validation"]["every"] = steps
     params["lora"]["text_encoder"] = text_encoder
     params["train"]["captions"]["shuffle"] = shuffle
     work = root / "real"
@@ -142,7 +144,7 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
     return 1.0 / timing["steps_per_s"]
 
 
-def sd15_step(checkpointing: bool, steps: int, text_encoder: bool = False) -> dict:
+def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
     """Runs in a child process: one SD1.5-shaped UNet LoRA configuration."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
