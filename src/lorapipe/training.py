@@ -11,8 +11,6 @@ draws exactly what an uninterrupted one would, and on CPU ends with the same byt
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -33,6 +31,7 @@ from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import EarlyStop, Evaluator, holdout
 from lorapipe.losses import diffusion_loss, seeded_generator
 from lorapipe.models import load_pipeline, training_scheduler
+from lorapipe.plan import Plan
 from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, remove_partial_runs, run_name
 
@@ -49,82 +48,6 @@ class Diverged(LorapipeError):
             f"(before step {step}) was saved. Try: {'; '.join(advice)}. Next run: {command}"
         )
         self.step = step
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How micro-batches tile the data stream; every count derived once, here.
-
-    batch_size is the global micro-batch: train.batch_size per process x processes.
-    buckets: the training positions of each image size, when there are several
-    (preprocess.buckets); every micro-batch then comes from one of them."""
-
-    images: int
-    batch_size: int
-    grad_accum: int
-    max_steps: int
-    buckets: tuple[tuple[int, ...], ...] = ()
-
-    @classmethod
-    def from_params(cls, p, images: int, processes: int = 1,
-                    buckets: list[list[int]] | None = None) -> Plan:
-        groups = tuple(tuple(g) for g in buckets or []) if buckets and len(buckets) > 1 else ()
-        plan = cls(images, p.batch_size * processes, p.grad_accum, 0, groups)
-        steps = p.max_steps or math.ceil(p.epochs * plan.batches_per_epoch / p.grad_accum)
-        return dataclasses.replace(plan, max_steps=steps)
-
-    @property
-    def batches_per_epoch(self) -> float:
-        """Micro-batches per pass over the data: bucketed, each bucket's last batch is
-        filled up from the same bucket; otherwise batches run across epoch ends."""
-        if self.buckets:
-            return sum(math.ceil(len(g) / self.batch_size) for g in self.buckets)
-        return self.images / self.batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.batches_per_epoch / self.grad_accum))
-
-    def epoch_of(self, step: int) -> int:
-        """The epoch the last image of optimizer step `step` (0-based) belongs to."""
-        if self.buckets:
-            return ((step + 1) * self.grad_accum - 1) // int(self.batches_per_epoch)
-        last = (step + 1) * self.batch_size * self.grad_accum - 1
-        return last // self.images
-
-    def batch_indices(self, micro: int, seed: int) -> torch.Tensor:
-        """Training positions of micro-batch `micro`: epochs are seeded permutations, batches
-        run across epoch ends so every batch is full; bucketed, an epoch is every bucket's
-        seeded batches in a seeded order."""
-        if self.buckets:
-            per_epoch = int(self.batches_per_epoch)
-            epoch = _bucket_epoch(seed, micro // per_epoch, self.buckets, self.batch_size)
-            return torch.tensor(epoch[micro % per_epoch])
-        positions = range(micro * self.batch_size, (micro + 1) * self.batch_size)
-        return torch.tensor([_epoch_order(seed, pos // self.images, self.images)[pos % self.images]
-                             for pos in positions])
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, images: int) -> tuple[int, ...]:
-    """The seeded image order of one epoch, drawn once per epoch instead of once per image."""
-    return tuple(torch.randperm(images, generator=seeded_generator(seed, "epoch", epoch)).tolist())
-
-
-@functools.lru_cache(maxsize=4)
-def _bucket_epoch(seed: int, epoch: int, buckets: tuple[tuple[int, ...], ...],
-                  batch: int) -> tuple[tuple[int, ...], ...]:
-    """One epoch's single-bucket batches: each bucket shuffled and cut into full batches
-    (the last one filled up from the start of the same shuffled bucket), then all batches
-    in a shuffled order. A pure function of (seed, epoch), as the unbucketed order is."""
-    gen = seeded_generator(seed, "bucket", epoch)
-    batches = []
-    for members in buckets:
-        order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
-        count = math.ceil(len(order) / batch)
-        cycled = [order[i % len(order)] for i in range(count * batch)]
-        batches += [tuple(cycled[k * batch:(k + 1) * batch]) for k in range(count)]
-    return tuple(batches[i] for i in torch.randperm(len(batches), generator=gen).tolist())
 
 
 def flat_params(params) -> dict:
@@ -176,7 +99,7 @@ class Recipe:
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
-        p, lp, paths = self.p, self.lp, self.paths
+        p, paths = self.p, self.paths
         if p.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
         acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
@@ -189,53 +112,8 @@ class Recipe:
                 f"the cache in {paths.cache} was encoded with {cache.meta['base']}, not "
                 f"model.base {self.params.model.base}; rerun the encode stage")
         self.train_idx, self.val_idx = holdout(cache.files, p.validation.split)
-        pipe = load_pipeline(self.params.model.base, self.params.model.config)
-        family = self.family = families.of_pipeline(pipe)
-        self.base = family.base_version(pipe)
-        unet, self.scheduler = pipe.unet, training_scheduler(pipe)
-        # the text encoders run per step when they train or when captions change per step;
-        # otherwise their outputs come from the cache
-        self.caption_ops = captions.active(p.captions)
-        self.text_per_step = lp.text_encoder or self.caption_ops
-        encoders = family.encoders_of(pipe) if self.text_per_step else {}
-        self.tokenizers = family.tokenizers_of(pipe) if self.caption_ops else {}
-        self.pipe = None
-        if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
-            pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            self.pipe = pipe
-        del pipe  # else the VAE (and unused text encoders) go: their outputs are cached
-
-        torch.manual_seed(p.seed)  # the LoRA's Gaussian init
-        models = {"unet": unet, **(encoders if lp.text_encoder else {})}
-        self.configs = lora.configs_for(lp, family, models)
-        self.lora_modules = lora.attach(models, self.configs)
-        # in the family's order: optimizer groups and checkpoints must not depend on set order
-        self.text_trained = [name for name in self.configs if name != "unet"]
-        for name, encoder in encoders.items():
-            if name not in self.configs:  # run per step for the captions only: frozen
-                encoder.requires_grad_(False)
-        self.init_notes = lora.load_init(models, lp.init, self.configs, family) \
-            if lp.init else []
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision)
-        for model in [unet, *encoders.values()]:
-            if half is not None:
-                # frozen base in half precision, trainable LoRA weights in fp32 (diffusers)
-                model.to(half)
-                cast_training_params(model, dtype=torch.float32)
-        if p.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            for name in self.text_trained:
-                encoders[name].gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-        groups = [{"params": [q for q in unet.parameters() if q.requires_grad],
-                   "lr": p.learning_rate}]
-        for name in self.text_trained:
-            groups.append({"params": [q for q in encoders[name].parameters()
-                                      if q.requires_grad], "lr": p.text_encoder_lr})
-        self.trainable = [q for g in groups for q in g["params"]]
-        self.n_trainable = sum(q.numel() for q in self.trainable)
-
+        models, encoders = self._load_base()
+        groups = self._attach_lora(models, encoders)
         positions = {i: pos for pos, i in enumerate(self.train_idx)}
         self.plan = Plan.from_params(p, len(self.train_idx), self.world, [
             [positions[i] for i in group] for group in cache.latents.groups(self.train_idx)])
@@ -247,10 +125,9 @@ class Recipe:
             num_warmup_steps=p.lr_warmup_steps * self.world,
             num_training_steps=self.plan.max_steps * self.world,
         )
-        names = list(models)
         *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
             *models.values(), optimizer, lr_scheduler)
-        self.models = dict(zip(names, prepared, strict=True))  # as prepared (DDP-wrapped)
+        self.models = dict(zip(models, prepared, strict=True))  # as prepared (DDP-wrapped)
         self.unet = self.models["unet"]
         # the text encoders as called per step: the prepared ones where they train
         self.encoders = {name: self.models.get(name, e).to(acc.device)
@@ -266,6 +143,63 @@ class Recipe:
             self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
             p.seed, p.validation.timesteps)
         self._resume()
+
+    def _load_base(self) -> tuple[dict, dict]:
+        """The base model; returns the components that get a LoRA ({'unet': ..., and the
+        text encoders with lora.text_encoder}) and the text encoders that run per step
+        (those, or frozen ones when train.captions change captions per step)."""
+        p, lp = self.p, self.lp
+        pipe = load_pipeline(self.params.model.base, self.params.model.config)
+        family = self.family = families.of_pipeline(pipe)
+        self.base = family.base_version(pipe)
+        self.scheduler = training_scheduler(pipe)
+        # otherwise the text encoders' outputs come from the cache
+        self.caption_ops = captions.active(p.captions)
+        self.text_per_step = lp.text_encoder or self.caption_ops
+        encoders = family.encoders_of(pipe) if self.text_per_step else {}
+        self.tokenizers = family.tokenizers_of(pipe) if self.caption_ops else {}
+        self.pipe = None
+        if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
+            pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+            self.pipe = pipe
+        # the rest of the pipeline (the VAE, unused text encoders) goes with `pipe`
+        return {"unet": pipe.unet, **(encoders if lp.text_encoder else {})}, encoders
+
+    def _attach_lora(self, models: dict, encoders: dict) -> list[dict]:
+        """LoRA on every component in `models` (continued from lora.init), precision and
+        checkpointing; returns the optimizer's parameter groups, the UNet's first."""
+        p, lp = self.p, self.lp
+        torch.manual_seed(p.seed)  # the LoRA's Gaussian init
+        self.configs = lora.configs_for(lp, self.family, models)
+        self.lora_modules = lora.attach(models, self.configs)
+        # in the family's order: optimizer groups and checkpoints must not depend on set order
+        self.text_trained = [name for name in self.configs if name != "unet"]
+        for name, encoder in encoders.items():
+            if name not in self.configs:  # run per step for the captions only: frozen
+                encoder.requires_grad_(False)
+        self.init_notes = (lora.load_init(models, lp.init, self.configs, self.family)
+                           if lp.init else [])
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision)
+        unet = models["unet"]
+        if half is not None:
+            for model in [unet, *encoders.values()]:
+                # frozen base in half precision, trainable LoRA weights in fp32 (diffusers)
+                model.to(half)
+                cast_training_params(model, dtype=torch.float32)
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for name in self.text_trained:
+                encoders[name].gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = [{"params": [q for q in unet.parameters() if q.requires_grad],
+                   "lr": p.learning_rate}]
+        groups += [{"params": [q for q in encoders[name].parameters() if q.requires_grad],
+                    "lr": p.text_encoder_lr} for name in self.text_trained]
+        self.trainable = [q for g in groups for q in g["params"]]
+        self.n_trainable = sum(q.numel() for q in self.trainable)
+        return groups
 
     def _resume(self) -> None:
         """The newest intact checkpoint of these params and data, if any; the trackers."""
