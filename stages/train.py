@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lorapipe import threads
 from lorapipe.cli import run_stage
 from lorapipe.params import load_params
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, params.train.devices))
     if launch_needed(params.train):
         return relaunch(params.train, argv)
+    # counted among the runs sharing the CPU from now; the share is taken after the imports
+    threads.register()
 
     from lorapipe.training import Diverged, run
 

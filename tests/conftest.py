@@ -6,6 +6,8 @@ import csv
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +302,13 @@ def family_run(request):
     if request.param == "sd":
         return request.getfixturevalue("example_cache"), {}
     return request.getfixturevalue("example_cache_sdxl"), dict(SDXL)
+
+
+def hold_registration(folder: Path) -> subprocess.Popen:
+    """Another lorapipe run, as far as the registry can tell: a process that registered."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lorapipe import threads; "
+         "threads.register(); print('ready', flush=True); time.sleep(600)"],
+        env={**os.environ, "LORAPIPE_RUNS_DIR": str(folder)}, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc

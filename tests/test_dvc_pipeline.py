@@ -190,10 +190,10 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["params", "sample"]
     sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8", "-S", "train.learning_rate=1e-3",
        "-S", "train.max_steps=20")
-    # two workers: the two runs side by side, one thread each. With torch's default (a thread
-    # per core in each) the two oversubscribe the 2 cores and ran 10-40x slower here: a
-    # limit the train stage itself should set (issue 15)
-    sh("dvc", "queue", "start", "-j", "2", extra_env={"OMP_NUM_THREADS": "1"})
+    # two workers: the two runs side by side. Each train process takes its share of the
+    # cores (train.cpu_threads 0, lorapipe.threads); with torch's default, a thread per core
+    # in each, the two oversubscribed the 2 cores and ran 10-40x slower here
+    sh("dvc", "queue", "start", "-j", "2")
     # wait for both tasks' final states: "neither Queued nor Running" also holds for a moment
     # while a worker takes a task off the queue, so it cannot be the end condition
     deadline = time.time() + 600

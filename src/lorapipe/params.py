@@ -154,6 +154,8 @@ class TrainParams:
                                  path="any", optional=True)
     devices: list[int] = key("GPU indices this run may use; [] = all", allow_empty=True)
     gradient_checkpointing: bool = key("recompute activations to save memory")
+    cpu_threads: int = key("torch CPU threads of a CPU run; 0 = the cores shared among the "
+                           "lorapipe runs on this machine", minimum=0)
     noise_offset: float = key("offset-noise strength", minimum=0)
     min_snr_gamma: float = key("Min-SNR loss weighting gamma; 0 = off", minimum=0)
     max_grad_norm: float = key("gradient clipping norm; 0 = off", minimum=0)

@@ -25,7 +25,7 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import captions, checkpoints, families, health, lora, outputs
+from lorapipe import captions, checkpoints, families, health, lora, outputs, threads
 from lorapipe.cache import CACHE_FILE, load_cache
 from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import EarlyStop, Evaluator, holdout
@@ -106,6 +106,10 @@ class Recipe:
                                              gradient_accumulation_steps=p.grad_accum)
         self.main = acc.is_main_process
         self.world, self.rank = acc.num_processes, acc.process_index
+        self.threads = None  # a GPU run leaves torch's CPU threads as they are
+        if acc.device.type == "cpu":
+            self.threads, self.threads_why = threads.share(p.cpu_threads)
+            torch.set_num_threads(self.threads)
         cache = self.cache = load_cache(paths.cache)
         if cache.meta["base"] != self.params.model.base:
             raise LorapipeError(
@@ -213,6 +217,12 @@ class Recipe:
         if found:
             _load_checkpoint(self.accelerator, found, paths.checkpoints)
             state = checkpoints.read_state(found)
+            if self.threads and state.get("cpu_threads"):
+                # the thread count moves the last bits on CPU: the resumed run keeps the
+                # count it started with, so it ends with the bytes it would have
+                self.threads = state["cpu_threads"]
+                self.threads_why = "as when this run started: its checkpoint says"
+                torch.set_num_threads(self.threads)
             self.stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
                                      best_state=checkpoints.read_tensors(found, BEST_LORA))
         self.state, self.start_step = state, state.get("step", 0)
@@ -264,6 +274,8 @@ class Recipe:
             f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
             f"epochs); {self.n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
             f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
+            + (f"; {self.threads} CPU thread{'s' if self.threads > 1 else ''} per process "
+               f"({self.threads_why})" if self.threads else "")
         )
 
     def _targets_line(self) -> str:
@@ -427,7 +439,7 @@ class Recipe:
             "history": self.tracker.history, "epoch_losses": self.epoch_losses,
             "early_stop": self.stopper.to_state(),
             "images": [(s, name) for s, name, _ in images],
-            "wall_time": time.perf_counter() - self.t0,
+            "wall_time": time.perf_counter() - self.t0, "cpu_threads": self.threads,
         }, tensors={BEST_LORA: self.stopper.best_state},
             files={name: file for _, name, file in images})
 
