@@ -1,6 +1,9 @@
 """Two experiments queued side by side vs the same two back to back, on CPU.
 
-    python bench/queue.py [--steps 300] [--repeats 1]
+    python bench/sweep_queue.py [--steps 300] [--repeats 1]
+
+(Not bench/queue.py: a script there would shadow the standard library's `queue` for every
+script in bench/, which multiprocessing imports.)
 
 In a clone of this repository (committed HEAD) with the pipeline already run once: two
 `dvc exp run` one after the other, then two other experiments (other seeds, so DVC's run
