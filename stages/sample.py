@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from lorapipe import threads
 from lorapipe.cli import run_stage
 from lorapipe.errors import LorapipeError
 from lorapipe.params import load_params
@@ -23,8 +24,10 @@ def main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports below
     p = params.sample
+    threads.register()  # shares the CPU with the other lorapipe runs (lorapipe.threads)
 
     import numpy as np
+    import torch
     from diffusers.utils import logging as diffusers_logging
     from dvclive import Live
     from torch.utils.tensorboard import SummaryWriter
@@ -38,6 +41,10 @@ def main(argv: list[str] | None) -> int:
 
     if not (Path(args.lora) / DIFFUSERS_FILE).exists():
         raise LorapipeError(f"{args.lora} holds no {DIFFUSERS_FILE}; run the train stage first")
+    if not torch.cuda.is_available():
+        # always automatic here: sample.* has no thread key, and images are not compared
+        # across machines byte for byte the way the trained LoRA is
+        torch.set_num_threads(threads.share(0)[0])
     diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
     pipe = load_pipeline(params.model.base, params.model.config)
     pipe.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
