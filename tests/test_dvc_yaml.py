@@ -80,3 +80,17 @@ def test_interpolated_paths_are_quoted_in_commands():
     for name, stage in STAGES.items():
         unquoted = re.findall(r'(?<!")\$\{[^}]+\}(?!")', stage["cmd"])
         assert not unquoted, f"stage {name}: {unquoted} unquoted in its cmd"
+
+
+def test_the_data_stages_start_without_torch():
+    """params, validate and preprocess import everything they use and never torch (about a
+    second of each stage's start-up; python -X importtime, bench/overhead.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.params, stages.validate, stages.preprocess; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'dvclive') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
