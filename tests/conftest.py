@@ -265,12 +265,16 @@ def shell_in(root: Path):
         GIT_COMMITTER_EMAIL="t@t",
     )
 
-    def sh(*cmd: str, check=True, extra_env: dict | None = None) -> str:
+    def sh(*cmd: str, check=True, extra_env: dict | None = None, spawns: bool = False) -> str:
+        """spawns: the command leaves daemons behind (`dvc queue start`'s workers), which
+        inherit its output pipes; its output is then not captured, or reading it would
+        wait for them to exit."""
+        out = subprocess.DEVNULL if spawns else subprocess.PIPE
         result = subprocess.run(cmd, cwd=root, env={**env, **(extra_env or {})},
-                                capture_output=True, text=True)
+                                stdout=out, stderr=out, text=True)
         if check and result.returncode:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
-        return result.stdout + result.stderr
+        return (result.stdout or "") + (result.stderr or "")
 
     return sh
 

@@ -193,7 +193,7 @@ def test_experiment_workflow(repo, tmp_path):
     # two workers: the two runs side by side. Each train process takes its share of the
     # cores (train.cpu_threads 0, lorapipe.threads); with torch's default, a thread per core
     # in each, the two oversubscribed the 2 cores and ran 10-40x slower here
-    sh("dvc", "queue", "start", "-j", "2")
+    sh("dvc", "queue", "start", "-j", "2", spawns=True)
     # wait for both tasks' final states: "neither Queued nor Running" also holds for a moment
     # while a worker takes a task off the queue, so it cannot be the end condition
     deadline = time.time() + 600
