@@ -34,6 +34,18 @@ def test_live_runs_count_registered_processes_until_they_die(tmp_path, monkeypat
             proc.wait()
 
 
+def test_registering_twice_in_one_process_is_once(tmp_path, monkeypatch):
+    """Stage mains run in one process (the tests, bench/overhead.py) register once; a second
+    lock on the same file would wait for the first forever."""
+    monkeypatch.setenv("LORAPIPE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setattr(threads, "_held", [])
+    threads.register()
+    threads.register()
+    assert threads.live_runs() == 1
+    for f in threads._held:
+        f.close()
+
+
 def test_the_train_stage_takes_its_share(tmp_path, example_cache):
     """Beside another registered run it takes half the cores, alone all of them; the line
     says which and why."""

@@ -30,7 +30,10 @@ def registry() -> Path:
 
 
 def register(folder: Path | None = None) -> None:
-    """Count this process as a running lorapipe train process until it exits."""
+    """Count this process as a running lorapipe train process until it exits. Once per
+    process: a second lock on the same file from this process would wait for the first."""
+    if _held:
+        return
     folder = folder or registry()
     folder.mkdir(mode=0o700, exist_ok=True)
     # held open (and locked) for the process's lifetime, not closed by a with block
