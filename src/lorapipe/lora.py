@@ -54,8 +54,9 @@ def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, Lor
     out = {"unet": lora_config(lp.rank, lp.alpha, lp.dropout, targets["unet"])}
     if lp.text_encoder:
         for name in family.text_encoders:
-            used = models[name].config.num_hidden_layers - family.unused_text_layers.get(name, 0)
-            layers = list(range(used)) if name in family.unused_text_layers else None
+            unused = family.unused_text_layers.get(name, 0)
+            layers = list(range(models[name].config.num_hidden_layers - unused)) if unused \
+                else None
             out[name] = lora_config(lp.rank, lp.alpha, lp.dropout, targets[name], layers)
     return out
 
@@ -72,9 +73,8 @@ def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]) -
         except ValueError as exc:
             raise LorapipeError(
                 f"lora.targets {sorted(config.target_modules)} match no {_title(name)} layer "
-                f"({exc}); "
-                "use a preset (attn, kohya) or UNet module names such as to_q, to_k, to_v, "
-                "to_out.0") from None
+                f"({exc}); use a preset (attn, kohya) or UNet module names such as to_q, "
+                "to_k, to_v, to_out.0") from None
         counts[name] = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
     return counts
 

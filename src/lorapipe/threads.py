@@ -49,10 +49,7 @@ def live_runs(folder: Path | None = None) -> int:
     if not folder.exists():
         return 0
     alive = 0
-    for path in folder.iterdir():
-        if path.name == str(os.getpid()) and _held:
-            alive += 1
-            continue
+    for path in folder.iterdir():  # this process's own file is locked too: counted alive
         try:
             with open(path) as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
