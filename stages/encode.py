@@ -1,4 +1,5 @@
-"""encode: cache VAE latents and text-encoder states of every processed image.
+"""encode: cache VAE latents and text-encoder states of every processed image; task_type
+llm: the token ids and loss masks of every example.
 
     python -m stages.encode --images data/processed --out data/cache
 """
@@ -11,12 +12,31 @@ from lorapipe.cli import run_stage
 from lorapipe.params import load_params
 
 
+def encode_llm(params, args) -> int:
+    """task_type llm: token ids and loss masks of every example, by model.base's tokenizer
+    and chat template."""
+    from lorapipe.llm.data import encode_examples, read_processed, save_token_cache
+    from lorapipe.llm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(params.model.base)
+    cache = encode_examples(read_processed(args.images), tokenizer, params.llm, params.model.base)
+    path = save_token_cache(cache, args.out)
+    lengths = (cache.offsets[1:] - cache.offsets[:-1]).tolist()
+    print(f"encode: {len(cache)} examples -> {path} ({len(cache.ids)} tokens, "
+          f"{int(cache.trained.sum())} trained; longest {max(lengths)} of llm.max_length "
+          f"{params.llm.max_length})" + (f"; {cache.meta['truncated']} truncated"
+                                         if cache.meta["truncated"] else ""))
+    return 0
+
+
 def main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.encode", description=__doc__)
     parser.add_argument("--images", required=True, help="preprocessed images + metadata.csv")
     parser.add_argument("--out", required=True, help="folder for the cache file")
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports below
+    if params.task_type == "llm":
+        return encode_llm(params, args)
 
     from lorapipe.cache import encode_dataset, save_cache
     from lorapipe.models import load_pipeline

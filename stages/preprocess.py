@@ -1,5 +1,6 @@
 """preprocess: every usable image to a square PNG at preprocess.resolution (or to its
-aspect-ratio bucket, preprocess.buckets), on all cores.
+aspect-ratio bucket, preprocess.buckets), on all cores; task_type llm: the usable examples
+in canonical form.
 
     python -m stages.preprocess --images data/example --usable reports/usable.csv \
         --out data/processed
@@ -97,13 +98,31 @@ def process_one(images: str, out_dir: str, layout: Layout, job: tuple[str, str])
     return size_columns(source, placement)
 
 
+def preprocess_llm(args) -> int:
+    """task_type llm: the usable examples in their canonical form (chat messages or text),
+    for encode to tokenize with the base model's tokenizer and chat template."""
+    from lorapipe.llm.data import read_usable, write_processed
+
+    examples = read_usable(args.usable)
+    if not examples:
+        raise LorapipeError(f"{args.usable} lists no usable examples")
+    write_processed(examples, args.out)
+    chats = sum(e.messages is not None for e in examples)
+    print(f"preprocess: {len(examples)} examples ({chats} chat, {len(examples) - chats} "
+          f"text) -> {args.out}/data.jsonl")
+    return 0
+
+
 def main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__)
     parser.add_argument("--images", required=True, help="folder with the source images")
     parser.add_argument("--usable", required=True, help="usable rows from the validate stage")
     parser.add_argument("--out", required=True, help="folder to write the PNGs into")
     args = parser.parse_args(argv)
-    params = load_params().preprocess
+    all_params = load_params()
+    if all_params.task_type == "llm":
+        return preprocess_llm(args)
+    params = all_params.preprocess
 
     rows = read_usable(args.usable)
     if not rows:

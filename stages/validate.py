@@ -1,4 +1,5 @@
-"""validate: check every image against metadata.csv; write the report and the usable rows.
+"""validate: check every image against metadata.csv (task_type llm: every example of
+data.jsonl, with its token count); write the report and the usable rows.
 
     python -m stages.validate --images data/example --report reports/validation.json \
         --usable reports/usable.csv
@@ -26,6 +27,25 @@ def usable_csv(report: Report) -> str:
     writer.writerow(["file_name", "text"])
     writer.writerows([row.name, row.text] for row in report.usable)  # normalised names
     return buf.getvalue()
+
+
+def usable_examples_csv(report) -> str:
+    """task_type llm: each usable example's line and its canonical JSON."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["line", "example"])
+    writer.writerows([e.line, e.to_json()] for e in report.usable)
+    return buf.getvalue()
+
+
+def validate_llm(all_params, folder: str):
+    """The examples of data.jsonl, counted in model.base's tokens."""
+    from lorapipe.llm.data import validate_examples
+    from lorapipe.llm.models import load_tokenizer
+
+    p = all_params.llm
+    return validate_examples(folder, load_tokenizer(all_params.model.base), p.max_length,
+                             p.too_long, p.train_on_prompt)
 
 
 def print_summary(report: Report, on_error: str, out=None) -> None:
@@ -79,8 +99,12 @@ def main(argv: list[str] | None) -> int:
     all_params = load_params()
     params = all_params.validate
 
-    report = validate_dataset(args.images, params.min_side, params.max_pixels)
-    histogram = bucket_report(report, all_params.preprocess)
+    llm = all_params.task_type == "llm"
+    if llm:
+        report, histogram = validate_llm(all_params, args.images), {}
+    else:
+        report = validate_dataset(args.images, params.min_side, params.max_pixels)
+        histogram = bucket_report(report, all_params.preprocess)
     failed = bool(report.errors) and (params.on_error == "fail" or not report.usable)
     outputs.write_json(args.report, {
         **report.summary(),
@@ -89,6 +113,11 @@ def main(argv: list[str] | None) -> int:
         "findings": [f.to_dict() for f in report.findings],
     })
     print_summary(report, params.on_error)
+    tokens = report.summary().get("tokens") if llm else None
+    if tokens:
+        print(f"validate: tokens per example min {tokens['min']}, median {tokens['median']:g}, "
+              f"max {tokens['max']} (llm.max_length {all_params.llm.max_length}); "
+              f"{tokens['trained']} of {tokens['total']} tokens trained")
     if histogram:
         print("validate: buckets (images per size): "
               + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
@@ -99,7 +128,7 @@ def main(argv: list[str] | None) -> int:
             hint = "no usable rows are left"
         print(f"validate: failed: {hint}; every finding is in {args.report}", file=sys.stderr)
         return 1
-    outputs.write_text(args.usable, usable_csv(report))
+    outputs.write_text(args.usable, usable_examples_csv(report) if llm else usable_csv(report))
     return 0
 
 

@@ -334,7 +334,10 @@ def test_targets_presets_in_params(tmp_path):
 
     assert make_params(tmp_path, lora__targets="kohya").lora.targets == "kohya"
     assert make_params(tmp_path, lora__targets=["to_q", "to_v"]).lora.targets == ["to_q", "to_v"]
-    with pytest.raises(ParamsError, match=r"lora.targets must be a preset \(attn, kohya\) or a "
-                       r"list of module names, got 'atn'; did you mean attn\?"):
+    with pytest.raises(ParamsError, match=r"lora.targets must be a preset \(attn, kohya, "
+                       r"all-linear\) or a list of module names, got 'atn'; did you mean attn\?"):
         make_params(tmp_path, lora__targets="atn")
+    with pytest.raises(ParamsError, match=r"lora.targets preset all-linear is not one of "
+                       r"task_type sd's: attn, kohya"):
+        make_params(tmp_path, lora__targets="all-linear")
     assert load_params().lora.targets == "attn"

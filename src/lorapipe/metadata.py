@@ -122,7 +122,7 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 
 
-def _decode(data: bytes) -> str:
+def decode_text(data: bytes) -> str:
     """UTF-8 text (with or without BOM), or a DatasetError that names the real encoding."""
     if data.startswith(_UTF16_BOMS) or (len(data) >= 4 and (data[1::2][:8].count(0) >= 4
                                                             or data[0::2][:8].count(0) >= 4)):
@@ -170,7 +170,7 @@ def read_metadata(csv_path: str | Path) -> list[Row]:
             f"{csv_path} not found; the image folder needs a {METADATA_NAME} with columns "
             "file_name,text",
         ) from None
-    text = _decode(data)
+    text = decode_text(data)
     if not text.strip():
         raise DatasetError("CSV_EMPTY", "the file is empty; add a header file_name,text and rows")
     reader = csv.reader(io.StringIO(text, newline=""))

@@ -19,7 +19,9 @@ from ruamel.yaml import YAML, YAMLError
 from lorapipe.errors import LorapipeError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl")
+BUILTIN_MODELS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-llm")
+BUILTIN_LLMS = ("builtin:tiny-llm",)
+TASKS = ("sd", "llm")
 # Checkpoint formats that are Python pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
@@ -80,7 +82,8 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class ModelParams:
     base: str = key("builtin:tiny-sd, builtin:tiny-sdxl, a diffusers folder or a .safetensors "
-                    "file", path="model")
+                    "file; with task_type llm builtin:tiny-llm or a Hugging Face folder",
+                    path="model")
     config: str = key("diffusers folder with configs for a single-file base", path="dir",
                       optional=True)
 
@@ -90,8 +93,10 @@ class EncodeParams:
     batch_size: int = key("images per VAE / text-encoder batch", minimum=1)
 
 
-# lora.targets presets (lorapipe.families.Family.targets resolves them per model)
-TARGET_PRESETS = ("attn", "kohya")
+# lora.targets presets (lorapipe.families.Family.targets resolves them per model; with
+# task_type llm, lorapipe.llm.training: attn, all-linear)
+TARGET_PRESETS = ("attn", "kohya", "all-linear")
+TASK_PRESETS = {"sd": ("attn", "kohya"), "llm": ("attn", "all-linear")}
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ class LoraParams:
     rank: int = key("LoRA rank (dimension)", minimum=1)
     alpha: float = key("LoRA alpha; the update is scaled by alpha / rank", above=0)
     dropout: float = key("dropout on the LoRA path", minimum=0, maximum=0.9)
-    targets: str | list[str] = key("a preset (attn, kohya) or a list of UNet module names",
+    targets: str | list[str] = key("a preset (attn, kohya; llm: attn, all-linear) or a list "
+                                   "of module names",
                                    presets=TARGET_PRESETS)
     text_encoder: bool = key("also train a LoRA on the text encoder(s)")
     init: str = key("existing LoRA to continue from", path="any", optional=True)
@@ -201,7 +207,23 @@ class SampleParams:
 
 
 @dataclass(frozen=True)
+class LlmParams:
+    max_length: int = key("longest example in tokens (prompt and response)", minimum=8)
+    too_long: str = key("a longer example: error (validate.on_error decides) or truncate "
+                        "its response", choices=("error", "truncate"))
+    train_on_prompt: bool = key("also train on the prompt tokens, not only the response")
+    merge: bool = key("also write the LoRA merged into the base as a model folder")
+    max_new_tokens: int = key("tokens generated per sample", minimum=1)
+    temperature: float = key("temperature of the sampled generations; 0 = greedy only",
+                             minimum=0)
+    top_p: float = key("nucleus sampling: the smallest token set of this probability",
+                       above=0, maximum=1)
+
+
+@dataclass(frozen=True)
 class Params:
+    task_type: str = key("sd (Stable Diffusion LoRA) or llm (language-model LoRA)",
+                         choices=TASKS)
     data: DataParams
     validate: ValidateParams
     preprocess: PreprocessParams
@@ -211,6 +233,50 @@ class Params:
     train: TrainParams
     health: HealthParams
     sample: SampleParams
+    llm: LlmParams
+
+
+# Switches of one task that the other cannot honour: set under it, they are refused (the
+# rest of a task's keys are ignored by the other, as params.yaml holds both tasks' keys).
+SD_ONLY_SWITCHES = {
+    "lora.text_encoder": "the LLM has no separate text encoder",
+    "preprocess.buckets": "buckets are for images",
+    "train.captions.shuffle": "caption handling is for image captions",
+    "train.captions.dropout": "caption handling is for image captions",
+    "train.captions.tag_dropout": "caption handling is for image captions",
+    "train.noise_offset": "there is no diffusion noise",
+    "train.min_snr_gamma": "there are no diffusion timesteps",
+}
+
+
+def _task_checks(v: dict[str, object]) -> list[str]:
+    """task_type against the keys that must agree with it."""
+    task = v.get("task_type")
+    if task not in TASKS:
+        return []
+    problems = []
+    base = v.get("model.base")
+    if isinstance(base, str) and base.startswith(BUILTIN_PREFIX):
+        is_llm = base in BUILTIN_LLMS
+        if task == "llm" and not is_llm:
+            problems.append(f"model.base {base} is a Stable Diffusion model but task_type is "
+                            f"llm; use {', '.join(BUILTIN_LLMS)} or a local Hugging Face folder")
+        if task == "sd" and is_llm:
+            problems.append(f"model.base {base} is a language model but task_type is sd; set "
+                            "task_type: llm, or model.base to builtin:tiny-sd")
+    targets = v.get("lora.targets")
+    if isinstance(targets, str) and targets not in TASK_PRESETS[task]:
+        problems.append(f"lora.targets preset {targets} is not one of task_type {task}'s: "
+                        + ", ".join(TASK_PRESETS[task]))
+    if task == "llm":
+        for dotted, why in SD_ONLY_SWITCHES.items():
+            if v.get(dotted):
+                problems.append(f"{dotted} is for task_type sd ({why}); set it to "
+                                f"{'false' if v[dotted] is True else 0} for task_type llm")
+        if v.get("model.config"):
+            problems.append("model.config is for single-file Stable Diffusion checkpoints; "
+                            "set it to \"\" for task_type llm")
+    return problems
 
 
 def _cross_checks(v: dict[str, object]) -> list[str]:
@@ -359,9 +425,13 @@ def model_source_problem(path: Path, name: str) -> str | None:
     """Why an existing path cannot be a base model, or None. Checked with params.yaml, so a
     pickle or a stray folder is refused in a second, not after the encode stage's imports."""
     if path.is_dir():
+        if (path / "config.json").exists() and not (path / "model_index.json").exists():
+            return llm_source_problem(path, name)
         if not (path / "model_index.json").exists():
-            return (f"{name!r} is a folder but not a diffusers model (no model_index.json); "
-                    "give a diffusers folder (save_pretrained) or a .safetensors file")
+            return (f"{name!r} is a folder but not a diffusers model (no model_index.json) "
+                    "nor a Hugging Face language model (no config.json); give a diffusers "
+                    "folder (save_pretrained), a .safetensors file or, with task_type llm, a "
+                    "Hugging Face model folder")
         return None
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -371,6 +441,23 @@ def model_source_problem(path: Path, name: str) -> str | None:
                 "and set model.base to dir")
     if suffix != ".safetensors":
         return f"{name!r} is not a .safetensors checkpoint or a diffusers folder"
+    return None
+
+
+def llm_source_problem(path: Path, name: str) -> str | None:
+    """Why a path cannot be an LLM base (a Hugging Face save_pretrained folder with
+    safetensors weights), or None."""
+    if not path.is_dir() or not (path / "config.json").exists():
+        return (f"{name!r} is not a Hugging Face model folder (config.json and *.safetensors, "
+                "as save_pretrained writes)")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            return (f"{name!r} holds only pickle weights ({', '.join(pickles[:3])}), which can "
+                    "run code when loaded; lorapipe loads only .safetensors. Convert once "
+                    "where you trust the files: `AutoModelForCausalLM.from_pretrained(dir)"
+                    ".save_pretrained(dir2)` writes safetensors; set model.base to dir2")
+        return f"{name!r} holds no .safetensors weights"
     return None
 
 
@@ -418,7 +505,7 @@ def parse_params(raw: object, root: Path, source: str = "params.yaml") -> Params
     problems: list[str] = []
     valid: dict[str, object] = {}
     params = _build(Params, raw, "", problems, root, source, valid)
-    problems += _cross_checks(valid)
+    problems += _cross_checks(valid) + _task_checks(valid)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ParamsError(f"{source} has {len(problems)} problem(s):\n{listing}")

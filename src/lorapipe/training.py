@@ -70,8 +70,12 @@ class TrainResult:
 def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
         ckpt_dir: Path, health_report: Path | None = None) -> TrainResult:
     """Train, log, diagnose and save. Raises Diverged on NaN/Inf."""
-    recipe = Recipe(params, Paths(cache_dir, out_dir, live_dir, logs_dir, ckpt_dir,
-                                  health_report))
+    if params.task_type == "llm":
+        from lorapipe.llm.training import LlmRecipe as recipe_class
+    else:
+        recipe_class = DiffusionRecipe
+    recipe = recipe_class(params, Paths(cache_dir, out_dir, live_dir, logs_dir, ckpt_dir,
+                                        health_report))
     recipe.setup()
     end_step = recipe.train()
     return recipe.finish(end_step)
@@ -90,16 +94,68 @@ class Paths:
 class Recipe:
     """One training run, in the shape of torchtune's LoRA recipes: setup() builds everything
     (model, LoRA, optimizer, data, resume state, trackers), train() is the loop, loss_step()
-    is one micro-batch's loss, checkpoint() and finish() save. The model family (SD, SDXL)
-    enters through its conditioning (loss_step, evaluation) and the export (finish)."""
+    is one micro-batch's loss, checkpoint() and finish() save.
+
+    This class is what every task shares: the accelerate loop, gradient accumulation, the
+    NaN guard, checkpoints and resume, logging, the evaluation rhythm, early stopping, the
+    health verdict. A task (DiffusionRecipe here, lorapipe.llm.training.LlmRecipe) fills in
+    the methods that raise NotImplementedError: its data, models, loss, evaluation, samples
+    and export."""
+
+    unit = "images"  # what one training example is called in messages
+    fixed_name = "fixed-noise loss"  # the fixed training loss, in the final line
+    lr_names = ("lr/unet", "lr/textencoder")  # logged per optimizer group (kohya's names)
+    cache_file = ""  # the cache's file in paths.cache (the checkpoints' fingerprint reads it)
 
     def __init__(self, params, paths: Paths):
         self.params, self.paths = params, paths
         self.p, self.lp = params.train, params.lora
 
+    # -- what a task provides -------------------------------------------------------------
+    def _load_data(self) -> list[str]:
+        """Load the cache; return each example's key (the held-out split hashes it)."""
+        raise NotImplementedError
+
+    def _build_models(self) -> tuple[dict, list[dict]]:
+        """The base with its LoRA: (trained components by name, optimizer groups)."""
+        raise NotImplementedError
+
+    def _plan_groups(self) -> list[list[int]] | None:
+        """Training positions per bucket (batches never mix buckets), or None."""
+        return None
+
+    def _after_prepare(self) -> None:
+        """Move the data to the device; build self.evaluate (the fixed losses)."""
+        raise NotImplementedError
+
+    def loss_step(self, micro: int) -> torch.Tensor:
+        """The loss of this process's shard of global micro-batch `micro`."""
+        raise NotImplementedError
+
+    def _setup_lines(self) -> list[str]:
+        """Lines printed (and logged, except warnings) after the header."""
+        return []
+
+    def _log_samples(self, step: int) -> None:
+        """Samples of the model as it is now, to the tracker (main process)."""
+        raise NotImplementedError
+
+    def _export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
+        """The trained LoRA in the task's formats, into self.paths.out."""
+        raise NotImplementedError
+
+    def _save_partial(self, state: dict, folder: Path) -> None:
+        """The last good LoRA of a diverged run (adapter_state() weights) into `folder`."""
+        raise NotImplementedError
+
+    @property
+    def model_name(self) -> str:
+        """The base's family, for the summary and the header."""
+        return self.family.name
+
     # -- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
-        p, paths = self.p, self.paths
+        p = self.p
         if p.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
         acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
@@ -110,17 +166,9 @@ class Recipe:
         if acc.device.type == "cpu":
             self.threads, self.threads_why = threads.share(p.cpu_threads)
             torch.set_num_threads(self.threads)
-        cache = self.cache = load_cache(paths.cache)
-        if cache.meta["base"] != self.params.model.base:
-            raise LorapipeError(
-                f"the cache in {paths.cache} was encoded with {cache.meta['base']}, not "
-                f"model.base {self.params.model.base}; rerun the encode stage")
-        self.train_idx, self.val_idx = holdout(cache.files, p.validation.split)
-        models, encoders = self._load_base()
-        groups = self._attach_lora(models, encoders)
-        positions = {i: pos for pos, i in enumerate(self.train_idx)}
-        self.plan = Plan.from_params(p, len(self.train_idx), self.world, [
-            [positions[i] for i in group] for group in cache.latents.groups(self.train_idx)])
+        self.train_idx, self.val_idx = holdout(self._load_data(), p.validation.split)
+        models, groups = self._build_models()
+        self.plan = Plan.from_params(p, len(self.train_idx), self.world, self._plan_groups())
         self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))
         optimizer = torch.optim.AdamW(groups, lr=p.learning_rate,
                                       weight_decay=p.adam_weight_decay)
@@ -132,21 +180,289 @@ class Recipe:
         *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
             *models.values(), optimizer, lr_scheduler)
         self.models = dict(zip(models, prepared, strict=True))  # as prepared (DDP-wrapped)
+        self.train_pos = torch.tensor(self.train_idx)
+        self._after_prepare()
+        _register_lora_hooks(acc, self.unwrapped)
+        self._resume()
+
+    def _resume(self) -> None:
+        """The newest intact checkpoint of these params and data, if any; the trackers."""
+        p, paths = self.p, self.paths
+        self.stopper = EarlyStop(p.early_stop.patience)
+        self.fp = checkpoints.fingerprint(self.params, Path(paths.cache) / self.cache_file)
+        found, notes = checkpoints.find(paths.checkpoints, self.fp)
+        # named after what decides the result, not the clock: a rerun of the same params and
+        # data writes the same outputs, TensorBoard run name included
+        state = {"run_name": run_name(f"run-{self.fp[:8]}"), "history": [], "wall_time": 0.0}
+        if found:
+            _load_checkpoint(self.accelerator, found, paths.checkpoints)
+            state = checkpoints.read_state(found)
+            if self.threads and state.get("cpu_threads"):
+                # the thread count moves the last bits on CPU: the resumed run keeps the
+                # count it started with, so it ends with the bytes it would have
+                self.threads = state["cpu_threads"]
+                self.threads_why = "as when this run started: its checkpoint says"
+                torch.set_num_threads(self.threads)
+            self.stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
+                                     best_state=checkpoints.read_tensors(found, BEST_LORA))
+        self.state, self.start_step = state, state.get("step", 0)
+        self.step_losses = [v["loss/current"] for _, v in state["history"]
+                            if "loss/current" in v]
+        self.epoch_losses = list(state.get("epoch_losses", []))
+        self.t0 = time.perf_counter() - state["wall_time"]
+        self.tracker = None
+        if not self.main:
+            return
+        for note in notes:
+            print(f"train: {note}")
+        if notes and not found:
+            print("train: no usable checkpoint: starting from step 0")
+        if not found:
+            for gone in remove_partial_runs(paths.logs, checkpoints.run_names(paths.checkpoints),
+                                            state["run_name"]):
+                print(f"train: removed TensorBoard run {gone}: unfinished, or this run's "
+                      "own earlier one")
+        self.tracker = Tracker(paths.live, paths.logs, state["run_name"], flat_params(self.params),
+                               history=state["history"], resume_step=self.start_step,
+                               images=[(step, found / name)
+                                       for step, name in state.get("images", [])])
+        header = self._header() + (f"; resumed from {found} at step {self.start_step}"
+                                   if found else "")
+        for line in [header, *self._setup_lines()]:
+            print(line)
+            if not line.startswith("train: warning:"):  # warnings: the terminal only
+                self.tracker.text(line)
+        if not self.val_idx:
+            print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
+
+    def _header(self) -> str:
+        p, lp, plan = self.p, self.lp, self.plan
+        return (
+            f"train: {self.model_name} base {self.params.model.base}; {len(self.train_idx)} "
+            f"training + {len(self.val_idx)} validation {self.unit}, batch {p.batch_size} x "
+            f"grad_accum {p.grad_accum} x {self.world} process(es) = global batch "
+            f"{p.batch_size * p.grad_accum * self.world}; {plan.max_steps} steps "
+            f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
+            f"epochs); {self.n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
+            f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
+            + (f"; {self.threads} CPU thread{'s' if self.threads > 1 else ''} per process "
+               f"({self.threads_why})" if self.threads else "")
+        )
+
+    # -- the loop -------------------------------------------------------------------------
+    def train(self) -> int:
+        """Steps from the resume point to the end (or an early stop); returns the last."""
+        p, acc, plan = self.p, self.accelerator, self.plan
+        self.timed_from, self.timed_steps = time.perf_counter(), 0
+        bar = tqdm(total=plan.max_steps, initial=self.start_step, desc="train", unit="step",
+                   dynamic_ncols=True, disable=not self.main, mininterval=1.0)
+        for model in self.models.values():
+            model.train()
+        try:
+            for step in range(self.start_step, plan.max_steps):
+                lrs = self.lr_scheduler.get_last_lr()
+                lr = lrs[0]
+                if step % p.validation.every == 0 and self._evaluate(step):
+                    acc.set_trigger()  # every process stops at this step
+                if p.early_stop.patience and acc.check_trigger():
+                    return step
+                if self.main and p.sample_every and step % p.sample_every == 0:
+                    self._log_samples(step)
+                # micro-steps: forward, backward; accelerate syncs and steps on the last one
+                losses = [self.optimizer_micro_step(micro, step, lr)
+                          for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum)]
+                self._log_step(step, sum(losses) / len(losses), lrs)
+                bar.set_postfix(loss=f"{self.step_losses[-1]:.4f}", lr=f"{lr:.1e}")
+                bar.update()
+                if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
+                        and step + 1 < plan.max_steps:
+                    self.checkpoint(step + 1)
+        finally:
+            bar.close()
+        return plan.max_steps
+
+    def unwrapped(self) -> dict[str, torch.nn.Module]:
+        """The trained components without their DDP wrappers."""
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
+
+    def optimizer_micro_step(self, micro: int, step: int, lr: float) -> float:
+        """Forward and backward of one micro-batch; clip and step on the last of a step.
+        Non-finite loss or gradient: save the last good LoRA and raise Diverged."""
+        acc = self.accelerator
+        with acc.accumulate(*self.models.values()), acc.autocast():
+            loss = self.loss_step(micro)
+            if not torch.isfinite(loss):
+                raise self._diverged(step, lr, "the loss")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(self.trainable, self.p.max_grad_norm or math.inf)
+                if not torch.isfinite(norm):
+                    raise self._diverged(step, lr, "the gradient")
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(loss.detach(), "mean").item()
+
+    def _evaluate(self, step: int) -> bool:
+        """The fixed-noise losses before this step's update; True to stop early."""
+        if not self.main:
+            return False
+        metrics = self.evaluate()
+        self.tracker.log(step, metrics)
+        return bool(self.val_idx) and self.stopper.update(
+            step, metrics["loss/validation/step_average"], self.unwrapped())
+
+    def _log_step(self, step: int, step_loss: float, lrs: list[float]) -> None:
+        plan = self.plan
+        self.step_losses.append(step_loss)
+        self.epoch_losses.append(step_loss)
+        window = self.step_losses[-plan.steps_per_epoch:]  # moving mean over an epoch of steps
+        average = sum(window) / len(window)
+        self.timed_steps += 1
+        if not self.main:
+            return
+        lr = lrs[0]
+        metrics = {"loss/current": step_loss, "loss/average": average, self.lr_names[0]: lr}
+        if len(lrs) > 1:  # kohya's name; every text encoder shares this rate
+            metrics[self.lr_names[1]] = lrs[1]
+        if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
+            metrics["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
+            self.epoch_losses = []
+        self.tracker.log(step + 1, metrics)
+        self.tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
+                          f"average {average:.5f} lr {lr:.3e}")
+
+    # -- saving ---------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> None:
+        """Everything a resume needs, after optimizer step `step`."""
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            return
+        images = [(s, f"samples/{file.name}", file) for s, file in self.tracker.images]
+        checkpoints.save(self.accelerator, self.paths.checkpoints, step, {
+            "fingerprint": self.fp, "run_name": self.state["run_name"],
+            "history": self.tracker.history, "epoch_losses": self.epoch_losses,
+            "early_stop": self.stopper.to_state(),
+            "images": [(s, name) for s, name, _ in images],
+            "wall_time": time.perf_counter() - self.t0, "cpu_threads": self.threads,
+        }, tensors={BEST_LORA: self.stopper.best_state},
+            files={name: file for _, name, file in images})
+
+    def finish(self, end_step: int) -> TrainResult:
+        """Last evaluation, verdict, summary and the LoRA in both formats (the best
+        validation step's after an early stop)."""
+        p, plan, acc = self.p, self.plan, self.accelerator
+        acc.wait_for_everyone()
+        unwrapped = self.unwrapped()
+        if not self.main:
+            return TrainResult({}, next(iter(unwrapped.values())), {}, unwrapped)
+        tracker, stopper = self.tracker, self.stopper
+        steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
+        stopped_early = end_step < plan.max_steps
+        if not stopped_early:
+            metrics = self.evaluate()
+            tracker.log(end_step, metrics)
+            if self.val_idx:
+                stopper.update(end_step, metrics["loss/validation/step_average"], unwrapped)
+        if p.sample_every:
+            self._log_samples(end_step)
+        saved_step = end_step
+        if stopped_early:  # the LoRA to keep is the one from the best validation step
+            lora.load_adapter_state(unwrapped, stopper.best_state, "the best step's LoRA")
+            saved_step = stopper.best_step
+        verdict = _diagnose(tracker.history, self.facts, self.params.health)
+        fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
+        averages = _averages(self.step_losses, plan.steps_per_epoch)
+        summary = _summary(verdict, tracker.history, end_step, self.model_name, {
+            "final_average_loss": averages[-1], "min_average_loss": min(averages),
+            "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
+            "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
+            "trainable_params": self.n_trainable,
+        })
+        if self.val_idx:
+            summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
+                                     "saved_step": saved_step}
+        self._export(unwrapped, saved_step, end_step)
+        # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
+        # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
+        timing = {"wall_time_s": round(time.perf_counter() - self.t0, 2),
+                  "steps_per_s": round(steps_per_s, 3)}
+        tracker.summary(end_step, summary, timing)
+        if stopped_early:
+            print(f"train: early stop at step {end_step}: no better validation loss for "
+                  f"{p.early_stop.patience} evaluations; saved the LoRA of step "
+                  f"{stopper.best_step}, the best validation loss ({stopper.best:.4f})")
+        print(f"train: {end_step} steps in {timing['wall_time_s']} s "
+              f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
+              f"{self.fixed_name} {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {self.paths.out}")
+        tracker.hparams(flat_params(self.params), {"health.status": verdict.status})
+        _report_health(tracker, verdict, self.paths.health, end_step)  # the last line
+        tracker.text(f"done: {summary}")
+        tracker.close()
+        checkpoints.clear(self.paths.checkpoints)
+        return TrainResult(summary, next(iter(unwrapped.values())), timing, unwrapped)
+
+    def _diverged(self, step: int, lr: float, what: str) -> Diverged:
+        """Save the last good LoRA (the weights before this step), record the health, and
+        return the error to raise."""
+        facts = self.facts
+        verdict = health.Verdict(
+            "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
+            [f"{what} at step {step} was NaN or Inf"], health.diverged_advice(facts),
+            numbers={"step": step, "lr": lr})
+        verdict.command = health.try_next(verdict, facts)
+        error = Diverged(step, lr, what, verdict.advice, verdict.command)
+        if self.main:
+            tracker = self.tracker
+            state = lora.adapter_state(self.unwrapped())
+            if all(torch.isfinite(t).all() for t in state.values()):
+                with outputs.atomic_dir(self.paths.out) as tmp:
+                    self._save_partial(state, tmp)
+            tracker.summary(step, _summary(verdict, tracker.history, step, self.model_name, {}))
+            _report_health(tracker, verdict, self.paths.health, step)
+            tracker.text(f"diverged: {error}")
+            tracker.close()
+        return error
+
+
+class DiffusionRecipe(Recipe):
+    """LoRA on a Stable Diffusion UNet (and optionally its text encoders) over cached
+    latents. The model family (SD, SDXL) enters through its conditioning (loss_step,
+    evaluation) and the export."""
+
+    cache_file = CACHE_FILE
+
+    def _load_data(self) -> list[str]:
+        cache = self.cache = load_cache(self.paths.cache)
+        if cache.meta["base"] != self.params.model.base:
+            raise LorapipeError(
+                f"the cache in {self.paths.cache} was encoded with {cache.meta['base']}, not "
+                f"model.base {self.params.model.base}; rerun the encode stage")
+        return cache.files
+
+    def _build_models(self) -> tuple[dict, list[dict]]:
+        models, self._base_encoders = self._load_base()
+        return models, self._attach_lora(models, self._base_encoders)
+
+    def _plan_groups(self) -> list[list[int]]:
+        positions = {i: pos for pos, i in enumerate(self.train_idx)}
+        return [[positions[i] for i in group]
+                for group in self.cache.latents.groups(self.train_idx)]
+
+    def _after_prepare(self) -> None:
+        p, acc, cache = self.p, self.accelerator, self.cache
         self.unet = self.models["unet"]
         # the text encoders as called per step: the prepared ones where they train
         self.encoders = {name: self.models.get(name, e).to(acc.device)
-                         for name, e in encoders.items()}
-        _register_lora_hooks(acc, self.unwrapped)
+                         for name, e in self._base_encoders.items()}
         self.latents = cache.latents.to(acc.device)
         self.cond = {k: v.to(acc.device) for k, v in cache.cond.items()}
         self.tokens = {k: v.to(acc.device) for k, v in cache.tokens.items()}
-        self.train_pos = torch.tensor(self.train_idx)
         # evaluations run on the main process only, so on the bare modules (no collectives)
         self.evaluate = Evaluator(
             self.unwrapped()["unet"], self.scheduler, self.latents, self._eval_inputs,
             self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
             p.seed, p.validation.timesteps)
-        self._resume()
 
     def _load_base(self) -> tuple[dict, dict]:
         """The base model; returns the components that get a LoRA ({'unet': ..., and the
@@ -205,78 +521,17 @@ class Recipe:
         self.n_trainable = sum(q.numel() for q in self.trainable)
         return groups
 
-    def _resume(self) -> None:
-        """The newest intact checkpoint of these params and data, if any; the trackers."""
-        p, paths = self.p, self.paths
-        self.stopper = EarlyStop(p.early_stop.patience)
-        self.fp = checkpoints.fingerprint(self.params, Path(paths.cache) / CACHE_FILE)
-        found, notes = checkpoints.find(paths.checkpoints, self.fp)
-        # named after what decides the result, not the clock: a rerun of the same params and
-        # data writes the same outputs, TensorBoard run name included
-        state = {"run_name": run_name(f"run-{self.fp[:8]}"), "history": [], "wall_time": 0.0}
-        if found:
-            _load_checkpoint(self.accelerator, found, paths.checkpoints)
-            state = checkpoints.read_state(found)
-            if self.threads and state.get("cpu_threads"):
-                # the thread count moves the last bits on CPU: the resumed run keeps the
-                # count it started with, so it ends with the bytes it would have
-                self.threads = state["cpu_threads"]
-                self.threads_why = "as when this run started: its checkpoint says"
-                torch.set_num_threads(self.threads)
-            self.stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
-                                     best_state=checkpoints.read_tensors(found, BEST_LORA))
-        self.state, self.start_step = state, state.get("step", 0)
-        self.step_losses = [v["loss/current"] for _, v in state["history"]
-                            if "loss/current" in v]
-        self.epoch_losses = list(state.get("epoch_losses", []))
-        self.t0 = time.perf_counter() - state["wall_time"]
-        self.tracker = None
-        if not self.main:
-            return
-        for note in notes:
-            print(f"train: {note}")
-        if notes and not found:
-            print("train: no usable checkpoint: starting from step 0")
-        if not found:
-            for gone in remove_partial_runs(paths.logs, checkpoints.run_names(paths.checkpoints),
-                                            state["run_name"]):
-                print(f"train: removed TensorBoard run {gone}: unfinished, or this run's "
-                      "own earlier one")
-        self.tracker = Tracker(paths.live, paths.logs, state["run_name"], flat_params(self.params),
-                               history=state["history"], resume_step=self.start_step,
-                               images=[(step, found / name)
-                                       for step, name in state.get("images", [])])
-        header = self._header() + (f"; resumed from {found} at step {self.start_step}"
-                                   if found else "")
-        for line in [header, self._targets_line(), *self.init_notes]:
-            print(line)
-            self.tracker.text(line)
+    def _setup_lines(self) -> list[str]:
+        lines = [self._targets_line(), *self.init_notes]
         histogram = self._train_histogram()
         if len(histogram) > 1:
-            line = (f"train: {len(histogram)} buckets (training images per size): "
-                    + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
-            print(line)
-            self.tracker.text(line)
+            lines.append(f"train: {len(histogram)} buckets (training images per size): "
+                         + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
             lonely = [size for size, n in histogram.items() if n == 1]
             if lonely:
-                print(f"train: warning: bucket(s) {', '.join(lonely)} hold a single image: "
-                      "its batches repeat that image")
-        if not self.val_idx:
-            print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
-
-    def _header(self) -> str:
-        p, lp, plan = self.p, self.lp, self.plan
-        return (
-            f"train: {self.family.name} base {self.params.model.base}; {len(self.train_idx)} "
-            f"training + {len(self.val_idx)} validation images, batch {p.batch_size} x "
-            f"grad_accum {p.grad_accum} x {self.world} process(es) = global batch "
-            f"{p.batch_size * p.grad_accum * self.world}; {plan.max_steps} steps "
-            f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
-            f"epochs); {self.n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
-            f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
-            + (f"; {self.threads} CPU thread{'s' if self.threads > 1 else ''} per process "
-               f"({self.threads_why})" if self.threads else "")
-        )
+                lines.append(f"train: warning: bucket(s) {', '.join(lonely)} hold a single "
+                             "image: its batches repeat that image")
+        return lines
 
     def _targets_line(self) -> str:
         """Where the LoRA sits (lora.targets: the preset and the modules it resolved to), and
@@ -294,38 +549,6 @@ class Recipe:
         elif lp.text_encoder:
             line += "; text encoded per step from the cached token ids"
         return line
-
-    # -- the loop -------------------------------------------------------------------------
-    def train(self) -> int:
-        """Steps from the resume point to the end (or an early stop); returns the last."""
-        p, acc, plan = self.p, self.accelerator, self.plan
-        self.timed_from, self.timed_steps = time.perf_counter(), 0
-        bar = tqdm(total=plan.max_steps, initial=self.start_step, desc="train", unit="step",
-                   dynamic_ncols=True, disable=not self.main, mininterval=1.0)
-        for model in self.models.values():
-            model.train()
-        try:
-            for step in range(self.start_step, plan.max_steps):
-                lrs = self.lr_scheduler.get_last_lr()
-                lr = lrs[0]
-                if step % p.validation.every == 0 and self._evaluate(step):
-                    acc.set_trigger()  # every process stops at this step
-                if p.early_stop.patience and acc.check_trigger():
-                    return step
-                if self.main and p.sample_every and step % p.sample_every == 0:
-                    self.tracker.log_image(step, self._samples())
-                # micro-steps: forward, backward; accelerate syncs and steps on the last one
-                losses = [self.optimizer_micro_step(micro, step, lr)
-                          for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum)]
-                self._log_step(step, sum(losses) / len(losses), lrs)
-                bar.set_postfix(loss=f"{self.step_losses[-1]:.4f}", lr=f"{lr:.1e}")
-                bar.update()
-                if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
-                        and step + 1 < plan.max_steps:
-                    self.checkpoint(step + 1)
-        finally:
-            bar.close()
-        return plan.max_steps
 
     def loss_step(self, micro: int) -> torch.Tensor:
         """The loss of this process's shard of global micro-batch `micro`."""
@@ -376,107 +599,11 @@ class Recipe:
                     e.train(modes[name])
         return self.family.unet_inputs(cond)
 
-    def unwrapped(self) -> dict[str, torch.nn.Module]:
-        """The trained components without their DDP wrappers."""
-        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
+    def _log_samples(self, step: int) -> None:
+        self.tracker.log_image(step, self._samples())
 
-    def optimizer_micro_step(self, micro: int, step: int, lr: float) -> float:
-        """Forward and backward of one micro-batch; clip and step on the last of a step.
-        Non-finite loss or gradient: save the last good LoRA and raise Diverged."""
-        acc = self.accelerator
-        with acc.accumulate(*self.models.values()), acc.autocast():
-            loss = self.loss_step(micro)
-            if not torch.isfinite(loss):
-                raise self._diverged(step, lr, "the loss")
-            acc.backward(loss)
-            if acc.sync_gradients:
-                norm = acc.clip_grad_norm_(self.trainable, self.p.max_grad_norm or math.inf)
-                if not torch.isfinite(norm):
-                    raise self._diverged(step, lr, "the gradient")
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return acc.reduce(loss.detach(), "mean").item()
-
-    def _evaluate(self, step: int) -> bool:
-        """The fixed-noise losses before this step's update; True to stop early."""
-        if not self.main:
-            return False
-        metrics = self.evaluate()
-        self.tracker.log(step, metrics)
-        return bool(self.val_idx) and self.stopper.update(
-            step, metrics["loss/validation/step_average"], self.unwrapped())
-
-    def _log_step(self, step: int, step_loss: float, lrs: list[float]) -> None:
-        plan = self.plan
-        self.step_losses.append(step_loss)
-        self.epoch_losses.append(step_loss)
-        window = self.step_losses[-plan.steps_per_epoch:]  # moving mean over an epoch of steps
-        average = sum(window) / len(window)
-        self.timed_steps += 1
-        if not self.main:
-            return
-        lr = lrs[0]
-        metrics = {"loss/current": step_loss, "loss/average": average, "lr/unet": lr}
-        if len(lrs) > 1:  # kohya's name; every text encoder shares this rate
-            metrics["lr/textencoder"] = lrs[1]
-        if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
-            metrics["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
-            self.epoch_losses = []
-        self.tracker.log(step + 1, metrics)
-        self.tracker.text(f"step {step + 1}/{plan.max_steps} loss {step_loss:.5f} "
-                          f"average {average:.5f} lr {lr:.3e}")
-
-    # -- saving ---------------------------------------------------------------------------
-    def checkpoint(self, step: int) -> None:
-        """Everything a resume needs, after optimizer step `step`."""
-        self.accelerator.wait_for_everyone()
-        if not self.main:
-            return
-        images = [(s, f"samples/{file.name}", file) for s, file in self.tracker.images]
-        checkpoints.save(self.accelerator, self.paths.checkpoints, step, {
-            "fingerprint": self.fp, "run_name": self.state["run_name"],
-            "history": self.tracker.history, "epoch_losses": self.epoch_losses,
-            "early_stop": self.stopper.to_state(),
-            "images": [(s, name) for s, name, _ in images],
-            "wall_time": time.perf_counter() - self.t0, "cpu_threads": self.threads,
-        }, tensors={BEST_LORA: self.stopper.best_state},
-            files={name: file for _, name, file in images})
-
-    def finish(self, end_step: int) -> TrainResult:
-        """Last evaluation, verdict, summary and the LoRA in both formats (the best
-        validation step's after an early stop)."""
-        p, plan, acc = self.p, self.plan, self.accelerator
-        acc.wait_for_everyone()
-        unwrapped = self.unwrapped()
-        if not self.main:
-            return TrainResult({}, unwrapped["unet"], {}, unwrapped)
-        tracker, stopper = self.tracker, self.stopper
-        steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
-        stopped_early = end_step < plan.max_steps
-        if not stopped_early:
-            metrics = self.evaluate()
-            tracker.log(end_step, metrics)
-            if self.val_idx:
-                stopper.update(end_step, metrics["loss/validation/step_average"], unwrapped)
-        if p.sample_every:
-            tracker.log_image(end_step, self._samples())
-        saved_step = end_step
-        if stopped_early:  # the LoRA to keep is the one from the best validation step
-            lora.load_adapter_state(unwrapped, stopper.best_state, "the best step's LoRA")
-            saved_step = stopper.best_step
-        verdict = _diagnose(tracker.history, self.facts, self.params.health)
-        fixed = [v["loss/train/fixed"] for _, v in tracker.history if "loss/train/fixed" in v]
-        averages = _averages(self.step_losses, plan.steps_per_epoch)
-        summary = _summary(verdict, tracker.history, end_step, self.family.name, {
-            "final_average_loss": averages[-1], "min_average_loss": min(averages),
-            "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
-            "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
-            "trainable_params": self.n_trainable,
-        })
-        if self.val_idx:
-            summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
-                                     "saved_step": saved_step}
+    def _export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
+        plan, tracker = self.plan, self.tracker
         meta = self.cache.meta
         height, width = meta["image_size"]
         layout = meta.get("layout") or {}
@@ -490,24 +617,9 @@ class Recipe:
                                    plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
                                    saved_step, tracker.name, layout,
                                    self._train_histogram()))
-        # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
-        # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
-        timing = {"wall_time_s": round(time.perf_counter() - self.t0, 2),
-                  "steps_per_s": round(steps_per_s, 3)}
-        tracker.summary(end_step, summary, timing)
-        if stopped_early:
-            print(f"train: early stop at step {end_step}: no better validation loss for "
-                  f"{p.early_stop.patience} evaluations; saved the LoRA of step "
-                  f"{stopper.best_step}, the best validation loss ({stopper.best:.4f})")
-        print(f"train: {end_step} steps in {timing['wall_time_s']} s "
-              f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
-              f"fixed-noise loss {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {self.paths.out}")
-        tracker.hparams(flat_params(self.params), {"health.status": verdict.status})
-        _report_health(tracker, verdict, self.paths.health, end_step)  # the last line
-        tracker.text(f"done: {summary}")
-        tracker.close()
-        checkpoints.clear(self.paths.checkpoints)
-        return TrainResult(summary, unwrapped["unet"], timing, unwrapped)
+
+    def _save_partial(self, state: dict, folder: Path) -> None:
+        lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)
 
     def _train_histogram(self) -> dict[str, int]:
         """Training images per bucket, largest count first."""
@@ -532,28 +644,6 @@ class Recipe:
         for name, model in self.models.items():
             model.train(modes[name])
         return image
-
-    def _diverged(self, step: int, lr: float, what: str) -> Diverged:
-        """Save the last good LoRA (the weights before this step), record the health, and
-        return the error to raise."""
-        facts = self.facts
-        verdict = health.Verdict(
-            "diverged", f"{what} became non-finite at step {step} (lr {lr:.2e})",
-            [f"{what} at step {step} was NaN or Inf"], health.diverged_advice(facts),
-            numbers={"step": step, "lr": lr})
-        verdict.command = health.try_next(verdict, facts)
-        error = Diverged(step, lr, what, verdict.advice, verdict.command)
-        if self.main:
-            tracker = self.tracker
-            state = lora.adapter_state(self.unwrapped())
-            if all(torch.isfinite(t).all() for t in state.values()):
-                with outputs.atomic_dir(self.paths.out) as tmp:
-                    lora.save_diffusers(state, self.configs, self.family, tmp, tracker.name)
-            tracker.summary(step, _summary(verdict, tracker.history, step, self.family.name, {}))
-            _report_health(tracker, verdict, self.paths.health, step)
-            tracker.text(f"diverged: {error}")
-            tracker.close()
-        return error
 
 
 def _dataset_dir(data_dir: str, file: str) -> str:

@@ -1,0 +1,433 @@
+"""LLM training data: read data.jsonl (or metadata.csv), check it, and tokenize with the mask.
+
+One example per line, in one of three shapes (a file may mix them):
+  {"prompt": "...", "response": "..."}          an instruction and its answer
+  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+  {"text": "..."}                               plain text, every token trained
+metadata.csv holds the same as columns `prompt,response` or `text`.
+
+Tokenizing renders the conversation with the tokenizer's chat template and masks the loss to
+the assistant's tokens (and the end-of-turn token that teaches stopping), unless
+llm.train_on_prompt. No library does this for an arbitrary template: transformers'
+`return_assistant_tokens_mask` needs `{% generation %}` markers that real templates (Qwen's,
+Llama's) lack. So the template renders each growing prefix of the conversation and the
+pieces between prefixes are tokenized one by one, each marked trained or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorapipe import outputs
+from lorapipe.errors import LorapipeError
+from lorapipe.metadata import DatasetError, Finding, decode_text
+
+DATA_FILE = "data.jsonl"
+CSV_FILE = "metadata.csv"
+ROLES = ("system", "user", "assistant")
+CACHE_FILE = "tokens.safetensors"  # in data/cache, as the image task's latents.safetensors
+
+
+@dataclass
+class Example:
+    line: int  # in data.jsonl (or metadata.csv, whose header is line 1)
+    messages: list[dict] | None = None  # chat (prompt/response becomes user + assistant)
+    text: str | None = None  # plain text
+
+    def to_json(self) -> str:
+        """The canonical form: what usable.csv and the processed data hold, and what
+        duplicates and the held-out split are judged by."""
+        body = {"messages": self.messages} if self.messages is not None else {"text": self.text}
+        return json.dumps(body, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: int, text: str) -> Example:
+        body = json.loads(text)
+        return cls(line, body.get("messages"), body.get("text"))
+
+
+@dataclass
+class Tokenized:
+    ids: list[int]
+    trained: list[bool]  # per token: is it in the loss
+    truncated: bool = False
+    length_before: int = 0  # tokens before truncation
+
+
+@dataclass
+class LlmReport:
+    """validate's result: the same summary and findings as for images, plus token counts."""
+
+    rows: int = 0
+    usable: list[Example] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per usable example
+    trained_tokens: int = 0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    def summary(self) -> dict:
+        out = {"rows": self.rows, "usable": len(self.usable),
+               "rows_with_errors": self.rows - len(self.usable) if self.rows else 0,
+               "errors": len(self.errors), "warnings": len(self.warnings)}
+        if self.lengths:
+            out["tokens"] = {"min": min(self.lengths), "median": statistics.median(self.lengths),
+                             "mean": round(statistics.fmean(self.lengths), 1),
+                             "max": max(self.lengths), "total": sum(self.lengths),
+                             "trained": self.trained_tokens}
+        return out
+
+
+# -- reading ------------------------------------------------------------------------------
+def data_file(folder: str | Path) -> Path:
+    """data.jsonl, else metadata.csv; a DatasetError naming both when neither is there."""
+    folder = Path(folder)
+    for name in (DATA_FILE, CSV_FILE):
+        if (folder / name).exists():
+            return folder / name
+    raise DatasetError("DATA_MISSING", f"{folder} has neither {DATA_FILE} nor {CSV_FILE}; "
+                       "task_type llm reads one example per line from data.jsonl "
+                       "(prompt/response, messages or text)", file=DATA_FILE)
+
+
+def read_examples(folder: str | Path) -> tuple[list[Example], list[Finding], int]:
+    """(examples that are well-formed, findings, rows read). A file that cannot be read at
+    all raises DatasetError."""
+    path = data_file(folder)
+    text = decode_text(path.read_bytes())
+    if path.name == CSV_FILE:
+        return _read_csv(text)
+    examples, findings, rows = [], [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        rows += 1
+        try:
+            body = json.loads(line)
+        except json.JSONDecodeError as exc:
+            findings.append(_error("JSON_ERROR", f"not valid JSON: {exc.msg} at column "
+                                   f"{exc.colno}; one JSON object per line", number))
+            continue
+        example, problems = _parse(body, number)
+        findings += problems
+        if example is not None:
+            examples.append(example)
+    if not rows:
+        raise DatasetError("DATA_EMPTY", f"{path.name} has no examples; add one JSON object "
+                           "per line", file=path.name)
+    return examples, findings, rows
+
+
+def _read_csv(text: str) -> tuple[list[Example], list[Finding], int]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = {c.strip().lower() for c in reader.fieldnames or []}
+    if not ({"prompt", "response"} <= columns or "text" in columns):
+        raise DatasetError("CSV_HEADER", f"{CSV_FILE} needs columns prompt,response or text "
+                           f"(found: {', '.join(sorted(columns)) or 'nothing'})", file=CSV_FILE)
+    examples, findings, rows = [], [], 0
+    for record in reader:
+        rows += 1
+        body = {k.strip().lower(): v for k, v in record.items() if k and v is not None}
+        if {"prompt", "response"} <= columns:
+            body.pop("text", None)
+        example, problems = _parse(body, reader.line_num, csv_row=True)
+        findings += problems
+        if example is not None:
+            examples.append(example)
+    return examples, findings, rows
+
+
+def _error(code: str, message: str, line: int) -> Finding:
+    return Finding("error", code, message, row=line, file=DATA_FILE)
+
+
+def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list[Finding]]:
+    """One record to an Example, or the findings that say why it is not one."""
+    file = CSV_FILE if csv_row else DATA_FILE
+
+    def bad(code, message):
+        return None, [Finding("error", code, message, row=line, file=file)]
+
+    if not isinstance(body, dict):
+        return bad("NOT_OBJECT", f"expected a JSON object, got {type(body).__name__}")
+    shapes = [k for k in ("messages", "prompt", "text") if k in body]
+    if not shapes:
+        return bad("MISSING_FIELD", "needs \"prompt\" and \"response\", \"messages\" or "
+                   f"\"text\" (found: {', '.join(map(repr, body)) or 'nothing'})")
+    if len(shapes) > 1:
+        return bad("AMBIGUOUS", f"has both {shapes[0]!r} and {shapes[1]!r}; keep one shape")
+    if "text" in body:
+        if not isinstance(body["text"], str) or not body["text"].strip():
+            return bad("EMPTY_FIELD", "\"text\" is empty or not a string")
+        return Example(line, text=body["text"]), []
+    if "prompt" in body:
+        for name in ("prompt", "response"):
+            if name not in body:
+                return bad("MISSING_FIELD", f"has \"prompt\" but no \"{name}\"")
+            if not isinstance(body[name], str) or not body[name].strip():
+                return bad("EMPTY_FIELD", f"\"{name}\" is empty or not a string")
+        return Example(line, [{"role": "user", "content": body["prompt"]},
+                              {"role": "assistant", "content": body["response"]}]), []
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        return bad("EMPTY_FIELD", "\"messages\" must be a non-empty list of "
+                   "{\"role\", \"content\"} objects")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) < {"role", "content"}:
+            return bad("MISSING_FIELD", f"messages[{i}] needs \"role\" and \"content\"")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            return bad("BAD_ROLE", f"messages[{i}] has role {role!r}; roles are "
+                       + ", ".join(ROLES))
+        if role == "system" and i:
+            return bad("BAD_ROLE", f"messages[{i}] is a system message; only the first may be")
+        if not isinstance(content, str) or not content.strip():
+            return bad("EMPTY_FIELD", f"messages[{i}] ({role}) has empty content")
+        if clean and clean[-1]["role"] == role:
+            return bad("BAD_ROLE", f"messages[{i-1}] and messages[{i}] are both {role}; "
+                       "user and assistant turns alternate")
+        clean.append({"role": role, "content": content})
+    if clean[-1]["role"] != "assistant":
+        return bad("BAD_ROLE", f"the last message is {clean[-1]['role']}, not assistant: "
+                   "there is no answer to train on")
+    if clean[0]["role"] == "assistant" or (clean[0]["role"] == "system"
+                                           and len(clean) > 1 and clean[1]["role"] != "user"):
+        return bad("BAD_ROLE", "the conversation must open with a user message (after an "
+                   "optional system message)")
+    return Example(line, clean), []
+
+
+# -- tokenizing ---------------------------------------------------------------------------
+def _render(tokenizer, messages: list[dict], generation: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation)
+
+
+def segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The example's text in pieces, each (text, is it the answer)."""
+    eos = tokenizer.eos_token or ""
+    if example.text is not None:
+        return [(example.text + eos, True)]
+    if not tokenizer.chat_template:
+        if any(m["role"] == "system" for m in example.messages) or len(example.messages) > 2:
+            raise DatasetError("NO_CHAT_TEMPLATE", f"line {example.line}: model.base's "
+                               "tokenizer has no chat template, so multi-turn or system "
+                               "messages cannot be rendered; use prompt/response or text")
+        return [(example.messages[0]["content"] + "\n", False),
+                (example.messages[1]["content"] + eos, True)]
+    pieces, done = [], ""
+    for i, message in enumerate(example.messages):
+        answer = message["role"] == "assistant"
+        before = _render(tokenizer, example.messages[:i], generation=answer) if i or answer \
+            else ""
+        after = _render(tokenizer, example.messages[:i + 1], generation=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DatasetError("CHAT_TEMPLATE", "model.base's chat template does not render a "
+                               "conversation as a growing prefix, so the answer tokens cannot "
+                               "be told from the prompt; use the text shape", file=DATA_FILE)
+        pieces += [(before[len(done):], False), (after[len(before):], answer)]
+        done = after
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool,
+             truncate: bool) -> Tokenized:
+    """Token ids and the loss mask. Longer than max_length: cut from the end when
+    `truncate` (the response loses its tail), else returned whole (validate reports it)."""
+    ids, trained = [], []
+    first = True
+    for text, answer in segments(example, tokenizer):
+        # the tokenizer's own BOS (Llama's) once, at the start; Qwen's has none
+        piece = tokenizer(text, add_special_tokens=first)["input_ids"]
+        first = False
+        ids += piece
+        trained += [answer or train_on_prompt] * len(piece)
+    length = len(ids)
+    if truncate and length > max_length:
+        ids, trained = ids[:max_length], trained[:max_length]
+    return Tokenized(ids, trained, length > len(ids), length)
+
+
+def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long: str,
+                  train_on_prompt: bool) -> tuple[list[Example], list[Finding], list[int], int]:
+    """Token lengths against llm.max_length: (examples that fit or were cut, findings,
+    their lengths, their trained tokens)."""
+    kept, findings, lengths, trained = [], [], [], 0
+    for example in examples:
+        tok = tokenize(example, tokenizer, max_length, train_on_prompt,
+                       truncate=too_long == "truncate")
+        if tok.length_before > max_length and too_long == "error":
+            findings.append(_error("TOO_LONG", f"{tok.length_before} tokens, more than "
+                                   f"llm.max_length {max_length}; shorten it, raise "
+                                   "llm.max_length or set llm.too_long: truncate", example.line))
+            continue
+        if not any(tok.trained):
+            findings.append(_error("NOTHING_TRAINED", f"the prompt alone fills llm.max_length "
+                                   f"{max_length} tokens, so no answer token is left to train "
+                                   "on; shorten the prompt or raise llm.max_length",
+                                   example.line))
+            continue
+        if tok.truncated:
+            findings.append(Finding("warning", "TRUNCATED", f"{tok.length_before} tokens, cut to "
+                                    f"llm.max_length {max_length} (llm.too_long: truncate)",
+                                    row=example.line, file=DATA_FILE))
+        kept.append(example)
+        lengths.append(len(tok.ids))
+        trained += sum(tok.trained)
+    return kept, findings, lengths, trained
+
+
+def validate_examples(folder: str | Path, tokenizer, max_length: int, too_long: str,
+                      train_on_prompt: bool) -> LlmReport:
+    """Every check of the data, in the order a user fixes them; never writes in `folder`."""
+    report = LlmReport()
+    try:
+        examples, report.findings, report.rows = read_examples(folder)
+    except DatasetError as exc:
+        report.findings.append(exc.finding)
+        return report
+    seen: dict[str, int] = {}
+    unique = []
+    for example in examples:
+        canonical = example.to_json()
+        if canonical in seen:
+            report.findings.append(_error("DUPLICATE", f"the same example as line "
+                                          f"{seen[canonical]}; keep one", example.line))
+            continue
+        seen[canonical] = example.line
+        unique.append(example)
+    try:
+        report.usable, found, report.lengths, report.trained_tokens = check_lengths(
+            unique, tokenizer, max_length, too_long, train_on_prompt)
+    except DatasetError as exc:
+        report.findings.append(exc.finding)
+        return report
+    report.findings += found
+    report.findings.sort(key=lambda f: (f.row or 0))
+    return report
+
+
+def prompt_text(prompt: str, tokenizer) -> str:
+    """A sample prompt as the model sees it at generation: a user turn and the opened
+    assistant turn (chat template), else the prompt and a newline, as in training."""
+    if tokenizer.chat_template:
+        return _render(tokenizer, [{"role": "user", "content": prompt}], generation=True)
+    return prompt + "\n"
+
+
+# -- the processed examples and the token cache -------------------------------------------
+def read_usable(path: str | Path) -> list[Example]:
+    """validate's usable.csv (line, canonical example)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != {"line", "example"}:
+        raise LorapipeError(f"{path} lists images, not task_type llm examples; rerun the "
+                            "validate stage (dvc repro) after switching task_type")
+    return [Example.from_json(int(r["line"]), r["example"]) for r in rows]
+
+
+def write_processed(examples: list[Example], folder: str | Path) -> None:
+    """data/processed/data.jsonl: the canonical examples, each with its source line."""
+    lines = [json.dumps({"line": e.line, **json.loads(e.to_json())}, ensure_ascii=False)
+             for e in examples]
+    with outputs.atomic_dir(folder) as tmp:
+        (tmp / DATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_processed(folder: str | Path) -> list[Example]:
+    path = Path(folder) / DATA_FILE
+    if not path.exists():
+        raise LorapipeError(f"{path} not found; with task_type llm the preprocess stage writes "
+                            "it (dvc repro)")
+    out = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        body = json.loads(text)
+        out.append(Example(body["line"], body.get("messages"), body.get("text")))
+    return out
+
+
+@dataclass
+class TokenCache:
+    """Every example's token ids and loss mask (flat, with offsets), and what made them."""
+
+    ids: torch.Tensor  # int64, all examples end to end
+    trained: torch.Tensor  # bool, per token
+    offsets: torch.Tensor  # int64, example i is [offsets[i], offsets[i+1])
+    keys: list[str]  # canonical JSON per example: the held-out split hashes it
+    lines: list[int]
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.offsets[i].item(), self.offsets[i + 1].item()
+        return self.ids[a:b], self.trained[a:b]
+
+    @property
+    def files(self) -> list[str]:  # the name the shared holdout() reads
+        return self.keys
+
+
+def encode_examples(examples: list[Example], tokenizer, p, base: str) -> TokenCache:
+    ids, trained, offsets, truncated = [], [], [0], 0
+    for example in examples:
+        tok = tokenize(example, tokenizer, p.max_length, p.train_on_prompt,
+                       truncate=p.too_long == "truncate")
+        if len(tok.ids) > p.max_length:
+            raise LorapipeError(f"data line {example.line} has {len(tok.ids)} tokens, more "
+                                f"than llm.max_length {p.max_length}; rerun validate "
+                                "(dvc repro) to check the data against it")
+        ids += tok.ids
+        trained += tok.trained
+        offsets.append(len(ids))
+        truncated += tok.truncated
+    return TokenCache(torch.tensor(ids, dtype=torch.int64), torch.tensor(trained),
+                      torch.tensor(offsets, dtype=torch.int64),
+                      [e.to_json() for e in examples], [e.line for e in examples],
+                      {"task": "llm", "base": base, "truncated": truncated,
+                       "max_length": p.max_length, "train_on_prompt": p.train_on_prompt})
+
+
+def save_token_cache(cache: TokenCache, folder: str | Path) -> Path:
+    path = Path(folder) / CACHE_FILE
+    metadata = {"keys": json.dumps(cache.keys, ensure_ascii=False),
+                "lines": json.dumps(cache.lines), "meta": json.dumps(cache.meta),
+                "base": cache.meta["base"]}
+    with outputs.atomic_dir(folder) as tmp:
+        save_file({"ids": cache.ids, "trained": cache.trained.to(torch.uint8),
+                   "offsets": cache.offsets}, str(tmp / CACHE_FILE), metadata=metadata)
+        outputs.canonical_safetensors(tmp / CACHE_FILE)
+    return path
+
+
+def load_token_cache(folder: str | Path) -> TokenCache:
+    path = Path(folder) / CACHE_FILE
+    if not path.exists():
+        raise LorapipeError(f"{path} not found; run the encode stage first")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "ids" not in tensors:
+        raise LorapipeError(f"{path} holds image latents, not token ids; rerun the pipeline "
+                            "(dvc repro) after switching task_type")
+    return TokenCache(tensors["ids"], tensors["trained"].bool(), tensors["offsets"],
+                      json.loads(meta["keys"]), json.loads(meta["lines"]), json.loads(meta["meta"]))
