@@ -24,7 +24,7 @@ LAYOUT = {
         "fixed-noise loss: training vs validation (overfitting: the lines part)": [
             "Multiline", ["loss/train/fixed", "loss/validation/step_average"]],
         "step loss and its moving average": ["Multiline", ["loss/current", "loss/average"]],
-        "learning rate": ["Multiline", ["lr/unet"]],
+        "learning rate": ["Multiline", ["lr/unet", "lr/textencoder", "lr/lora"]],
     },
 }
 PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
@@ -62,7 +62,8 @@ class Tracker:
         self.name = name
         self._summary_at = 0.0
         self.history: list[tuple[int, dict[str, float]]] = []
-        self.images: list[tuple[int, Path]] = []  # (step, file) of each dvclive sample image
+        # (step, file) of each dvclive sample: image, or markdown (text samples)
+        self.images: list[tuple[int, Path]] = []
         self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
         self.live.log_params(params)
         self.tb_dir = Path(logs_dir) / "tensorboard" / name
@@ -79,7 +80,10 @@ class Tracker:
             self._to_live(step, metrics)
             self.history.append((step, metrics))
         for step, file in images or []:  # dvclive cleared its folder: put them back
-            self._live_image(step, file)
+            if file.suffix == ".md":
+                self._live_text(step, file.read_text(encoding="utf-8"))
+            else:
+                self._live_image(step, file)
 
     def _to_live(self, step: int, metrics: dict[str, float]) -> None:
         # log_metric appends to dvclive's .tsv files at once. Live.next_step() would also
@@ -110,6 +114,18 @@ class Tracker:
         name = f"samples/step_{step:06d}.png"
         self.live.log_image(name, image)
         self.images.append((step, Path(self.live.plots_dir) / "images" / name))
+
+    def log_text(self, step: int, markdown: str) -> None:
+        """Text samples (the LLM task): TensorBoard's text tab with a step slider, and one
+        markdown file per step in the dvclive folder (dvclive has no text API)."""
+        self.tb.add_text("samples", markdown, step)
+        self._live_text(step, markdown)
+
+    def _live_text(self, step: int, markdown: str) -> None:
+        path = Path(self.live.dir) / "samples" / f"step_{step:06d}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown, encoding="utf-8")
+        self.images.append((step, path))
 
     def text(self, line: str) -> None:
         self._text.write(line + "\n")

@@ -253,9 +253,10 @@ def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool
     """Token ids and the loss mask. Longer than max_length: cut from the end when
     `truncate` (the response loses its tail), else returned whole (validate reports it)."""
     ids, trained = [], []
-    first = True
+    # the tokenizer's own BOS (Llama's; Qwen's has none) once, at the start, unless the chat
+    # template writes it itself
+    first = example.messages is None or not tokenizer.chat_template
     for text, answer in segments(example, tokenizer):
-        # the tokenizer's own BOS (Llama's) once, at the start; Qwen's has none
         piece = tokenizer(text, add_special_tokens=first)["input_ids"]
         first = False
         ids += piece

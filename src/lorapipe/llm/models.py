@@ -27,6 +27,7 @@ from lorapipe.params import BUILTIN_PREFIX, llm_source_problem
 
 TINY_LLM = "builtin:tiny-llm"
 TINY_SEED = 0
+TINY_EMBED_STD = 0.2
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Qwen2.5's ChatML template, without its default system message and tool calls: each
@@ -93,6 +94,11 @@ def build_tiny_llm() -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        # Real LLMs' trained embeddings give logits spanning tens; random ones at the usual
+        # init (std 0.02) give logits within +-1.3 (|final norm| 8 x |row| 0.16), which caps
+        # what any LoRA can learn at a loss near log(vocab). Wider rows uncap it.
+        model.model.embed_tokens.weight.normal_(0.0, TINY_EMBED_STD)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

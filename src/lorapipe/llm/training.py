@@ -1,0 +1,263 @@
+"""The LLM task's part of the training recipe: LoRA on a causal LM over cached token ids.
+
+lorapipe.training.Recipe runs the loop, checkpoints, logging, health and early stopping;
+this class gives it the data (the token cache), the model (peft's get_peft_model), the
+loss (next-token cross-entropy on the trained tokens only), the fixed losses (on a fixed
+subset of the training examples and on the held-out ones: no noise to fix, so they are
+deterministic as they are), the text samples and the export (a peft adapter folder).
+
+The loss of a step is the mean over every trained token of the whole global batch (all
+processes, all accumulated micro-batches), as one process with one big batch would compute
+it: each shard's summed loss is divided by the global token count, which every process
+knows from the seeded plan without a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lorapipe import outputs
+from lorapipe.errors import LorapipeError
+from lorapipe.llm.data import CACHE_FILE, load_token_cache
+from lorapipe.llm.models import load_llm
+from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
+from lorapipe.lora import RUN_KEY
+from lorapipe.losses import seeded_generator
+from lorapipe.training import Recipe
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+MERGED_DIR = "merged"
+IGNORE = -100  # the label of a token outside the loss (torch's cross_entropy default)
+# lora.targets presets: the attention projections, or peft's every-Linear-but-the-head
+TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
+
+
+def targets_of(targets: str | list[str]) -> str | list[str]:
+    return TARGETS[targets] if isinstance(targets, str) else list(targets)
+
+
+def lora_config(lp, base: str) -> LoraConfig:
+    return LoraConfig(r=lp.rank, lora_alpha=lp.alpha, lora_dropout=lp.dropout,
+                      target_modules=targets_of(lp.targets), task_type="CAUSAL_LM",
+                      base_model_name_or_path=base)
+
+
+def attach(model, lp, base: str):
+    """The peft model: the base frozen, a LoRA on lora.targets (seeded by the caller)."""
+    try:
+        return get_peft_model(model, lora_config(lp, base))
+    except ValueError as exc:
+        raise LorapipeError(
+            f"lora.targets {lp.targets} match no layer of {base} ({str(exc)[:200]}); use a "
+            "preset (attn, all-linear) or module names such as q_proj, v_proj") from None
+
+
+def load_adapter(model, folder: str) -> str:
+    """Continue from a peft adapter folder (lora.init); every tensor must match this run's
+    LoRA (same targets and rank). Returns the note to print."""
+    path = Path(folder)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.exists():
+        raise LorapipeError(f"lora.init: {folder!r} holds no {ADAPTER_FILE}; give a peft "
+                            "adapter folder (adapter_config.json + adapter_model.safetensors)")
+    state = load_file(str(file))
+    ours = get_peft_model_state_dict(model)
+    incoming = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    mine = {k.removeprefix("base_model.model."): v for k, v in ours.items()}
+    missing = sorted(set(mine) - set(incoming))
+    wrong = [k for k in mine if k in incoming and incoming[k].shape != mine[k].shape]
+    if missing or wrong or set(incoming) - set(mine):
+        raise LorapipeError(
+            f"lora.init: {folder!r} does not fit this LoRA ({len(missing)} tensors missing, "
+            f"{len(set(incoming) - set(mine))} extra, {len(wrong)} of another shape); set "
+            "lora.rank and lora.targets as when it was trained")
+    set_peft_model_state_dict(model, state)
+    return f"train: lora.init: continuing the LoRA in {folder} ({len(state)} tensors)"
+
+
+class LlmRecipe(Recipe):
+    unit = "examples"
+    fixed_name = "fixed training loss"
+    lr_names = ("lr/lora",)
+    cache_file = CACHE_FILE
+
+    @property
+    def model_name(self) -> str:
+        return f"llm:{self.base_config.model_type}"
+
+    def _load_data(self) -> list[str]:
+        cache = self.cache = load_token_cache(self.paths.cache)
+        if cache.meta["base"] != self.params.model.base:
+            raise LorapipeError(
+                f"the cache in {self.paths.cache} was tokenized for {cache.meta['base']}, not "
+                f"model.base {self.params.model.base}; rerun the encode stage")
+        return cache.keys
+
+    def _build_models(self) -> tuple[dict, list[dict]]:
+        p, lp = self.p, self.lp
+        model, self.tokenizer = load_llm(self.params.model.base)
+        self.base_config = model.config
+        model.config.use_cache = False  # training: no key/value cache
+        # what adapter_config.json's base_model_name_or_path says: model.base as written
+        model.config._name_or_path = self.params.model.base
+        torch.manual_seed(p.seed)  # the LoRA's init
+        model = attach(model, lp, self.params.model.base)
+        self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision)
+        if half is not None:  # frozen base in half precision, the LoRA in fp32
+            model.to(half)
+            cast_training_params(model, dtype=torch.float32)
+        if p.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        self.trainable = trainable
+        self.n_trainable = sum(q.numel() for q in trainable)
+        self.n_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
+        return {"model": model}, [{"params": trainable, "lr": p.learning_rate}]
+
+    def _after_prepare(self) -> None:
+        p = self.p
+        self.model = self.models["model"]
+        self.device = self.accelerator.device
+        # trained tokens per example (the first token is never predicted)
+        self.tokens_of = [int(self.cache.example(i)[1][1:].sum()) for i in range(len(self.cache))]
+        self.evaluate = self._fixed_losses
+        self.fixed_sets = (self.train_idx[:p.validation.fixed_images],
+                           self.val_idx[:p.validation.max_images])
+
+    def _setup_lines(self) -> list[str]:
+        lp, meta = self.lp, self.cache.meta
+        where = (f"preset {lp.targets}" if isinstance(lp.targets, str)
+                 else "list " + ",".join(lp.targets))
+        lengths = (self.cache.offsets[1:] - self.cache.offsets[:-1]).tolist()
+        lines = [f"train: lora.targets {where}: {self.n_modules} modules; examples of "
+                 f"{min(lengths)}-{max(lengths)} tokens, {int(self.cache.trained.sum())} of "
+                 f"{len(self.cache.ids)} trained ("
+                 + ("prompts too" if meta["train_on_prompt"] else "answers only")
+                 + ")", *self.init_notes]
+        return lines
+
+    # -- batches and the loss -------------------------------------------------------------
+    def _collate(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        """Right-padded ids, labels (IGNORE outside the loss) and the attention mask."""
+        examples = [self.cache.example(i) for i in idx]
+        width = max(len(ids) for ids, _ in examples)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, (tokens, trained) in enumerate(examples):
+            n = len(tokens)
+            ids[row, :n] = tokens
+            labels[row, :n] = torch.where(trained, tokens, IGNORE)
+            mask[row, :n] = 1
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
+
+    def _summed_loss(self, model, idx: list[int]) -> torch.Tensor:
+        """Cross-entropy summed over the trained tokens of these examples."""
+        ids, labels, mask = self._collate(idx)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+            ignore_index=IGNORE, reduction="sum")
+
+    def _step_tokens(self, micro: int) -> int:
+        """Trained tokens in the whole optimizer step that micro-batch `micro` belongs to."""
+        accum = self.p.grad_accum
+        first = micro - micro % accum
+        return sum(self.tokens_of[self.train_idx[pos]]
+                   for m in range(first, first + accum)
+                   for pos in self.plan.batch_indices(m, self.p.seed).tolist())
+
+    def loss_step(self, micro: int) -> torch.Tensor:
+        batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
+        idx = batch.chunk(self.world)[self.rank].tolist()
+        # LoRA dropout draws from the global RNG: seeded per micro-batch and process
+        gen = seeded_generator(self.p.seed, "micro", micro)
+        torch.manual_seed(gen.initial_seed() + self.rank)
+        # DDP averages over processes and accelerate divides by grad_accum: scaled back, the
+        # step's gradient is that of the mean over all its trained tokens
+        scale = self.world * self.p.grad_accum / max(self._step_tokens(micro), 1)
+        return self._summed_loss(self.model, idx) * scale
+
+    @torch.no_grad()
+    def _fixed_losses(self) -> dict[str, float]:
+        """Mean token loss on the fixed training subset and on the held-out examples, and
+        their perplexities; eval mode (no dropout), the global RNG untouched."""
+        model = self.unwrapped()["model"]
+        was_training = model.training
+        model.eval()
+        out = {}
+        with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+            for name, idx in zip(("train/fixed", "validation/step_average"), self.fixed_sets,
+                                 strict=True):
+                if not idx:
+                    continue
+                total = sum(self._summed_loss(model, idx[i:i + self.p.batch_size]).item()
+                            for i in range(0, len(idx), self.p.batch_size))
+                loss = total / max(sum(self.tokens_of[i] for i in idx), 1)
+                out[f"loss/{name}"] = loss
+                out[f"perplexity/{name.split('/')[0]}"] = math.exp(min(loss, 50.0))
+        model.train(was_training)
+        if "loss/validation/step_average" in out:
+            out["loss/validation/step_divergence"] = (out["loss/validation/step_average"]
+                                                      - out["loss/train/fixed"])
+        return out
+
+    # -- samples and export ---------------------------------------------------------------
+    def _log_samples(self, step: int) -> None:
+        rows = base_and_lora(self.unwrapped()["model"], self.tokenizer, self.p.sample_prompts,
+                             self.settings)
+        self.tracker.log_text(step, to_markdown(rows, self.settings, f"samples at step {step}"))
+
+    def _save_adapter(self, folder: Path) -> None:
+        """The peft adapter folder (adapter_config.json, adapter_model.safetensors), the
+        layout PeftModel.from_pretrained and vLLM's LoRA loader read."""
+        model = self.unwrapped()["model"]
+        model.save_pretrained(str(folder), safe_serialization=True)
+        (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub
+        # target_modules is a set, written in the process's hash order: sorted, the same
+        # run writes the same bytes
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+        outputs.canonical_safetensors(folder / ADAPTER_FILE, {RUN_KEY: self.tracker.name})
+
+    def _export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
+        with outputs.atomic_dir(self.paths.out) as tmp:
+            self._save_adapter(tmp)
+            if self.params.llm.merge:
+                merge(self.params.model.base, tmp, tmp / MERGED_DIR)
+
+    def _save_partial(self, state: dict, folder: Path) -> None:
+        self._save_adapter(folder)
+
+
+def merge(base: str, adapter: Path, out: Path) -> None:
+    """The base with the adapter merged in, as a model folder (llm.merge), in the base's own
+    dtype: loaded afresh, so the merge is of exactly the saved adapter."""
+    model, tokenizer = load_llm(base)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    dtype = getattr(merged.config, "dtype", None) or getattr(merged.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        merged.to(dtype)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    for leftover in out.glob("*.md"):
+        leftover.unlink()
