@@ -1,4 +1,5 @@
-"""sample: images from the trained LoRA beside the base model's, and a grid of them.
+"""sample: images from the trained LoRA beside the base model's, and a grid of them
+(task_type llm: answers to sample.prompts, base beside LoRA).
 
     python -m stages.sample --lora models/lora --out samples --logs logs/sample
 """
@@ -16,6 +17,50 @@ from lorapipe.errors import LorapipeError
 from lorapipe.params import load_params
 
 
+def sample_llm(params, args) -> int:
+    """task_type llm: each of sample.prompts answered by the base and by the LoRA (loaded
+    with PeftModel.from_pretrained, as users load it), greedily and sampled; samples.md
+    (side by side), samples.json, and TensorBoard's text tab."""
+    import torch
+    from peft import PeftModel
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from lorapipe import outputs
+    from lorapipe.llm.adapter import ADAPTER_FILE, training_run
+    from lorapipe.llm.models import load_llm
+    from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
+    from lorapipe.tracking import run_name
+
+    if not (Path(args.lora) / ADAPTER_FILE).exists():
+        raise LorapipeError(f"{args.lora} holds no {ADAPTER_FILE}; run the train stage first")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads.share(0)[0])
+    model, tokenizer = load_llm(params.model.base)
+    model = PeftModel.from_pretrained(model, args.lora)
+    settings = GenerationSettings.from_params(params.llm, params.sample.seed)
+    with tqdm(total=len(params.sample.prompts) * 2 * len(settings.modes), desc="sample",
+              unit="answer") as bar:
+        rows = base_and_lora(model, tokenizer, params.sample.prompts, settings, progress=bar)
+    markdown = to_markdown(rows, settings, f"base beside LoRA: {params.model.base}")
+    with outputs.atomic_dir(args.out) as tmp:
+        (tmp / "samples.md").write_text(markdown, encoding="utf-8")
+        (tmp / "samples.json").write_text(json.dumps(
+            {"settings": vars(settings) | {"modes": settings.modes}, "samples": rows},
+            indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    trained, current = training_run(Path(args.lora)), run_name()
+    run = trained or current
+    if trained and trained != current and "DVC_EXP_NAME" in os.environ:
+        run = f"{trained}/{current}"
+    with outputs.atomic_dir(Path(args.logs) / run) as tmp:
+        writer = SummaryWriter(str(tmp))
+        writer.add_text("samples", markdown, 0)
+        writer.close()
+    print(f"sample: {len(rows)} prompts answered by base and LoRA ({', '.join(settings.modes)}, "
+          f"{settings.max_new_tokens} new tokens) -> {args.out}/samples.md")
+    return 0
+
+
 def main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.sample", description=__doc__)
     parser.add_argument("--lora", required=True, help="folder with the trained LoRA")
@@ -25,6 +70,8 @@ def main(argv: list[str] | None) -> int:
     params = load_params()  # checked before the heavy imports below
     p = params.sample
     threads.register()  # shares the CPU with the other lorapipe runs (lorapipe.threads)
+    if params.task_type == "llm":
+        return sample_llm(params, args)
 
     import numpy as np
     import torch

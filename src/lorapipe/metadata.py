@@ -7,15 +7,15 @@ Every problem becomes a Finding with a stable code; see README "Validation codes
 
 from __future__ import annotations
 
-import codecs
 import csv
 import difflib
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from lorapipe.findings import METADATA_NAME, DatasetError, Finding, decode_text
 from lorapipe.images import (
     ImageProblem,
     image_extensions,
@@ -25,35 +25,9 @@ from lorapipe.images import (
 )
 from lorapipe.parallel import map_progress
 
-METADATA_NAME = "metadata.csv"
+_OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 FILE_COLUMNS = ("file_name", "filename", "image")
 TEXT_COLUMNS = ("text", "prompt", "caption")
-
-
-@dataclass
-class Finding:
-    severity: str  # "error" or "warning"
-    code: str  # stable, documented in the README
-    message: str
-    row: int | None = None  # line number in metadata.csv (the header is line 1)
-    file: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        where = " ".join(
-            part for part in (f"line {self.row}" if self.row else "", self.file or "") if part
-        )
-        return f"{self.severity} {self.code}: {where + ': ' if where else ''}{self.message}"
-
-
-class DatasetError(Exception):
-    """metadata.csv as a whole is unusable; carries the finding that says why."""
-
-    def __init__(self, code: str, message: str, file: str = METADATA_NAME):
-        super().__init__(message)
-        self.finding = Finding("error", code, message, file=file)
 
 
 @dataclass
@@ -116,31 +90,6 @@ def _pick_column(header: list[str], aliases: tuple[str, ...], what: str) -> int:
         f"no {what} column: the header needs one of {', '.join(aliases)} "
         f"(found: {', '.join(repr(h) for h in header) or 'nothing'}){hint}",
     )
-
-
-_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-_OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
-
-
-def decode_text(data: bytes) -> str:
-    """UTF-8 text (with or without BOM), or a DatasetError that names the real encoding."""
-    if data.startswith(_UTF16_BOMS) or (len(data) >= 4 and (data[1::2][:8].count(0) >= 4
-                                                            or data[0::2][:8].count(0) >= 4)):
-        raise DatasetError(
-            "CSV_ENCODING",
-            "the file is UTF-16 text (what a spreadsheet's 'Unicode Text' export and Windows "
-            "Notepad's 'Unicode' write), not UTF-8; re-save it as UTF-8 (in a spreadsheet: "
-            "'CSV UTF-8'), or run: iconv -f UTF-16 -t UTF-8 metadata.csv > fixed.csv",
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(
-            "CSV_ENCODING",
-            f"not UTF-8: byte 0x{data[exc.start]:02x} on line {line}; re-save the file "
-            "as UTF-8 (in a spreadsheet: 'CSV UTF-8')",
-        ) from None
 
 
 def _check_delimiter(header: list[str]) -> None:

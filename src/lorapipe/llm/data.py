@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from lorapipe import outputs
 from lorapipe.errors import LorapipeError
-from lorapipe.metadata import DatasetError, Finding, decode_text
+from lorapipe.findings import DatasetError, Finding, decode_text
 
 DATA_FILE = "data.jsonl"
 CSV_FILE = "metadata.csv"
