@@ -58,12 +58,24 @@ class RunFacts:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     mixed_precision: str = "no"
+    task: str = "sd"  # task_type: the advice speaks of images and captions, or examples
 
     @classmethod
     def from_params(cls, params, images: int) -> RunFacts:
         p = params.train
         return cls(p.learning_rate, p.batch_size, params.lora.rank, images, p.grad_accum,
-                   p.max_grad_norm, p.lr_scheduler, p.lr_warmup_steps, p.mixed_precision)
+                   p.max_grad_norm, p.lr_scheduler, p.lr_warmup_steps, p.mixed_precision,
+                   params.task_type)
+
+
+# advice that depends on what the data is, per task_type
+DATA_ADVICE = {
+    "sd": {"check_data": "check model.base and that the captions match the images",
+           "vary": ["add more varied images", "check that captions describe what varies"]},
+    "llm": {"check_data": "check model.base and the answers in the data (validate's report "
+                          "counts the trained tokens)",
+            "vary": ["add more varied examples", "raise lora.dropout (0.05-0.1)"]},
+}
 
 
 def diverged_advice(f: RunFacts) -> list[str]:
@@ -196,7 +208,7 @@ def _classify(train_fixed: Series, validation: Series, current: Series, facts: R
                  f"{t.min_improvement:.0%}"],
                 [f"raise train.learning_rate (now {_fmt(facts.learning_rate)}, e.g. to "
                  f"{_fmt(max(facts.learning_rate * 2, 1e-4))})",
-                 "check model.base and that the captions match the images",
+                 DATA_ADVICE[facts.task]["check_data"],
                  "train longer (train.max_steps) or raise lora.rank"], best_step, numbers)
 
     if validation and best_step is not None and len(validation) > t.overfit_evals:
@@ -207,7 +219,7 @@ def _classify(train_fixed: Series, validation: Series, current: Series, facts: R
                 and train_fixed[-1][1] < train_at_best:
             advice = [f"stop earlier: the best validation loss was at step {best_step} "
                       "(train.max_steps, or train.early_stop.patience)",
-                      "add more varied images", "check that captions describe what varies"]
+                      *DATA_ADVICE[facts.task]["vary"]]
             if facts.rank > 4:
                 advice.insert(1, f"lower lora.rank ({facts.rank} -> {max(4, facts.rank // 2)})")
             return Verdict(

@@ -554,7 +554,7 @@ class DiffusionRecipe(Recipe):
         """The loss of this process's shard of global micro-batch `micro`."""
         batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
         idx = batch.chunk(self.world)[self.rank]
-        _trace(self.rank, micro // self.p.grad_accum, micro, idx)
+        trace_batch(self.rank, micro // self.p.grad_accum, micro, idx)
         gen = seeded_generator(self.p.seed, "micro", micro)
         # LoRA dropout draws from the global RNG: seeded per micro-batch and process
         torch.manual_seed(gen.initial_seed() + self.rank)
@@ -662,7 +662,7 @@ def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
         ) from None
 
 
-def _trace(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
+def trace_batch(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
     """With LORAPIPE_TRACE_BATCHES=<folder>, each process records the images it trained on
     (rank<r>.jsonl): how the tests prove processes see distinct data."""
     folder = os.environ.get("LORAPIPE_TRACE_BATCHES")

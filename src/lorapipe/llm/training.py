@@ -30,7 +30,7 @@ from lorapipe.llm.models import load_llm
 from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
 from lorapipe.lora import RUN_KEY
 from lorapipe.losses import seeded_generator
-from lorapipe.training import Recipe
+from lorapipe.training import Recipe, trace_batch
 
 MERGED_DIR = "merged"
 IGNORE = -100  # the label of a token outside the loss (torch's cross_entropy default)
@@ -60,7 +60,7 @@ class LlmRecipe(Recipe):
         self.base_config = model.config
         model.config.use_cache = False  # training: no key/value cache
         # what adapter_config.json's base_model_name_or_path says: model.base as written
-        model.config._name_or_path = self.params.model.base
+        model.name_or_path = self.params.model.base
         torch.manual_seed(p.seed)  # the LoRA's init
         model = attach(model, lp, self.params.model.base)
         self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
@@ -136,6 +136,7 @@ class LlmRecipe(Recipe):
     def loss_step(self, micro: int) -> torch.Tensor:
         batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
         idx = batch.chunk(self.world)[self.rank].tolist()
+        trace_batch(self.rank, micro // self.p.grad_accum, micro, torch.tensor(idx))
         # LoRA dropout draws from the global RNG: seeded per micro-batch and process
         gen = seeded_generator(self.p.seed, "micro", micro)
         torch.manual_seed(gen.initial_seed() + self.rank)
