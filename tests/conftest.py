@@ -316,3 +316,31 @@ def hold_registration(folder: Path) -> subprocess.Popen:
         env={**os.environ, "LORAPIPE_RUNS_DIR": str(folder)}, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
+
+
+# task_type llm on its builtin model and example set, at the learning rate the README uses
+LLM_EXAMPLE = REPO / "data" / "example-llm"
+LLM = {"task_type": "llm", "model__base": "builtin:tiny-llm", "data__dir": str(LLM_EXAMPLE),
+       "train__learning_rate": 3e-3,
+       "train__sample_prompts": ["What colour is the sun?", "What is two plus two?"]}
+
+
+def llm_encoded(data_dir: Path, out: Path, **llm) -> Path:
+    """data.jsonl through validate's reader and encode's tokenizing, as the stages do."""
+    from types import SimpleNamespace
+
+    from lorapipe.llm.data import encode_examples, read_examples, save_token_cache
+    from lorapipe.llm.models import tiny_tokenizer
+
+    p = SimpleNamespace(**{"max_length": 256, "too_long": "error", "train_on_prompt": False,
+                           **llm})
+    examples, findings, _ = read_examples(data_dir)
+    assert not findings, findings
+    save_token_cache(encode_examples(examples, tiny_tokenizer(), p, "builtin:tiny-llm"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llm_cache(tmp_path_factory):
+    """The LLM example set tokenized for builtin:tiny-llm, once."""
+    return llm_encoded(LLM_EXAMPLE, tmp_path_factory.mktemp("llm") / "cache")

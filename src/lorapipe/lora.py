@@ -82,7 +82,7 @@ def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]) -
 def peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights in peft naming ('<module>.lora_A.weight'), contiguous fp32 copies."""
     return {k: v.detach().float().contiguous().clone()
-            for k, v in get_peft_model_state_dict(model).items()}
+            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 def adapter_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:

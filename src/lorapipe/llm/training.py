@@ -179,7 +179,7 @@ class LlmRecipe(Recipe):
         """The peft adapter folder (adapter_config.json, adapter_model.safetensors), the
         layout PeftModel.from_pretrained and vLLM's LoRA loader read."""
         model = self.unwrapped()["model"]
-        model.save_pretrained(str(folder), safe_serialization=True)
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
         (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub
         # target_modules is a set, written in the process's hash order: sorted, the same
         # run writes the same bytes
