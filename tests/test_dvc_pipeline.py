@@ -210,7 +210,9 @@ def test_experiment_workflow(repo, tmp_path):
     # learning rate: the verdict shows in dvc exp show and reports/health.md
     out = sh("dvc", "exp", "run", "-S", "model.base=builtin:tiny-sdxl", "-S",
              "train.learning_rate=1e-6", "-S", "train.max_steps=60", "-n", "lrtiny")
-    assert ran(out) == ["params", "encode", "train", "sample"]
+    # validate reads model.base for task_type llm (token lengths) and reruns, in a second;
+    # its outputs are unchanged for images, so preprocess does not
+    assert ran(out) == ["params", "validate", "encode", "train", "sample"]
     assert "train: sdxl base builtin:tiny-sdxl;" in out and "train: 3 buckets" in out
     [verdict_line] = [line for line in out.splitlines() if line.startswith("train: health:")]
     assert verdict_line.endswith("try: dvc exp run -S train.learning_rate=0.0001")
