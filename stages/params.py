@@ -15,7 +15,7 @@ import argparse
 
 from lorapipe import outputs
 from lorapipe.cli import run_stage
-from lorapipe.params import all_keys, load_params
+from lorapipe.params import UNUSED_BY_TASK, all_keys, load_params
 
 
 def main(argv: list[str] | None) -> int:
@@ -23,10 +23,12 @@ def main(argv: list[str] | None) -> int:
     parser.add_argument("--params", required=True, help="the params file to check")
     parser.add_argument("--out", required=True, help="where to write that it passed")
     args = parser.parse_args(argv)
-    load_params(args.params)  # raises ParamsError listing every problem
+    params = load_params(args.params)  # raises ParamsError listing every problem
     outputs.write_text(args.out, f"{args.params}: all {len(all_keys())} keys passed the "
                                  "schema and the rules across keys\n")
     print(f"params: {args.params} is valid")
+    print(f"params: task_type {params.task_type}: not read: "
+          + ", ".join(UNUSED_BY_TASK[params.task_type]))
     return 0
 
 

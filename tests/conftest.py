@@ -68,7 +68,7 @@ def workspace(tmp_path, monkeypatch):
     base = yaml.safe_load((REPO / "params.yaml").read_text())
 
     def set_params(**overrides):
-        params = {k: dict(v) for k, v in base.items()}
+        params = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
         for dotted, value in overrides.items():
             section, key = dotted.split("__")
             params[section][key] = value

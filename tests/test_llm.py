@@ -284,6 +284,65 @@ def test_all_linear_also_trains_the_mlp(tmp_path, llm_cache):
                      "down_proj"}  # peft's all-linear: every Linear but the output head
 
 
+def test_a_local_hugging_face_folder_is_a_base(tmp_path, llm_cache):
+    """save_pretrained's layout (safetensors), loaded offline; the same model as the builtin,
+    so the same training gives the same adapter tensors."""
+    model, tokenizer = build_tiny_llm()
+    folder = tmp_path / "tiny-llm-folder"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    builtin, local = run_dirs(tmp_path, "builtin", "local")
+    train_in(builtin, llm_cache, **LLM, train__max_steps=5)
+    cache = llm_encoded(LLM["data__dir"], tmp_path / "cache")
+    from lorapipe.llm.data import load_token_cache, save_token_cache
+
+    tokens = load_token_cache(cache)
+    tokens.meta["base"] = str(folder)  # encode records the base it tokenized for
+    save_token_cache(tokens, cache)
+    result = train_in(local, cache, **{**LLM, "model__base": str(folder)}, train__max_steps=5)
+    assert result.summary["model"]["family"] == "llm:qwen2"
+    a, b = (load_file(str(root / "lora" / ADAPTER)) for root in (builtin, local))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_matches_and_bf16_keeps_the_lora_in_fp32(tmp_path, llm_cache):
+    plain, checkpointed, half = run_dirs(tmp_path, "plain", "checkpointed", "half")
+    steps = {**LLM, "train__max_steps": 4, "lora__targets": "all-linear"}
+    train_in(plain, llm_cache, **steps)
+    train_in(checkpointed, llm_cache, **steps, train__gradient_checkpointing=True)
+    a, b = (load_file(str(root / "lora" / ADAPTER)) for root in (plain, checkpointed))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6)
+    result = train_in(half, llm_cache, **steps, train__mixed_precision="bf16")
+    model = result.models["model"]
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.bfloat16 in {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert result.summary["fixed_loss_end"] < result.summary["fixed_loss_start"]
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_adapter(tmp_path, llm_cache):
+    from lorapipe.training import Diverged
+
+    with pytest.raises(Diverged) as exc:
+        train_in(tmp_path, llm_cache, **{**LLM, "train__learning_rate": 1e12},
+                 train__max_grad_norm=0.0, train__max_steps=30)
+    assert "non-finite at step" in str(exc.value)
+    metrics = json.loads((tmp_path / "dvclive/metrics.json").read_text())
+    assert metrics["health"]["status"] == "diverged"
+    saved = load_file(str(tmp_path / "lora" / ADAPTER))
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_the_params_stage_names_what_the_task_does_not_read(tmp_path):
+    make_params(tmp_path, **LLM)
+    out = subprocess.run([sys.executable, "-m", "stages.params", "--params", "params.yaml",
+                          "--out", "params.txt"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "task_type llm: not read: validate.min_side" in out.stdout
+    assert "sample.width" in out.stdout and "train.sample_prompts" not in out.stdout
+
+
 # -- a real overfitting run -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory):
@@ -419,14 +478,14 @@ def test_the_readme_llm_line_runs_the_pipeline_and_params_rerun_what_they_touch(
 
     # the workspace now holds the experiment: each llm key reruns the stages that read it
     set_param(root, "llm.temperature", 0)
+    set_param(root, "llm.merge", "true")
     assert ran(sh("dvc", "repro")) == ["params", "train", "sample"]
+    assert (root / "models/lora/merged/config.json").exists()
+    assert "greedy only" in (root / "samples/samples.md").read_text()
     set_param(root, "llm.train_on_prompt", "true")
     out = sh("dvc", "repro")
     # validate's token counts change, its usable rows do not: preprocess stays
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]
-    set_param(root, "llm.merge", "true")
-    assert ran(sh("dvc", "repro")) == ["params", "train", "sample"]
-    assert (root / "models/lora/merged/config.json").exists()
     # switching the task back: every stage after params must rerun
     text = (root / "params.yaml").read_text()
     (root / "params.yaml").write_text(text.replace("task_type: llm", "task_type: sd"))

@@ -249,6 +249,19 @@ SD_ONLY_SWITCHES = {
 }
 
 
+# What each task does not read (params.yaml holds both tasks' keys): the params stage says so
+UNUSED_BY_TASK = {
+    "sd": ("llm",),
+    "llm": ("validate.min_side", "validate.max_pixels", "preprocess", "encode", "model.config",
+            "train.text_encoder_lr", "train.noise_offset", "train.min_snr_gamma",
+            "train.captions", "train.sample_steps", "train.sample_scheduler",
+            "train.sample_guidance_scale", "train.validation.timesteps",
+            "sample.negative_prompt", "sample.images_per_prompt", "sample.steps",
+            "sample.guidance_scale", "sample.scheduler", "sample.lora_scale", "sample.width",
+            "sample.height"),
+}
+
+
 def _task_checks(v: dict[str, object]) -> list[str]:
     """task_type against the keys that must agree with it."""
     task = v.get("task_type")
