@@ -27,7 +27,7 @@ def sample_llm(params, args) -> int:
     from tqdm import tqdm
 
     from lorapipe import outputs
-    from lorapipe.llm.adapter import ADAPTER_FILE, training_run
+    from lorapipe.llm.adapter import ADAPTER_FILE, scale_lora, training_run
     from lorapipe.llm.models import load_llm
     from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
     from lorapipe.tracking import run_name
@@ -38,6 +38,7 @@ def sample_llm(params, args) -> int:
         torch.set_num_threads(threads.share(0)[0])
     model, tokenizer = load_llm(params.model.base)
     model = PeftModel.from_pretrained(model, args.lora)
+    scale_lora(model, params.sample.lora_scale)
     settings = GenerationSettings.from_params(params.llm, params.sample.seed)
     with tqdm(total=len(params.sample.prompts) * 2 * len(settings.modes), desc="sample",
               unit="answer") as bar:

@@ -217,6 +217,10 @@ def test_the_llm_trains_and_its_adapter_reloads_exactly_in_peft(trained):
     torch.testing.assert_close(logits(reloaded, ids), want, rtol=0, atol=1e-6)
     base = logits(build_tiny_llm()[0], ids)
     assert (want - base).abs().max() > 0.1  # the LoRA changes the answer
+    from lorapipe.llm.adapter import scale_lora
+
+    scale_lora(reloaded, 0.0)  # sample.lora_scale 0: the base model
+    torch.testing.assert_close(logits(reloaded, ids), base, rtol=0, atol=1e-6)
     merged = AutoModelForCausalLM.from_pretrained(root / "lora/merged", local_files_only=True)
     torch.testing.assert_close(logits(merged, ids), want, rtol=1e-4, atol=1e-4)
     assert (root / "lora/merged/tokenizer.json").exists()

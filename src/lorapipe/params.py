@@ -257,7 +257,7 @@ UNUSED_BY_TASK = {
             "train.captions", "train.sample_steps", "train.sample_scheduler",
             "train.sample_guidance_scale", "train.validation.timesteps",
             "sample.negative_prompt", "sample.images_per_prompt", "sample.steps",
-            "sample.guidance_scale", "sample.scheduler", "sample.lora_scale", "sample.width",
+            "sample.guidance_scale", "sample.scheduler", "sample.width",
             "sample.height"),
 }
 

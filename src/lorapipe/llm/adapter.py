@@ -69,3 +69,12 @@ def training_run(folder: Path) -> str | None:
     TensorBoard run after it)."""
     with safe_open(str(Path(folder) / ADAPTER_FILE), "pt") as f:
         return (f.metadata() or {}).get(RUN_KEY)
+
+
+def scale_lora(model, scale: float) -> None:
+    """The LoRA's strength at generation (sample.lora_scale): 0 = the base, 1 = as trained."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", scale)
