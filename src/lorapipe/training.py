@@ -1,8 +1,10 @@
-"""The one training loop: LoRA on the UNet over cached latents, through accelerate.
+"""The one training loop, for every task, through accelerate.
 
 `Recipe` reads in the order it runs: setup (model, LoRA, optimizer, data, resume, trackers),
-train (per step: evaluate, micro-steps, log, checkpoint), loss_step (one micro-batch, where
-the model family's conditioning enters), finish (verdict, and the LoRA in both formats).
+train (per step: evaluate, micro-steps, log, checkpoint), loss_step (one micro-batch: the
+task's), finish (verdict, and the LoRA in the task's formats). The tasks fill in their parts:
+lorapipe.diffusion.DiffusionRecipe (task_type sd: SD 1.x/2.x, SDXL) and
+lorapipe.llm.training.LlmRecipe (task_type llm).
 
 Randomness is a pure function of (train.seed, position): the data order of epoch e comes from
 seed and e, the noise and timesteps of micro-batch k from seed and k. A resumed run therefore
@@ -21,18 +23,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe import captions, checkpoints, families, health, lora, outputs, threads
-from lorapipe.cache import CACHE_FILE, load_cache
+from lorapipe import checkpoints, health, lora, outputs, threads
 from lorapipe.errors import LorapipeError
-from lorapipe.evaluation import EarlyStop, Evaluator, holdout
-from lorapipe.losses import diffusion_loss, seeded_generator
-from lorapipe.models import load_pipeline, training_scheduler
+from lorapipe.evaluation import EarlyStop, holdout
 from lorapipe.plan import Plan
-from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid
 from lorapipe.tracking import Tracker, remove_partial_runs, run_name
 
 BEST_LORA = "best_lora.safetensors"
@@ -73,7 +70,7 @@ def run(params, cache_dir: Path, out_dir: Path, live_dir: Path, logs_dir: Path,
     if params.task_type == "llm":
         from lorapipe.llm.training import LlmRecipe as recipe_class
     else:
-        recipe_class = DiffusionRecipe
+        from lorapipe.diffusion import DiffusionRecipe as recipe_class
     recipe = recipe_class(params, Paths(cache_dir, out_dir, live_dir, logs_dir, ckpt_dir,
                                         health_report))
     recipe.setup()
@@ -423,232 +420,6 @@ class Recipe:
             tracker.text(f"diverged: {error}")
             tracker.close()
         return error
-
-
-class DiffusionRecipe(Recipe):
-    """LoRA on a Stable Diffusion UNet (and optionally its text encoders) over cached
-    latents. The model family (SD, SDXL) enters through its conditioning (loss_step,
-    evaluation) and the export."""
-
-    cache_file = CACHE_FILE
-
-    def _load_data(self) -> list[str]:
-        cache = self.cache = load_cache(self.paths.cache)
-        if cache.meta["base"] != self.params.model.base:
-            raise LorapipeError(
-                f"the cache in {self.paths.cache} was encoded with {cache.meta['base']}, not "
-                f"model.base {self.params.model.base}; rerun the encode stage")
-        return cache.files
-
-    def _build_models(self) -> tuple[dict, list[dict]]:
-        models, self._base_encoders = self._load_base()
-        return models, self._attach_lora(models, self._base_encoders)
-
-    def _plan_groups(self) -> list[list[int]]:
-        positions = {i: pos for pos, i in enumerate(self.train_idx)}
-        return [[positions[i] for i in group]
-                for group in self.cache.latents.groups(self.train_idx)]
-
-    def _after_prepare(self) -> None:
-        p, acc, cache = self.p, self.accelerator, self.cache
-        self.unet = self.models["unet"]
-        # the text encoders as called per step: the prepared ones where they train
-        self.encoders = {name: self.models.get(name, e).to(acc.device)
-                         for name, e in self._base_encoders.items()}
-        self.latents = cache.latents.to(acc.device)
-        self.cond = {k: v.to(acc.device) for k, v in cache.cond.items()}
-        self.tokens = {k: v.to(acc.device) for k, v in cache.tokens.items()}
-        # evaluations run on the main process only, so on the bare modules (no collectives)
-        self.evaluate = Evaluator(
-            self.unwrapped()["unet"], self.scheduler, self.latents, self._eval_inputs,
-            self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
-            p.seed, p.validation.timesteps)
-
-    def _load_base(self) -> tuple[dict, dict]:
-        """The base model; returns the components that get a LoRA ({'unet': ..., and the
-        text encoders with lora.text_encoder}) and the text encoders that run per step
-        (those, or frozen ones when train.captions change captions per step)."""
-        p, lp = self.p, self.lp
-        pipe = load_pipeline(self.params.model.base, self.params.model.config)
-        family = self.family = families.of_pipeline(pipe)
-        self.base = family.base_version(pipe)
-        self.scheduler = training_scheduler(pipe)
-        # otherwise the text encoders' outputs come from the cache
-        self.caption_ops = captions.active(p.captions)
-        self.text_per_step = lp.text_encoder or self.caption_ops
-        encoders = family.encoders_of(pipe) if self.text_per_step else {}
-        self.tokenizers = family.tokenizers_of(pipe) if self.caption_ops else {}
-        self.pipe = None
-        if p.sample_every:  # sample images need the whole pipeline, on the same UNet object
-            pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            self.pipe = pipe
-        # the rest of the pipeline (the VAE, unused text encoders) goes with `pipe`
-        return {"unet": pipe.unet, **(encoders if lp.text_encoder else {})}, encoders
-
-    def _attach_lora(self, models: dict, encoders: dict) -> list[dict]:
-        """LoRA on every component in `models` (continued from lora.init), precision and
-        checkpointing; returns the optimizer's parameter groups, the UNet's first."""
-        p, lp = self.p, self.lp
-        torch.manual_seed(p.seed)  # the LoRA's Gaussian init
-        self.configs = lora.configs_for(lp, self.family, models)
-        self.lora_modules = lora.attach(models, self.configs)
-        # in the family's order: optimizer groups and checkpoints must not depend on set order
-        self.text_trained = [name for name in self.configs if name != "unet"]
-        for name, encoder in encoders.items():
-            if name not in self.configs:  # run per step for the captions only: frozen
-                encoder.requires_grad_(False)
-        self.init_notes = (lora.load_init(models, lp.init, self.configs, self.family)
-                           if lp.init else [])
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision)
-        unet = models["unet"]
-        if half is not None:
-            for model in [unet, *encoders.values()]:
-                # frozen base in half precision, trainable LoRA weights in fp32 (diffusers)
-                model.to(half)
-                cast_training_params(model, dtype=torch.float32)
-        if p.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            for name in self.text_trained:
-                encoders[name].gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-        groups = [{"params": [q for q in unet.parameters() if q.requires_grad],
-                   "lr": p.learning_rate}]
-        groups += [{"params": [q for q in encoders[name].parameters() if q.requires_grad],
-                    "lr": p.text_encoder_lr} for name in self.text_trained]
-        self.trainable = [q for g in groups for q in g["params"]]
-        self.n_trainable = sum(q.numel() for q in self.trainable)
-        return groups
-
-    def _setup_lines(self) -> list[str]:
-        lines = [self._targets_line(), *self.init_notes]
-        histogram = self._train_histogram()
-        if len(histogram) > 1:
-            lines.append(f"train: {len(histogram)} buckets (training images per size): "
-                         + ", ".join(f"{size}: {n}" for size, n in histogram.items()))
-            lonely = [size for size, n in histogram.items() if n == 1]
-            if lonely:
-                lines.append(f"train: warning: bucket(s) {', '.join(lonely)} hold a single "
-                             "image: its batches repeat that image")
-        return lines
-
-    def _targets_line(self) -> str:
-        """Where the LoRA sits (lora.targets: the preset and the modules it resolved to), and
-        how text conditioning is computed."""
-        lp, p = self.lp, self.p
-        where = f"preset {lp.targets}" if isinstance(lp.targets, str) else "list " + ",".join(
-            lp.targets)
-        modules = ", ".join(f"{n} {name}" for name, n in self.lora_modules.items())
-        line = f"train: lora.targets {where}: {sum(self.lora_modules.values())} modules ({modules})"
-        if lp.text_encoder:
-            line += f"; text encoder lr {p.text_encoder_lr:g}"
-        if self.caption_ops:
-            line += (f"; captions: {captions.describe(p.captions)}, tokenized and encoded "
-                     "per step")
-        elif lp.text_encoder:
-            line += "; text encoded per step from the cached token ids"
-        return line
-
-    def loss_step(self, micro: int) -> torch.Tensor:
-        """The loss of this process's shard of global micro-batch `micro`."""
-        batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
-        idx = batch.chunk(self.world)[self.rank]
-        trace_batch(self.rank, micro // self.p.grad_accum, micro, idx)
-        gen = seeded_generator(self.p.seed, "micro", micro)
-        # LoRA dropout draws from the global RNG: seeded per micro-batch and process
-        torch.manual_seed(gen.initial_seed() + self.rank)
-        cond = {k: v[idx] for k, v in self.cond.items()}
-        if self.text_per_step:
-            cond.update(self._text(micro, batch, idx))
-        return diffusion_loss(self.unet, self.scheduler, self.latents[idx],
-                              self.family.unet_inputs(cond), gen, self.p.noise_offset,
-                              self.p.min_snr_gamma, shard=(self.rank, self.world))
-
-    def _text(self, micro: int, batch: torch.Tensor, idx: torch.Tensor) -> dict:
-        """This shard's text conditioning, encoded now: from the cached token ids, or with
-        train.captions on from captions changed for this micro-batch (drawn for the whole
-        global batch, then sliced, as the noise is: the same captions in any process count)."""
-        if self.caption_ops:
-            gen = seeded_generator(self.p.seed, "caption", micro)
-            texts = [captions.augment(self.cache.captions[i], self.p.captions, gen)
-                     for i in batch.tolist()]
-            mine = texts[self.rank * len(idx):(self.rank + 1) * len(idx)]
-            ids = {k: v.to(self.accelerator.device)
-                   for k, v in self.family.tokenize(self.tokenizers, mine).items()}
-        else:
-            ids = {k: v[idx] for k, v in self.tokens.items()}
-        with torch.set_grad_enabled(self.lp.text_encoder):
-            return self.family.encode_tokens(self.encoders, ids)
-
-    def _eval_inputs(self, idx: list[int]) -> dict:
-        """The UNet inputs of these images for the fixed-noise losses: the captions as
-        written (no train.captions changes), through the text-encoder LoRA as it is now
-        when one trains."""
-        cond = {k: v[idx] for k, v in self.cond.items()}
-        if self.lp.text_encoder:
-            encoders = {name: self.accelerator.unwrap_model(e)
-                        for name, e in self.encoders.items()}
-            modes = {name: e.training for name, e in encoders.items()}
-            with torch.no_grad():
-                for e in encoders.values():
-                    e.eval()
-                cond.update(self.family.encode_tokens(
-                    encoders, {k: v[idx] for k, v in self.tokens.items()}))
-                for name, e in encoders.items():
-                    e.train(modes[name])
-        return self.family.unet_inputs(cond)
-
-    def _log_samples(self, step: int) -> None:
-        self.tracker.log_image(step, self._samples())
-
-    def _export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
-        plan, tracker = self.plan, self.tracker
-        meta = self.cache.meta
-        height, width = meta["image_size"]
-        layout = meta.get("layout") or {}
-        if layout.get("buckets"):  # kohya writes the base resolution of a bucketed run
-            width = height = layout["resolution"]
-        lora.save_lora(unwrapped, self.configs, self.family, self.params, self.paths.out,
-                       lora.Record(self.base, (width, height),
-                                   [self.cache.captions[i] for i in self.train_idx],
-                                   [_dataset_dir(self.params.data.dir, self.cache.files[i])
-                                    for i in self.train_idx],
-                                   plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
-                                   saved_step, tracker.name, layout,
-                                   self._train_histogram()))
-
-    def _save_partial(self, state: dict, folder: Path) -> None:
-        lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)
-
-    def _train_histogram(self) -> dict[str, int]:
-        """Training images per bucket, largest count first."""
-        counts: dict[str, int] = {}
-        for i in self.train_idx:
-            size = self.cache.latents.bucket(i)
-            counts[size] = counts.get(size, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-    def _samples(self):
-        """A base-vs-LoRA grid of train.sample_prompts at the train seed, with the UNet as it
-        is now. Draws only from its own seeded generators, so training is unaffected."""
-        p = self.p
-        height, width = self.cache.meta["image_size"]
-        settings = SampleSettings(steps=p.sample_steps, guidance_scale=p.sample_guidance_scale,
-                                  negative_prompt="", width=width, height=height, lora_scale=1.0)
-        modes = {name: m.training for name, m in self.models.items()}
-        for model in self.models.values():
-            model.eval()
-        with self.accelerator.autocast():
-            image, _ = sample_grid(self.pipe, p.sample_prompts, [p.seed], settings)
-        for name, model in self.models.items():
-            model.train(modes[name])
-        return image
-
-
-def _dataset_dir(data_dir: str, file: str) -> str:
-    """kohya's dataset folder of an image: data.dir's name, and the image's subfolder."""
-    return str(Path(Path(data_dir).name, file).parent.as_posix())
 
 
 def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
