@@ -155,6 +155,11 @@ def test_validate_truncates_on_request_and_reads_metadata_csv(tmp_path):
     (folder / "metadata.csv").unlink()
     report = data.validate_examples(folder, tiny_tokenizer(), 256, "error", False)
     assert [f.code for f in report.findings] == ["DATA_MISSING"]
+    (folder / "data.jsonl").write_bytes(GOOD.replace("one", "caf\xe9").encode("latin-1"))
+    report = data.validate_examples(folder, tiny_tokenizer(), 256, "error", False)
+    [finding] = report.findings
+    assert finding.code == "ENCODING" and "data.jsonl not UTF-8: byte 0xe9 on line 1" in str(
+        finding)
 
 
 def test_task_type_refuses_what_the_other_task_cannot_honour(tmp_path):

@@ -109,7 +109,11 @@ def read_examples(folder: str | Path) -> tuple[list[Example], list[Finding], int
     """(examples that are well-formed, findings, rows read). A file that cannot be read at
     all raises DatasetError."""
     path = data_file(folder)
-    text = decode_text(path.read_bytes())
+    try:
+        text = decode_text(path.read_bytes())
+    except DatasetError as exc:  # its message speaks of metadata.csv and spreadsheets
+        raise DatasetError("ENCODING", f"{path.name} " + str(exc).replace(
+            "metadata.csv", path.name), file=path.name) from None
     if path.name == CSV_FILE:
         return _read_csv(text)
     examples, findings, rows = [], [], 0
