@@ -251,9 +251,9 @@ def test_the_adapter_fits_vllm_and_the_real_qwen2_5_architecture(trained):
     assert all(re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.self_attn\."
                             r"[qkvo]_proj\.lora_[AB]\.weight", k) for k in keys)
 
-    real = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       tie_word_embeddings=True)
+    from lorapipe.llm.models import QWEN2_5_0_5B
+
+    real = Qwen2Config(**QWEN2_5_0_5B)
     with torch.device("meta"):
         model = get_peft_model(Qwen2ForCausalLM(real), LoraConfig(
             r=4, target_modules=config["target_modules"], task_type="CAUSAL_LM"))

@@ -30,6 +30,14 @@ TINY_SEED = 0
 TINY_EMBED_STD = 0.2
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
+# Qwen2.5-0.5B-Instruct's architecture (its config.json's shape keys): the tests check the
+# adapter's names against it and bench/llm_step.py times a LoRA step on it, built without
+# weights
+QWEN2_5_0_5B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                "max_position_embeddings": 32768, "tie_word_embeddings": True,
+                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+
 # Qwen2.5's ChatML template, without its default system message and tool calls: each
 # message is <|im_start|>role\ncontent<|im_end|>\n; the generation prompt opens an
 # assistant turn.
