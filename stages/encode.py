@@ -59,4 +59,4 @@ def main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage("encode", main)
+    run_stage("encode", main, warm_start=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorapipe import outputs
+from lorapipe import outputs, warm
 from lorapipe.cli import run_stage
 from lorapipe.params import UNUSED_BY_TASK, all_keys, load_params
 
@@ -29,6 +29,8 @@ def main(argv: list[str] | None) -> int:
     print(f"params: {args.params} is valid")
     print(f"params: task_type {params.task_type}: not read: "
           + ", ".join(UNUSED_BY_TASK[params.task_type]))
+    if warm.enabled():  # importing torch & co. now, so encode, train and sample start warm
+        warm.start_server()
     return 0
 
 

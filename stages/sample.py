@@ -132,4 +132,4 @@ def main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage("sample", main)
+    run_stage("sample", main, warm_start=True)

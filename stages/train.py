@@ -72,4 +72,4 @@ def relaunch(p, argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    run_stage("train", main, warm_start=True)

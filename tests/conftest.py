@@ -15,6 +15,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# the warm servers the tests' stages start (lorapipe.warm) leave soon after the tests
+os.environ.setdefault("LORAPIPE_WARM_IDLE_S", "20")
 # the WebUI file of a run with lora.name "" outside `dvc exp run`
 WEBUI_FILE = "lorapipe.safetensors"
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lorapipe import warm
 from lorapipe.errors import LorapipeError
 
 EXIT_BAD_INPUT = 1
@@ -19,9 +20,15 @@ EXIT_INTERRUPTED = 130
 _TORCH_WRITE_ERRORS = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")
 
 
-def run_stage(name: str, main: Callable[[list[str] | None], int | None]) -> None:
+def run_stage(name: str, main: Callable[[list[str] | None], int | None],
+              warm_start: bool = False) -> None:
     """Run a stage's main(); a LorapipeError, Ctrl-C or a full disk prints one message and
-    exits non-zero, without a traceback."""
+    exits non-zero, without a traceback. warm_start: a torch stage, run in a child of the
+    warm server (lorapipe.warm) when one can be reached, which skips its imports."""
+    if warm_start and warm.enabled():
+        code = warm.run_warm(f"stages.{name}")
+        if code is not None:
+            sys.exit(code)
     try:
         code = main(None)
     except LorapipeError as exc:
