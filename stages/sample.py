@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from lorapipe import threads
@@ -102,8 +103,10 @@ def main(argv: list[str] | None) -> int:
                               p.lora_scale)
     seeds = seeds_for(p.seed, p.images_per_prompt)
 
+    start = time.perf_counter()
     with tqdm(total=len(p.prompts) * len(seeds), desc="sample", unit="pair") as bar:
         grid, images = sample_grid(pipe, p.prompts, seeds, settings, progress=bar)
+    seconds = time.perf_counter() - start
     with outputs.atomic_dir(args.out) as tmp:
         for index, seed, base, lora in images:
             lora.save(tmp / f"prompt{index:02d}_seed{seed}.png")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None) -> int:
         writer.close()
     print(f"sample: {len(images)} base/LoRA pairs for {len(p.prompts)} prompts "
           f"({p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
-          f"{p.lora_scale:g}) -> {args.out}/grid.png")
+          f"{p.lora_scale:g}) in {seconds:.1f} s -> {args.out}/grid.png")
     return 0
 
 
