@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def sample_llm(params, args) -> int:
     from lorapipe.llm.adapter import ADAPTER_FILE, scale_lora, training_run
     from lorapipe.llm.models import load_llm
     from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
-    from lorapipe.tracking import run_name
+    from lorapipe.tracking import sample_run_name
 
     if not (Path(args.lora) / ADAPTER_FILE).exists():
         raise LorapipeError(f"{args.lora} holds no {ADAPTER_FILE}; run the train stage first")
@@ -50,11 +49,8 @@ def sample_llm(params, args) -> int:
         (tmp / "samples.json").write_text(json.dumps(
             {"settings": vars(settings) | {"modes": settings.modes}, "samples": rows},
             indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    trained, current = training_run(Path(args.lora)), run_name()
-    run = trained or current
-    if trained and trained != current and "DVC_EXP_NAME" in os.environ:
-        run = f"{trained}/{current}"
-    with outputs.atomic_dir(Path(args.logs) / run) as tmp:
+    with outputs.atomic_dir(Path(args.logs) / sample_run_name(training_run(Path(args.lora)))
+                            ) as tmp:
         writer = SummaryWriter(str(tmp))
         writer.add_text("samples", markdown, 0)
         writer.close()
@@ -86,7 +82,7 @@ def main(argv: list[str] | None) -> int:
     from lorapipe.lora import DIFFUSERS_FILE, training_run
     from lorapipe.models import load_pipeline
     from lorapipe.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
-    from lorapipe.tracking import run_name
+    from lorapipe.tracking import sample_run_name
 
     if not (Path(args.lora) / DIFFUSERS_FILE).exists():
         raise LorapipeError(f"{args.lora} holds no {DIFFUSERS_FILE}; run the train stage first")
@@ -118,13 +114,8 @@ def main(argv: list[str] | None) -> int:
         live.log_image("grid.png", grid)  # for `dvc plots show`, beside the loss curves
         live.make_summary()
 
-    # named after the training run, so TensorBoard lists the two together; a resample of
-    # that LoRA under another experiment (other sample.* values) goes beneath it
-    trained, current = training_run(Path(args.lora)), run_name()
-    run = trained or current
-    if trained and trained != current and "DVC_EXP_NAME" in os.environ:
-        run = f"{trained}/{current}"
-    with outputs.atomic_dir(Path(args.logs) / run) as tmp:
+    with outputs.atomic_dir(Path(args.logs) / sample_run_name(training_run(Path(args.lora)))
+                            ) as tmp:
         writer = SummaryWriter(str(tmp))
         writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")
         writer.close()

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -212,11 +211,7 @@ def save_cache(cache: Cache, folder: str | Path, base: str) -> Path:
 
 def load_cache(folder: str | Path) -> Cache:
     path = Path(folder) / CACHE_FILE
-    if not path.exists():
-        raise LorapipeError(f"{path} not found; run the encode stage first")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = outputs.read_safetensors(path, "run the encode stage first")
     if "latents" in tensors:
         latents = Latents.single(tensors.pop("latents"))
     else:

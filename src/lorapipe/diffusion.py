@@ -17,7 +17,6 @@ from diffusers.training_utils import cast_training_params
 
 from lorapipe import captions, families, lora
 from lorapipe.cache import CACHE_FILE, load_cache
-from lorapipe.errors import LorapipeError
 from lorapipe.evaluation import Evaluator
 from lorapipe.losses import diffusion_loss, seeded_generator
 from lorapipe.models import load_pipeline, training_scheduler
@@ -33,12 +32,8 @@ class DiffusionRecipe(Recipe):
     cache_file = CACHE_FILE
 
     def _load_data(self) -> list[str]:
-        cache = self.cache = load_cache(self.paths.cache)
-        if cache.meta["base"] != self.params.model.base:
-            raise LorapipeError(
-                f"the cache in {self.paths.cache} was encoded with {cache.meta['base']}, not "
-                f"model.base {self.params.model.base}; rerun the encode stage")
-        return cache.files
+        self.cache = load_cache(self.paths.cache)
+        return self.cache.files
 
     def _build_models(self) -> tuple[dict, list[dict]]:
         models, self._base_encoders = self._load_base()

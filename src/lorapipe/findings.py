@@ -30,6 +30,20 @@ class Finding:
         return f"{self.severity} {self.code}: {where + ': ' if where else ''}{self.message}"
 
 
+class HasFindings:
+    """What both tasks' validation reports share: their findings by severity."""
+
+    findings: list[Finding]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+
 class DatasetError(Exception):
     """metadata.csv as a whole is unusable; carries the finding that says why."""
 

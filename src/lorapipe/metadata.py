@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from lorapipe.findings import METADATA_NAME, DatasetError, Finding, decode_text
+from lorapipe.findings import METADATA_NAME, DatasetError, Finding, HasFindings, decode_text
 from lorapipe.images import (
     ImageProblem,
     image_extensions,
@@ -45,19 +45,11 @@ class Row:
 
 
 @dataclass
-class Report:
+class Report(HasFindings):
     rows: int = 0
     usable: list[Row] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # usable: name -> (w, h)
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
 
     def summary(self) -> dict:
         """Counts only, so `dvc metrics show` and `dvc exp show` can display them."""

@@ -132,3 +132,16 @@ def canonical_safetensors(path: Path, extra_metadata: dict[str, str] | None = No
     text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
     path.chmod(file_mode())  # the safetensors writer creates its files 0600
+
+
+def read_safetensors(path: Path, missing: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file this pipeline wrote; a LorapipeError
+    saying `missing` (what to run) when it is not there."""
+    from safetensors import safe_open
+
+    from lorapipe.errors import LorapipeError
+
+    if not Path(path).exists():
+        raise LorapipeError(f"{path} not found; {missing}")
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

@@ -35,6 +35,16 @@ def run_name(default: str | None = None) -> str:
     return os.environ.get("DVC_EXP_NAME") or default or time.strftime("run-%Y%m%d-%H%M%S")
 
 
+def sample_run_name(trained: str | None) -> str:
+    """The sample stage's TensorBoard run: named after the training run that made the LoRA,
+    so TensorBoard lists the two together; a resample of that LoRA under another experiment
+    (other sample.* values) goes beneath it."""
+    current = run_name()
+    if trained and trained != current and "DVC_EXP_NAME" in os.environ:
+        return f"{trained}/{current}"
+    return trained or current
+
+
 def remove_partial_runs(logs_dir: Path, keep: set[str], replace: str) -> list[str]:
     """Before a fresh (not resumed) run: remove the TensorBoard runs that killed runs left
     unfinished, except those a checkpoint may still resume (`keep`), and an earlier run

@@ -110,7 +110,8 @@ class Recipe:
 
     # -- what a task provides -------------------------------------------------------------
     def _load_data(self) -> list[str]:
-        """Load the cache; return each example's key (the held-out split hashes it)."""
+        """Load the cache into self.cache (its meta["base"]: the base it was made with);
+        return each example's key (the held-out split hashes it)."""
         raise NotImplementedError
 
     def _build_models(self) -> tuple[dict, list[dict]]:
@@ -163,7 +164,12 @@ class Recipe:
         if acc.device.type == "cpu":
             self.threads, self.threads_why = threads.share(p.cpu_threads)
             torch.set_num_threads(self.threads)
-        self.train_idx, self.val_idx = holdout(self._load_data(), p.validation.split)
+        keys = self._load_data()
+        if self.cache.meta["base"] != self.params.model.base:
+            raise LorapipeError(
+                f"the cache in {self.paths.cache} was encoded with {self.cache.meta['base']}, "
+                f"not model.base {self.params.model.base}; rerun the encode stage")
+        self.train_idx, self.val_idx = holdout(keys, p.validation.split)
         models, groups = self._build_models()
         self.plan = Plan.from_params(p, len(self.train_idx), self.world, self._plan_groups())
         self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorapipe import outputs
 from lorapipe.errors import LorapipeError
-from lorapipe.findings import DatasetError, Finding, decode_text
+from lorapipe.findings import DatasetError, Finding, HasFindings, decode_text
 
 DATA_FILE = "data.jsonl"
 CSV_FILE = "metadata.csv"
@@ -64,7 +63,7 @@ class Tokenized:
 
 
 @dataclass
-class LlmReport:
+class LlmReport(HasFindings):
     """validate's result: the same summary and findings as for images, plus token counts."""
 
     rows: int = 0
@@ -72,14 +71,6 @@ class LlmReport:
     findings: list[Finding] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # tokens per usable example
     trained_tokens: int = 0
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
 
     def summary(self) -> dict:
         out = {"rows": self.rows, "usable": len(self.usable),
@@ -426,11 +417,7 @@ def save_token_cache(cache: TokenCache, folder: str | Path) -> Path:
 
 def load_token_cache(folder: str | Path) -> TokenCache:
     path = Path(folder) / CACHE_FILE
-    if not path.exists():
-        raise LorapipeError(f"{path} not found; run the encode stage first")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = outputs.read_safetensors(path, "run the encode stage first")
     if "ids" not in tensors:
         raise LorapipeError(f"{path} holds image latents, not token ids; rerun the pipeline "
                             "(dvc repro) after switching task_type")

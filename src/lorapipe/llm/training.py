@@ -23,7 +23,6 @@ from diffusers.training_utils import cast_training_params
 from peft import PeftModel
 
 from lorapipe import outputs
-from lorapipe.errors import LorapipeError
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, load_adapter
 from lorapipe.llm.data import CACHE_FILE, load_token_cache
 from lorapipe.llm.models import load_llm
@@ -47,12 +46,8 @@ class LlmRecipe(Recipe):
         return f"llm:{self.base_config.model_type}"
 
     def _load_data(self) -> list[str]:
-        cache = self.cache = load_token_cache(self.paths.cache)
-        if cache.meta["base"] != self.params.model.base:
-            raise LorapipeError(
-                f"the cache in {self.paths.cache} was tokenized for {cache.meta['base']}, not "
-                f"model.base {self.params.model.base}; rerun the encode stage")
-        return cache.keys
+        self.cache = load_token_cache(self.paths.cache)
+        return self.cache.keys
 
     def _build_models(self) -> tuple[dict, list[dict]]:
         p, lp = self.p, self.lp
