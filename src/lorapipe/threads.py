@@ -15,50 +15,66 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
+import stat
 from pathlib import Path
+
+from lorapipe import private
 
 _held: list = []  # this process's open, locked registration file
 
 
 def registry() -> Path:
-    """The per-user folder of registrations; LORAPIPE_RUNS_DIR overrides it (tests, or
-    machines whose runs do not share one temporary folder)."""
+    """The per-user folder of registrations ($XDG_RUNTIME_DIR/lorapipe-runs, else
+    $TMPDIR/lorapipe-runs-<uid>); LORAPIPE_RUNS_DIR overrides it (tests, or machines whose
+    runs do not share one temporary folder)."""
     configured = os.environ.get("LORAPIPE_RUNS_DIR")
-    return Path(configured) if configured else (
-        Path(tempfile.gettempdir()) / f"lorapipe-runs-{os.getuid()}")
+    return Path(configured) if configured else private.user_folder("lorapipe-runs")
 
 
-def register(folder: Path | None = None) -> None:
+def register(folder: Path | None = None) -> str | None:
     """Count this process as a running lorapipe train process until it exits. Once per
-    process: a second lock on the same file from this process would wait for the first."""
+    process: a second lock on the same file from this process would wait for the first.
+    None, or why this process could not register (a folder another user could have made:
+    lorapipe.private)."""
     if _held:
-        return
-    folder = folder or registry()
-    folder.mkdir(mode=0o700, exist_ok=True)
-    # held open (and locked) for the process's lifetime, not closed by a with block
-    f = open(folder / str(os.getpid()), "w")  # noqa: SIM115
-    fcntl.flock(f, fcntl.LOCK_EX)
-    _held.append(f)
+        return None
+    try:
+        folder = private.private_folder(folder or registry())
+        # held open (and locked) for the process's lifetime
+        fd = private.open_private_file(folder / str(os.getpid()), os.O_RDWR)
+    except (OSError, private.UnsafeFolder) as exc:
+        return str(exc)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # our own new file: nobody else holds it
+    _held.append(os.fdopen(fd, "rb+", buffering=0))
+    return None
 
 
 def live_runs(folder: Path | None = None) -> int:
     """Registered processes still alive (this one included, if registered); removes the
-    files of dead ones."""
+    files of dead ones. UnsafeFolder when the folder cannot be trusted."""
     folder = folder or registry()
-    if not folder.exists():
+    if not os.path.lexists(folder):
         return 0
+    private.private_folder(folder)
     alive = 0
     for path in folder.iterdir():  # this process's own file is locked too: counted alive
+        if not path.name.isdigit():
+            continue
         try:
-            with open(path) as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # nothing a lorapipe run writes: never opened, never counted
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # its process holds the lock: alive
             alive += 1
-        except OSError:  # removed meanwhile
-            pass
         else:
             path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     return alive
 
 
@@ -68,6 +84,12 @@ def share(configured: int, cores: int | None = None, runs: int | None = None
     if configured:
         return configured, f"train.cpu_threads {configured}"
     cores = cores or len(os.sched_getaffinity(0))
-    runs = max(1, live_runs() if runs is None else runs)
+    unsafe = ""
+    if runs is None:
+        try:
+            runs = live_runs()
+        except private.UnsafeFolder as exc:
+            runs, unsafe = 1, f"; other runs not counted: {exc}"
+    runs = max(1, runs)
     return max(1, cores // runs), (f"automatic: {cores} cores shared by {runs} lorapipe "
-                                   f"run{'s' if runs > 1 else ''}")
+                                   f"run{'s' if runs > 1 else ''}{unsafe}")

@@ -3,282 +3,282 @@
 Every `python -m stages.<encode|train|sample>` is a fresh Python that imports torch,
 diffusers, transformers, peft and dvclive before it does any work (measured: 4.0 s of
 train's 5.6 s fixed cost), and a `dvc exp run` pays that twice. Here a server process
-imports those libraries once and forks a child per stage run; the stage's own process
-becomes a thin client that hands the child its argv, working folder, environment, umask and
-terminal (stdin/stdout/stderr, passed as file descriptors over a Unix socket), forwards
-Ctrl-C and other signals, and exits with the child's exit code. The server never imports
-lorapipe itself: each child imports the stage's code fresh, from the client's sys.path, so
-an edited file is always the one that runs.
-
-The server is started by the first stage that wants it (the params stage starts it in the
-background, so it is warm by the time train runs), keyed by the interpreter and the
-preloaded libraries' versions (an upgraded venv gets a new one), and exits after IDLE_S
-without work. A client whose server cannot be reached runs the stage itself, as before.
-LORAPIPE_WARM=0 turns all of this off. No library does this for arbitrary entry points:
+(lorapipe/warm_server.py, standard library only) imports those libraries once and forks a
+worker per stage run; the stage's own process becomes a thin client that hands the worker
+its argv, working folder, environment, umask and terminal (stdin/stdout/stderr, passed as
+file descriptors over a Unix socket), relays Ctrl-C, Ctrl-Z and continue, and exits with
+the worker's exit status. No library does this for arbitrary entry points:
 multiprocessing's forkserver serves only its own Process objects.
 
-If the client dies (SIGKILL from DVC, a test or the OOM killer), the child sees its socket
-close and kills itself and its process group: a stage never outlives its command.
+The contract (a stage run warm must be as safe and as faithful as the stage run itself):
+- Its owner only: the socket lives in a private folder (lorapipe.private: owned by the
+  user, 0700, not a symlink, checked with lstat), is 0600, the server checks every peer's
+  uid with SO_PEERCRED, and the client checks the server's uid and hello before it sends
+  anything (its environment holds the user's secrets).
+- The caller's context: a worker runs in its server's namespaces, cgroup, resource limits,
+  credentials and CPU affinity, so those are part of the server's key and of its hello; a
+  caller in any other context (`unshare -n`, a container, `ulimit -v`, `taskset`) gets a
+  server of its own context or none.
+- The caller's code: the key covers the interpreter, the search path (less the script's
+  folder), where each preloaded library is found and its version, and the environment that
+  decides native code (LD_*, OMP_*, ...); the server imports nothing of lorapipe, so each
+  worker imports the caller's lorapipe fresh.
+- It never hangs: connecting and the hello have time limits; a server that is starting is
+  waited for only while it is alive. When the warm start cannot be used the stage runs in
+  its own process, with one line saying why where something is wrong.
+- The real exit status, or a message: a server that dies leaves its running stages to
+  their handlers; a handler that dies takes its worker with it and the client says so.
+LORAPIPE_WARM=0 turns all of this off.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
-import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from lorapipe import private
+from lorapipe.warm_server import context, peer_uid
+
 PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
            "dvclive", "torch.utils.tensorboard", "diffusers.training_utils")
+SERVER = Path(__file__).with_name("warm_server.py")
 # the server exits after this long with no stage running or asked for (the tests set less)
 IDLE_S = float(os.environ.get("LORAPIPE_WARM_IDLE_S", "300"))
-START_WAIT_S = 60.0  # how long a client waits for a server that is starting
-CHILD_ENV = "LORAPIPE_WARM_CHILD"  # set in a child: it runs the stage, never asks again
+START_WAIT_S = 60.0  # the longest a client waits for a server that is importing (~4 s)
+CONNECT_TIMEOUT_S = 2.0  # connecting, and then the server's hello: a stuck server costs this
+HELLO_TIMEOUT_S = 5.0
+CHILD_ENV = "LORAPIPE_WARM_CHILD"  # set in a worker: it runs the stage, never asks again
+# environment variables read when native libraries load (so by the server, not the worker)
+_NATIVE_ENV = ("LD_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "PYTORCH_", "TORCH_",
+               "CUDA_", "NCCL_", "PYTHON", "MALLOC_", "HF_", "TRANSFORMERS_", "DIFFUSERS_")
+SOCKET_PATH_MAX = 100  # bytes; a Unix socket's address holds 108
+
+
+class NotWarm(Exception):
+    """The warm start cannot serve this stage; the message says why."""
 
 
 def enabled() -> bool:
     return os.environ.get("LORAPIPE_WARM", "1") != "0" and CHILD_ENV not in os.environ
 
 
-def _versions() -> str:
+def _say(message: str) -> None:
+    print(f"lorapipe: {message}", file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = []
-    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "dvclive"):
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
+                 "dvclive", "tensorboard"):
         try:
-            out.append(f"{name}={version(name)}")
+            out[name] = version(name)
         except PackageNotFoundError:
-            out.append(f"{name}=-")
-    return ",".join(out)
+            out[name] = "-"
+    return out
 
 
-def _namespaces() -> str:
-    """The mount and user namespaces this process sees (Linux): a client inside `unshare`
-    or a container must not be served by a child that sees other files."""
-    out = []
-    for name in ("mnt", "user"):
-        try:
-            out.append(os.readlink(f"/proc/self/ns/{name}"))
-        except OSError:
-            out.append("-")
-    return ",".join(out)
+def search_path() -> list[str]:
+    """sys.path less its first entry (the script's folder, or the working folder of
+    `python -m`): what the server imports from. The worker gets the whole of it."""
+    return sys.path[1:]
 
 
-def socket_path() -> Path:
-    """One server per user, interpreter, set of library versions and namespace."""
-    key = hashlib.sha256(f"{sys.executable}|{_versions()}|{_namespaces()}".encode()
-                         ).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"lorapipe-warm-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"{key}.sock"
+def key() -> str:
+    """What decides the code a worker runs and the context it runs in, hashed."""
+    origins = {}
+    for name in {n.split(".")[0] for n in PRELOAD}:
+        spec = importlib.util.find_spec(name)
+        origins[name] = spec.origin if spec else "-"
+    env = {k: v for k, v in os.environ.items() if k.startswith(_NATIVE_ENV)}
+    material = {"python": [sys.executable, sys.version], "path": search_path(),
+                "origins": origins, "versions": _versions(), "env": env,
+                "server": str(SERVER), "context": context()}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def socket_path(server_key: str | None = None) -> Path:
+    """This caller's server socket, in the user's private folder (UnsafeFolder if that
+    folder cannot be trusted)."""
+    folder = private.private_folder(private.user_folder("lorapipe-warm"))
+    path = folder / f"{server_key or key()}.sock"
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise NotWarm(f"the socket path {path} is too long for a Unix socket; set TMPDIR "
+                      "to a shorter folder")
+    return path
 
 
 # -- the client ---------------------------------------------------------------------------
-def start_server(path: Path | None = None) -> None:
-    """Start a server in the background if none answers at `path` (returns at once)."""
-    path = path or socket_path()
-    if _connect(path) is not None:
-        return
-    subprocess.Popen([sys.executable, "-m", "lorapipe.warm", str(path)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True,
-                     env={**os.environ, "LORAPIPE_WARM": "0"})
+def start_server() -> subprocess.Popen | None:
+    """Start a server for this caller in the background unless one runs or is starting
+    (returns at once). The line saying why when the warm start cannot be used."""
+    try:
+        server_key = key()
+        path = socket_path(server_key)
+    except (private.UnsafeFolder, NotWarm) as exc:
+        _say(f"warm start off: {exc}")
+        return None
+    return _start(path, server_key)
 
 
-def _connect(path: Path) -> socket.socket | None:
+def _start(path: Path, server_key: str) -> subprocess.Popen | None:
+    if _server_busy(path):
+        return None
+    config = {"path": str(path), "key": server_key, "idle_s": IDLE_S,
+              "preload": list(PRELOAD), "search_path": search_path()}
+    # the server inherits this process's context (namespaces, cgroup, limits): its key's
+    return subprocess.Popen([sys.executable, str(SERVER), json.dumps(config)], cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "LORAPIPE_WARM": "0"})
+
+
+def _server_busy(path: Path) -> bool:
+    """A server holds the lock of this socket (running, or importing before it listens)."""
+    import fcntl
+
+    try:
+        fd = private.open_private_file(path.with_suffix(".lock"), os.O_RDWR)
+    except (OSError, private.UnsafeFolder):
+        return True  # cannot tell: do not start a second one
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases our own lock, if we got it
+    return False
+
+
+def _connect(path: Path, server_key: str) -> tuple[socket.socket, dict] | None:
+    """A verified connection to the server at `path` and its hello; None when nothing
+    listens there. NotWarm when something does but is not this user's matching server."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise NotWarm(f"{path} is not this user's socket")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(CONNECT_TIMEOUT_S)
     try:
         conn.connect(str(path))
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         conn.close()
-        return None
-    return conn
+        return None  # a server that left: start another
+    except OSError as exc:
+        conn.close()
+        raise NotWarm(f"connecting to {path} failed ({exc})") from None
+    try:
+        if peer_uid(conn) != os.geteuid():
+            raise NotWarm(f"the process listening at {path} is not yours")
+        conn.settimeout(HELLO_TIMEOUT_S)
+        hello = _read_line(conn)
+        conn.settimeout(None)
+    except (OSError, ValueError) as exc:
+        conn.close()
+        raise NotWarm(f"the warm server at {path} did not answer within "
+                      f"{HELLO_TIMEOUT_S:.0f} s ({exc or 'no hello'})") from None
+    except NotWarm:
+        conn.close()
+        raise
+    if hello.get("key") != server_key or hello.get("context") != context():
+        conn.close()
+        raise NotWarm("the warm server runs in another context (namespaces, cgroup, limits "
+                      "or credentials changed since it started)")
+    return conn, hello
+
+
+def _read_line(conn: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            raise ValueError("closed")
+        data += chunk
+        if len(data) > 1 << 20:
+            raise ValueError("too long")
+    return json.loads(data)
+
+
+def _connect_or_start(path: Path, server_key: str) -> tuple[socket.socket, dict]:
+    found = _connect(path, server_key)
+    if found is not None:
+        return found
+    started = _start(path, server_key)
+    deadline = time.monotonic() + START_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = _connect(path, server_key)
+        if found is not None:
+            return found
+        starting = started.poll() is None if started is not None else _server_busy(path)
+        if not starting:
+            if started is not None and started.returncode:
+                raise NotWarm(f"the warm server exited with status {started.returncode} "
+                              "while starting")
+            started = _start(path, server_key)  # the one we waited for left
+    raise NotWarm(f"no warm server answered within {START_WAIT_S:.0f} s")
 
 
 def run_warm(module: str) -> int | None:
-    """Run `python -m <module>` (this process's argv) in a child of the warm server; its
-    exit code, or None when no server could be reached (the caller then runs it itself)."""
-    path = socket_path()
-    conn = _connect(path)
-    if conn is None:
-        start_server(path)
-        deadline = time.monotonic() + START_WAIT_S
-        while conn is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            conn = _connect(path)
-        if conn is None:
-            return None
+    """Run `python -m <module>` (this process's argv) in a worker of the warm server; its
+    exit status, or None when the warm start cannot serve it (the caller then runs the
+    stage itself; the line saying why is printed)."""
+    try:
+        server_key = key()
+        conn, _hello = _connect_or_start(socket_path(server_key), server_key)
+    except (private.UnsafeFolder, NotWarm) as exc:
+        _say(f"warm start not used ({exc}); running {module} in this process")
+        return None
     umask = os.umask(0)
     os.umask(umask)
     request = {"module": module, "argv": sys.argv, "cwd": os.getcwd(),
                "env": {**os.environ, CHILD_ENV: "1"}, "path": sys.path, "umask": umask}
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
-    except OSError:
+    except OSError as exc:
+        _say(f"warm start not used (the request could not be sent: {exc}); running {module} "
+             "in this process")
         return None
-    # Ctrl-C and termination go to the child, which answers them as the stage would
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda number, _frame: _send(conn, f"signal {number}\n"))
-    reply = b""
-    while not reply.endswith(b"\n"):
-        try:
-            chunk = conn.recv(64)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return 1  # the server died under the stage: a failure, not a silent success
-        reply += chunk
-    return int(reply.decode().split()[-1])
-
-
-def _send(conn: socket.socket, text: str) -> None:
+    _relay_signals(conn)
     try:
-        conn.sendall(text.encode())
-    except OSError:
-        pass
-
-
-# -- the server ---------------------------------------------------------------------------
-def serve(path: Path) -> None:
-    import fcntl
-
-    # one server per socket: a second one started in the same moment leaves at once
-    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the lifetime
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as lorapipe/__init__ sets for the stages
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import importlib
-
-    for name in PRELOAD:
-        importlib.import_module(name)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp))
-    listener.listen(16)
-    os.replace(tmp, path)
-    children: dict[int, socket.socket] = {}
-    last_work = time.monotonic()
-    while children or time.monotonic() - last_work < IDLE_S:
-        ready, _, _ = select.select([listener], [], [], 0.1)
-        if ready:
-            conn, _ = listener.accept()
-            pid = _fork_child(conn, [listener, *children.values()])
-            if pid:
-                children[pid] = conn
-            last_work = time.monotonic()
-        for pid in list(children):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                code = os.waitstatus_to_exitcode(status)
-                conn = children.pop(pid)
-                _send(conn, f"exit {code if code >= 0 else 128 - code}\n")
-                conn.close()
-                last_work = time.monotonic()
-    listener.close()
-    if path.exists() and not _connect(path):
-        path.unlink(missing_ok=True)
-
-
-def _fork_child(conn: socket.socket, others: list[socket.socket]) -> int | None:
-    """Receive one request and fork the child that runs it; the child's pid (None when
-    the request was unreadable)."""
-    try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        while not data.endswith(b"\n"):
-            more = conn.recv(1 << 20)
-            if not more:
-                raise OSError("request cut short")
-            data += more
-        request = json.loads(data)
+        reply = _read_line(conn)
     except (OSError, ValueError):
-        conn.close()
-        return None
-    pid = os.fork()
-    if pid:
-        for fd in fds:
-            os.close(fd)
-        return pid
-    for other in others:  # the server's sockets are not the child's
-        other.close()
-    _run_child(conn, fds, request)  # never returns
-    return None
+        reply = {}
+    if "exit" not in reply:
+        _say(f"{module}: the warm server's process running this stage ended without an exit "
+             "status (it was killed, or ran out of memory); the stage did not finish. Run "
+             "it again; LORAPIPE_WARM=0 runs stages without the warm server")
+        return 1
+    return int(reply["exit"])
 
 
-def _run_child(conn: socket.socket, fds: list[int], request: dict) -> None:
-    code = 1
-    try:
-        os.setsid()  # its own process group: killed whole when the client dies
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.umask(request["umask"])
-        sys.path[:] = request["path"]
-        sys.argv[:] = request["argv"]
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
-        _watch(conn)
-        import runpy
+def _relay_signals(conn: socket.socket) -> None:
+    """Ctrl-C, termination and hang-up go to the worker, which answers them as the stage
+    would; Ctrl-Z stops the worker and then this process, as a shell's job control expects;
+    continuing this process continues the worker."""
+    def send(number: int) -> None:
+        try:
+            conn.sendall(json.dumps({"signal": number}).encode() + b"\n")
+        except OSError:
+            pass
 
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
-    except BaseException:  # as the interpreter would: the traceback, exit status 1
-        import traceback
+    def stop(_number, _frame) -> None:
+        send(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
-        traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed terminal must not block the exit
-                pass
-        os._exit(code)
-
-
-def _watch(conn: socket.socket) -> None:
-    """A thread that relays the client's signals to this process, and kills this process
-    group when the client is gone."""
-    import threading
-
-    def relay():
-        buffer = b""
-        while True:
-            try:
-                chunk = conn.recv(64)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                os.killpg(os.getpgid(0), signal.SIGKILL)
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                parts = line.decode().split()
-                if len(parts) == 2 and parts[0] == "signal":
-                    os.kill(os.getpid(), int(parts[1]))
-
-    threading.Thread(target=relay, daemon=True).start()
-
-
-if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: send(number))
+    signal.signal(signal.SIGTSTP, stop)
+    signal.signal(signal.SIGCONT, lambda _number, _frame: send(signal.SIGCONT))
