@@ -346,3 +346,49 @@ def llm_encoded(data_dir: Path, out: Path, **llm) -> Path:
 def llm_cache(tmp_path_factory):
     """The LLM example set tokenized for builtin:tiny-llm, once."""
     return llm_encoded(LLM_EXAMPLE, tmp_path_factory.mktemp("llm") / "cache")
+
+
+# -- a second local user, for the attacker tests -------------------------------------------
+ATTACKER = "lorapipe-attacker"
+
+
+@pytest.fixture(scope="session")
+def other_user() -> tuple[int, int]:
+    """(uid, gid) of a real second local user, made here where the tests run as root (as CI
+    does); skipped elsewhere, with the reason."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("the attacker tests need root to act as a second local user")
+    try:
+        entry = pwd.getpwnam(ATTACKER)
+    except KeyError:
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                               "/usr/sbin/nologin", ATTACKER], capture_output=True, text=True)
+        if made.returncode:
+            pytest.skip(f"cannot create a second local user: {made.stderr.strip()}")
+        entry = pwd.getpwnam(ATTACKER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def as_user(user: tuple[int, int], code: str, argv: tuple = (), **popen) -> subprocess.Popen:
+    """Run Python `code` as `user`: the interpreter starts as root (its files may be where
+    that user cannot read) and drops to the user's uid, gid and no extra groups before
+    `code` runs, so every system call of `code` is that user's."""
+    uid, gid = user
+    prelude = ("import fcntl, json, os, socket, stat, sys, threading, time\n"
+               f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+               f"assert os.getuid() == os.geteuid() == {uid}\n")
+    return subprocess.Popen([sys.executable, "-c", prelude + code, *argv], cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary folder every local user can write, sticky, like /tmp itself."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="lorapipe-shared-", dir="/tmp"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, SAME_DATA_DIR, hold_registration, make_params
+from conftest import REPO, SAME_DATA_DIR, as_user, hold_registration, make_params
 from lorapipe import threads
 
 
@@ -77,3 +77,43 @@ def test_the_train_stage_takes_its_share(tmp_path, example_cache):
     time.sleep(0.1)
     assert f"; {cores} CPU thread" in train()  # alone again: every core
     assert not any(folder.iterdir()) or threads.live_runs(folder) == 0
+
+
+def test_a_registry_another_user_made_first_is_refused(tmp_path, shared_tmp, other_user):
+    """The attacker makes the victim's predictable registry folder first, with a FIFO (which
+    hung train), symlinks named after the next pids to a victim's file (which truncated it)
+    and files it holds locked (which set the victim's share: "1 thread, shared by 20000
+    runs"). The victim counts itself alone, says why, hangs on nothing, truncates nothing."""
+    folder = shared_tmp / f"lorapipe-runs-{os.geteuid()}"
+    victim_file = tmp_path / "victims-file.txt"
+    victim_file.write_text("precious\n")
+    last = int(open("/proc/sys/kernel/ns_last_pid").read())
+    attacker = as_user(other_user, f"""
+folder = {str(folder)!r}
+os.mkdir(folder, 0o777); os.chmod(folder, 0o777)
+os.mkfifo(os.path.join(folder, "1"))
+for pid in range({last}, {last} + 3000):
+    os.symlink({str(victim_file)!r}, os.path.join(folder, str(pid)))
+held = []
+for pid in range(2, 40):
+    f = open(os.path.join(folder, str(pid)), "w"); fcntl.flock(f, fcntl.LOCK_EX); held.append(f)
+print("ready", flush=True)
+time.sleep(120)""")
+    try:
+        assert attacker.stdout.readline().strip() == "ready", attacker.communicate()
+        env = {**os.environ, "TMPDIR": str(shared_tmp), "PYTHONPATH": str(REPO / "src")}
+        env.pop("LORAPIPE_RUNS_DIR", None)
+        env.pop("XDG_RUNTIME_DIR", None)
+        victim = subprocess.run(
+            [sys.executable, "-c", "from lorapipe import threads; print(threads.register()); "
+             "print(*threads.share(0, cores=8), sep='|')"], env=env, capture_output=True, text=True,
+            timeout=60)
+    finally:
+        attacker.kill()
+        attacker.communicate()
+    assert victim.returncode == 0, victim.stderr
+    refused, share = victim.stdout.splitlines()
+    assert f"belongs to uid {other_user[0]}" in refused
+    assert share.startswith("8|automatic: 8 cores shared by 1 lorapipe run; other runs not "
+                            "counted:"), share
+    assert victim_file.read_text() == "precious\n"
