@@ -404,3 +404,22 @@ except OSError as exc:
     out, err = attacker.communicate(timeout=60)
     assert out.strip() in ("b''", ) or out.startswith("closed"), (out, err)
     assert not os.path.exists("/tmp/pwned-by-attacker")
+
+
+def test_the_torchvision_note_is_silenced_and_nothing_else(tmp_path):
+    """transformers' "requires torchvision ... falling back" note, printed by every torch
+    stage, is filtered; another warning of the same logger still shows."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision"):
+        pytest.skip("torchvision is installed here: transformers prints no such note")
+    code = ("import {first}transformers; transformers.CLIPImageProcessor; "
+            "transformers.utils.logging.get_logger('transformers.utils.import_utils')"
+            ".warning('another note')")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    plain = subprocess.run([sys.executable, "-c", code.format(first="")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert "requires torchvision (not installed)" in plain.stderr  # what users saw
+    ours = subprocess.run([sys.executable, "-c", code.format(first="lorapipe, ")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "requires torchvision" not in ours.stderr and "another note" in ours.stderr

@@ -3,6 +3,7 @@
 Kept free of heavy imports: stages that only touch images must start fast.
 """
 
+import logging
 import os
 
 # No stage ever touches the network: set before huggingface_hub, transformers or diffusers
@@ -12,3 +13,17 @@ for _switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
+
+
+class _TorchvisionNote(logging.Filter):
+    """transformers says, twice per torch stage, that `CLIPImageProcessor` and
+    `SiglipImageProcessor` fall back to their PIL versions without torchvision. lorapipe uses
+    no image processor and avoids torchvision (a multi-GB CUDA pull): the note is noise. Only
+    those records are dropped; every other transformers warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# the logger transformers' lazy-import module logs through (transformers.utils.import_utils)
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNote())
