@@ -196,3 +196,19 @@ def test_damaged_checkpoint_digest_is_found(tmp_path):
     (folder / "optimizer.bin").unlink()
     assert "optimizer.bin is missing" in checkpoints.damage(folder)
     assert tree_digest(folder)  # the check never repairs or deletes anything
+
+
+def test_full_disk_while_safetensors_writes_is_one_line(tmp_path, example_processed):
+    """The encode cache is written by safetensors' own (Rust) writer, whose full-disk error
+    is a SafetensorError with no errno: one message all the same, no traceback."""
+    work = tmp_path / "work"
+    work.mkdir()
+    make_params(work)
+    (work / "out").mkdir()
+    script = (f"LORAPIPE_WARM=0 '{sys.executable}' -m stages.encode --images "
+              f"'{example_processed}' --out out/cache; echo \"exit $?\"")
+    result = in_small_filesystem(script, work / "out", size_kb=64)
+    out, err = result.stdout, result.stderr
+    assert "exit 1" in out, (out, err)
+    assert "encode: error: the disk is full while writing" in err, err
+    assert "Traceback" not in err and "SafetensorError" not in err, err

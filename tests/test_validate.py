@@ -160,6 +160,7 @@ def test_row_with_more_cells_than_the_header(dataset):
     assert finding.severity == "error" and finding.row == 5 and finding.file == "x.png"
     assert "2 more cell(s)" in finding.message and "' lpstyle' | ' bold'" in finding.message
     assert "double quotes" in finding.message
+    assert "metadata.csv line 5 has 2 more cell(s)" in str(finding)  # names the file
     assert "x.png" not in [r.file_name for r in report.usable]
     # a trailing empty cell loses nothing: not an error
     with open(dataset / "metadata.csv", "a", encoding="utf-8") as f:

@@ -18,6 +18,7 @@ EXIT_INTERRUPTED = 130
 # How torch's C++ writer reports a failed write (torch.save, accelerate's save_state): it
 # loses the errno, so these messages are all there is to recognise a full disk by.
 _TORCH_WRITE_ERRORS = ("iostream error", "PytorchStreamWriter failed", "unexpected pos")
+_FULL = ("StorageFull", "No space left on device", "QuotaExceeded", "Disk quota exceeded")
 
 
 def run_stage(name: str, main: Callable[[list[str] | None], int | None],
@@ -35,7 +36,7 @@ def run_stage(name: str, main: Callable[[list[str] | None], int | None],
         _exit(f"{name}: error: {exc}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         _exit(f"{name}: interrupted; outputs were left as they were", EXIT_INTERRUPTED)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a full disk, whichever library met it; else re-raised
         message = write_failure(exc)
         if message is None:
             raise
@@ -59,6 +60,10 @@ def write_failure(exc: BaseException) -> str | None:
         where = getattr(exc, "filename", None) or os.getcwd()
         cause = (f"torch could not write a file ({str(exc).splitlines()[0][:80]}), which is "
                  "how it reports a full disk")
+    elif type(exc).__name__ == "SafetensorError" and any(m in str(exc) for m in _FULL):
+        # safetensors' Rust writer: "Error while serializing: IoError(Os { code: 28, kind:
+        # StorageFull, ... })", no errno and no file name
+        where, cause = os.getcwd(), "the disk is full"
     else:
         return None
     where = os.path.abspath(where)

@@ -7,7 +7,10 @@ Kept free of image libraries, so the LLM task's data checks import it alone.
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 METADATA_NAME = "metadata.csv"
 
@@ -53,6 +56,34 @@ class DatasetError(Exception):
 
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+# A data file is read whole into memory: past this it is refused before reading, with the way
+# out (split it), rather than reading gigabytes of something that was never a data set.
+MAX_DATA_FILE_BYTES = 2 << 30
+
+
+def read_data_file(path: Path, limit: int = MAX_DATA_FILE_BYTES) -> bytes:
+    """The bytes of a data file (metadata.csv, data.jsonl); a DatasetError naming it when it
+    is a folder, a FIFO or a device (a symlink to /dev/zero read forever, a FIFO blocked
+    validate), or over `limit`. FileNotFoundError passes through."""
+    name = path.name
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise DatasetError("DATA_NOT_FILE", f"{path} is {kind}, not a file; {name} must be a "
+                           "regular file (replace it, or the link to it, with the data)",
+                           file=name)
+    if st.st_size > limit:
+        raise DatasetError("DATA_TOO_LARGE", f"{path} is {st.st_size / 2**30:.1f} GiB, more "
+                           f"than the {limit / 2**30:.0f} GiB a data file may hold; split the "
+                           "data set or keep only what this run trains on", file=name)
+    # O_NONBLOCK: should it have become a FIFO since the stat, the open does not wait
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DatasetError("DATA_NOT_FILE", f"{path} is not a regular file", file=name)
+        return f.read(limit + 1)[:limit]
 
 
 def decode_text(data: bytes) -> str:

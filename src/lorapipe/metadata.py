@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from lorapipe.findings import METADATA_NAME, DatasetError, Finding, HasFindings, decode_text
+from lorapipe.findings import (
+    METADATA_NAME,
+    DatasetError,
+    Finding,
+    HasFindings,
+    decode_text,
+    read_data_file,
+)
 from lorapipe.images import (
     ImageProblem,
     image_extensions,
@@ -104,7 +111,7 @@ def read_metadata(csv_path: str | Path) -> list[Row]:
     """Parse metadata.csv (UTF-8, with or without BOM); raise DatasetError if unusable."""
     csv_path = Path(csv_path)
     try:
-        data = csv_path.read_bytes()
+        data = read_data_file(csv_path)
     except FileNotFoundError:
         raise DatasetError(
             "CSV_MISSING",
@@ -151,8 +158,9 @@ def check_row(image_dir: str, row: Row, min_side: int, max_pixels: int):
     if row.extra:
         cells = " | ".join(repr(c) for c in [row.file_name, row.text, *row.extra])
         add("error", "EXTRA_CELLS",
-            f"{len(row.extra)} more cell(s) than the header has columns ({cells}): the caption "
-            "was split at a comma; put a caption that contains commas in double quotes")
+            f"{METADATA_NAME} line {row.line} has {len(row.extra)} more cell(s) than its header "
+            f"has columns ({cells}): the caption was split at a comma; put a caption that "
+            "contains commas in double quotes")
     if not row.text:
         add("error", "EMPTY_CAPTION", "empty caption; write a caption in the text column")
     try:

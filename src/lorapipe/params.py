@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -471,6 +472,24 @@ def llm_source_problem(path: Path, name: str) -> str | None:
                     "where you trust the files: `AutoModelForCausalLM.from_pretrained(dir)"
                     ".save_pretrained(dir2)` writes safetensors; set model.base to dir2")
         return f"{name!r} holds no .safetensors weights"
+    return remote_code_problem(path, name)
+
+
+def remote_code_problem(path: Path, name: str) -> str | None:
+    """Why a model folder would need its own Python code to load (an `auto_map` in its
+    config.json or tokenizer_config.json: transformers' trust_remote_code, which asks [y/N]
+    in a terminal and then runs the folder's code), or None. lorapipe never runs it."""
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            body = json.loads((path / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(body, dict) and "auto_map" in body:
+            return (f"{name!r}: its {file} has an auto_map, so loading it would run the "
+                    "folder's own Python code (trust_remote_code), which lorapipe never does; "
+                    "use a model whose architecture transformers includes (Qwen2/3, Llama, "
+                    "Gemma, Mistral, ...), or delete auto_map from that file if the "
+                    "architecture is one of those")
     return None
 
 

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import statistics
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,30 @@ from safetensors.torch import save_file
 
 from lorapipe import outputs
 from lorapipe.errors import LorapipeError
-from lorapipe.findings import DatasetError, Finding, HasFindings, decode_text
+from lorapipe.findings import DatasetError, Finding, HasFindings, decode_text, read_data_file
 
 DATA_FILE = "data.jsonl"
 CSV_FILE = "metadata.csv"
 ROLES = ("system", "user", "assistant")
 CACHE_FILE = "tokens.safetensors"  # in data/cache, as the image task's latents.safetensors
+# One example is one line. A line past this is refused before it is parsed: far beyond any
+# llm.max_length (a token is a few bytes), and parsing and tokenizing a 50 MB line took 66 s
+# and 9 GiB only to refuse it later.
+MAX_LINE_CHARS = 1 << 20
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object hook: a key given twice is an error, not a silent last-one-wins."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -60,6 +79,7 @@ class Tokenized:
     trained: list[bool]  # per token: is it in the loss
     truncated: bool = False
     length_before: int = 0  # tokens before truncation
+    text: str = ""  # the rendered example the ids were made from
 
 
 @dataclass
@@ -101,22 +121,25 @@ def read_examples(folder: str | Path) -> tuple[list[Example], list[Finding], int
     all raises DatasetError."""
     path = data_file(folder)
     try:
-        text = decode_text(path.read_bytes())
+        text = decode_text(read_data_file(path))
     except DatasetError as exc:  # its message speaks of metadata.csv and spreadsheets
+        if exc.finding.code != "CSV_ENCODING":
+            raise
         raise DatasetError("ENCODING", f"{path.name} " + str(exc).replace(
             "metadata.csv", path.name), file=path.name) from None
     if path.name == CSV_FILE:
         return _read_csv(text)
     examples, findings, rows = [], [], 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends a line at \n only: U+2028, U+0085 and the like are text inside strings
+    # (str.splitlines would cut there and shift every later line number)
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         rows += 1
-        try:
-            body = json.loads(line)
-        except json.JSONDecodeError as exc:
-            findings.append(_error("JSON_ERROR", f"not valid JSON: {exc.msg} at column "
-                                   f"{exc.colno}; one JSON object per line", number))
+        body, problem = _json_line(line, number)
+        if problem is not None:
+            findings.append(problem)
             continue
         example, problems = _parse(body, number)
         findings += problems
@@ -128,6 +151,27 @@ def read_examples(folder: str | Path) -> tuple[list[Example], list[Finding], int
     return examples, findings, rows
 
 
+def _json_line(line: str, number: int) -> tuple[object, Finding | None]:
+    """One line of data.jsonl parsed, or the finding that says why it cannot be."""
+    if len(line) > MAX_LINE_CHARS:
+        return None, _error("LINE_TOO_LONG", f"{len(line) / 2**20:.1f} M characters on one "
+                            f"line, more than the {MAX_LINE_CHARS >> 20} M an example may "
+                            "hold; split it into several examples", number)
+    try:
+        return json.loads(line, object_pairs_hook=_no_duplicate_keys), None
+    except _DuplicateKey as exc:
+        return None, _error("DUPLICATE_KEY", f"the key {exc.args[0]!r} appears twice in one "
+                            "object, and only one value can be kept; remove the other", number)
+    except json.JSONDecodeError as exc:
+        return None, _error("JSON_ERROR", f"not valid JSON: {exc.msg} at column "
+                            f"{exc.colno}; one JSON object per line", number)
+    except RecursionError:
+        return None, _error("JSON_ERROR", "not usable JSON: nested too deeply; an example "
+                            "is an object of strings and a list of messages", number)
+    except ValueError as exc:  # an integer of more than 4300 digits, and the like
+        return None, _error("JSON_ERROR", f"not usable JSON: {exc}", number)
+
+
 def _read_csv(text: str) -> tuple[list[Example], list[Finding], int]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = {c.strip().lower() for c in reader.fieldnames or []}
@@ -137,6 +181,16 @@ def _read_csv(text: str) -> tuple[list[Example], list[Finding], int]:
     examples, findings, rows = [], [], 0
     for record in reader:
         rows += 1
+        extra = [c for c in record.get(None) or [] if c.strip()]  # DictReader's restkey
+        if extra:
+            cells = " | ".join(repr(c) for k, c in record.items() if k) + " | " + " | ".join(
+                map(repr, extra))
+            findings.append(Finding(
+                "error", "EXTRA_CELLS", f"{CSV_FILE} line {reader.line_num} has {len(extra)} "
+                f"more cell(s) than its header has columns ({cells}): a field was split at a "
+                "comma; put a field that contains commas in double quotes", row=reader.line_num,
+                file=CSV_FILE))
+            continue
         body = {k.strip().lower(): v for k, v in record.items() if k and v is not None}
         if {"prompt", "response"} <= columns:
             body.pop("text", None)
@@ -169,6 +223,8 @@ def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list
     if "text" in body:
         if not isinstance(body["text"], str) or not body["text"].strip():
             return bad("EMPTY_FIELD", "\"text\" is empty or not a string")
+        if problem := _text_problem(body["text"]):
+            return bad("BAD_TEXT", f"\"text\" {problem}")
         return Example(line, text=body["text"]), []
     if "prompt" in body:
         for name in ("prompt", "response"):
@@ -176,6 +232,8 @@ def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list
                 return bad("MISSING_FIELD", f"has \"prompt\" but no \"{name}\"")
             if not isinstance(body[name], str) or not body[name].strip():
                 return bad("EMPTY_FIELD", f"\"{name}\" is empty or not a string")
+            if problem := _text_problem(body[name]):
+                return bad("BAD_TEXT", f"\"{name}\" {problem}")
         return Example(line, [{"role": "user", "content": body["prompt"]},
                               {"role": "assistant", "content": body["response"]}]), []
     messages = body["messages"]
@@ -184,8 +242,10 @@ def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list
                    "{\"role\", \"content\"} objects")
     clean = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) < {"role", "content"}:
-            return bad("MISSING_FIELD", f"messages[{i}] needs \"role\" and \"content\"")
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            calls = " (tool calls are not trained: give the answer as content)" if (
+                isinstance(message, dict) and "tool_calls" in message) else ""
+            return bad("MISSING_FIELD", f"messages[{i}] needs \"role\" and \"content\"{calls}")
         role, content = message["role"], message["content"]
         if role not in ROLES:
             return bad("BAD_ROLE", f"messages[{i}] has role {role!r}; roles are "
@@ -194,6 +254,8 @@ def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list
             return bad("BAD_ROLE", f"messages[{i}] is a system message; only the first may be")
         if not isinstance(content, str) or not content.strip():
             return bad("EMPTY_FIELD", f"messages[{i}] ({role}) has empty content")
+        if problem := _text_problem(content):
+            return bad("BAD_TEXT", f"messages[{i}] ({role}) {problem}")
         if clean and clean[-1]["role"] == role:
             return bad("BAD_ROLE", f"messages[{i-1}] and messages[{i}] are both {role}; "
                        "user and assistant turns alternate")
@@ -208,12 +270,44 @@ def _parse(body, line: int, csv_row: bool = False) -> tuple[Example | None, list
     return Example(line, clean), []
 
 
+def _text_problem(text: str) -> str | None:
+    """Why no tokenizer can take `text`, or None: a lone surrogate (a JSON escape such as
+    \\ud800 without its pair) is a str that cannot be encoded as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+                f"{exc.start}, half of a character that no tokenizer can encode; fix the "
+                "\\u escape (a pair such as \\ud83d\\ude00, or the character itself)")
+    return None
+
+
 # -- tokenizing ---------------------------------------------------------------------------
+class TemplateFailed(LorapipeError):
+    """model.base's chat template raised on one conversation."""
+
+
+def _template_name(tokenizer) -> str:
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder / "chat_template.jinja")
+    if (folder / "tokenizer_config.json").is_file():
+        return f"the chat_template of {folder / 'tokenizer_config.json'}"
+    return "model.base's chat template"
+
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+        # a template's raise_exception() (Gemma's "System role not supported"), its sandbox
+        # refusing an attribute (SecurityError), or a template that is broken
+        raise TemplateFailed(f"{_template_name(tokenizer)} failed on this conversation: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
@@ -251,7 +345,9 @@ def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool
     # the tokenizer's own BOS (Llama's; Qwen's has none) once, at the start, unless the chat
     # template writes it itself
     first = example.messages is None or not tokenizer.chat_template
+    rendered = []
     for text, answer in segments(example, tokenizer):
+        rendered.append(text)
         piece = tokenizer(text, add_special_tokens=first)["input_ids"]
         first = False
         ids += piece
@@ -259,7 +355,7 @@ def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool
     length = len(ids)
     if truncate and length > max_length:
         ids, trained = ids[:max_length], trained[:max_length]
-    return Tokenized(ids, trained, length > len(ids), length)
+    return Tokenized(ids, trained, length > len(ids), length, "".join(rendered))
 
 
 def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long: str,
@@ -268,8 +364,16 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
     their lengths, their trained tokens)."""
     kept, findings, lengths, trained = [], [], [], 0
     for example in examples:
-        tok = tokenize(example, tokenizer, max_length, train_on_prompt,
-                       truncate=too_long == "truncate")
+        try:
+            tok = tokenize(example, tokenizer, max_length, train_on_prompt,
+                           truncate=too_long == "truncate")
+        except TemplateFailed as exc:
+            findings.append(_error("CHAT_TEMPLATE", f"{exc}; change the example or use a base "
+                                   "whose template takes it", example.line))
+            continue
+        if not tok.truncated and (lost := round_trip_problem(tok, tokenizer)):
+            findings.append(_error("TOKENIZER_LOSSY", lost, example.line))
+            continue
         if tok.length_before > max_length and too_long == "error":
             findings.append(_error("TOO_LONG", f"{tok.length_before} tokens, more than "
                                    f"llm.max_length {max_length}; shorten it, raise "
@@ -289,6 +393,26 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
         lengths.append(len(tok.ids))
         trained += sum(tok.trained)
     return kept, findings, lengths, trained
+
+
+def round_trip_problem(tok: Tokenized, tokenizer) -> str | None:
+    """Why the tokens do not hold the example's text, or None. Compared without special
+    tokens, whitespace and Unicode compatibility forms, which tokenizers may normalise; what
+    is left must come back. A Qwen folder without tokenizer.json loads a tokenizer with an
+    empty vocabulary: 33 tokens of an example became 4, and it trained with exit 0."""
+    def bare(text: str) -> str:
+        for special in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+            text = text.replace(special, "")
+        return "".join(unicodedata.normalize("NFKC", text).split())
+
+    want, got = bare(tok.text), bare(tokenizer.decode(tok.ids, skip_special_tokens=True))
+    if want == got:
+        return None
+    return (f"model.base's tokenizer does not hold this example's text: it reads back as "
+            f"{got[:60]!r} ({len(got)} of its {len(want)} characters, not counting spaces, "
+            f"from {want[:40]!r}); "
+            "its files are incomplete (a folder without tokenizer.json?) or it lacks these "
+            "characters. Use the base's full tokenizer files (save_pretrained writes them)")
 
 
 def validate_examples(folder: str | Path, tokenizer, max_length: int, too_long: str,

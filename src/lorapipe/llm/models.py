@@ -118,7 +118,8 @@ def load_tokenizer(base: str, root: Path | None = None):
         return tiny_tokenizer()
     path = _local(base, root)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # never the folder's own code (llm_source_problem refused auto_map already)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LorapipeError(f"model.base: cannot load the tokenizer of {base!r}: {exc}") from None
 
@@ -131,7 +132,8 @@ def load_llm(base: str, root: Path | None = None):
     tokenizer = load_tokenizer(base, root)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+            path, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LorapipeError(f"model.base: cannot load the causal LM in {base!r}: {exc}") from None
     if tokenizer.pad_token is None:  # Llama-style tokenizers have none; padding is masked
