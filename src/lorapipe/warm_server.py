@@ -89,8 +89,8 @@ def _send(conn: socket.socket, message: dict) -> None:
 # -- the server ---------------------------------------------------------------------------
 def serve(path: str, key: str, idle_s: float, preload: list[str], search_path: list[str]
           ) -> None:
-    lock = os.open(path[:-len(".sock")] + ".lock",
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    lock_path = path[:-len(".sock")] + ".lock"
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:  # one server per socket: a second one started in the same moment leaves at once
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -140,6 +140,8 @@ def serve(path: str, key: str, idle_s: float, preload: list[str], search_path: l
     listener.close()
     if _still_mine(path, mine):
         os.unlink(path)
+    if _still_mine(lock_path, os.fstat(lock)):  # removed while still held: no debris left
+        os.unlink(lock_path)
 
 
 def _still_mine(path: str, mine: os.stat_result) -> bool:
