@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-import shutil
-import socket
-
 import pytest
+
 from conftest import REPO, as_user
 
 PROBE = '''
