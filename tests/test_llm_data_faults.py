@@ -188,3 +188,18 @@ def test_a_model_folder_with_its_own_code_is_refused_before_any_load(tmp_path,
     with pytest.raises(Exception, match="auto_map"):
         load_tokenizer(str(base))
     assert not marker.exists()
+
+
+def test_a_diffusers_folder_whose_text_encoder_has_its_own_code_is_refused(tmp_path):
+    """The image task's folders too: transformers loads their text encoders and tokenizers."""
+    from lorapipe.params import model_source_problem
+
+    base = tmp_path / "sd"
+    (base / "text_encoder").mkdir(parents=True)
+    (base / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (base / "text_encoder" / "config.json").write_text('{"model_type": "clip_text_model"}')
+    assert model_source_problem(base, "sd") is None
+    (base / "text_encoder" / "config.json").write_text(
+        '{"model_type": "x", "auto_map": {"AutoModel": "evil.Model"}}')
+    problem = model_source_problem(base, "sd")
+    assert "'sd/text_encoder': its config.json has an auto_map" in problem

@@ -446,6 +446,11 @@ def model_source_problem(path: Path, name: str) -> str | None:
                     "nor a Hugging Face language model (no config.json); give a diffusers "
                     "folder (save_pretrained), a .safetensors file or, with task_type llm, a "
                     "Hugging Face model folder")
+        # a diffusers folder's components (text_encoder/, tokenizer/, ...) are loaded by
+        # transformers, which would ask to run any code their configs name
+        for part in sorted(p for p in path.iterdir() if p.is_dir()):
+            if problem := remote_code_problem(part, f"{name}/{part.name}"):
+                return problem
         return None
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
