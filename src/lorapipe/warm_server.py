@@ -191,14 +191,21 @@ def _relay(conn: socket.socket, worker: int) -> int:
     """Pass the client's signals to the worker's process group until the worker ends; then
     tell the client its exit status. The client gone: the worker is killed."""
     buffer = b""
+    # SIGCHLD wakes the select below the moment the worker ends (no polling delay)
+    wake, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda _number, _frame: None)
     while True:
         done, status = os.waitpid(worker, os.WNOHANG)
         if done:
             code = os.waitstatus_to_exitcode(status)
             _send(conn, {"exit": code if code >= 0 else 128 - code})
             return 0
-        ready, _, _ = select.select([conn], [], [], 0.1)
-        if not ready:
+        ready, _, _ = select.select([conn, wake], [], [], 1.0)
+        if wake in ready:
+            os.read(wake, 4096)
+        if conn not in ready:
             continue
         try:
             chunk = conn.recv(256)
