@@ -1,4 +1,5 @@
-"""train: LoRA on the base model's UNet over the encode cache, logged to dvclive + TensorBoard.
+"""train: a LoRA on the base model (task_type sd: its denoiser and text encoders; llm: the
+causal LM) over the encode cache, logged to dvclive + TensorBoard.
 
     python -m stages.train --cache data/cache --out models/lora --live dvclive --logs logs \
         --checkpoints checkpoints/train

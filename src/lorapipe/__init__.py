@@ -1,4 +1,5 @@
-"""lorapipe: a reproducible LoRA training pipeline for Stable Diffusion, as DVC stages.
+"""lorapipe: a reproducible LoRA training pipeline for image diffusion models and LLMs, as
+DVC stages.
 
 Kept free of heavy imports: stages that only touch images must start fast.
 """

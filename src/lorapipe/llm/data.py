@@ -502,10 +502,6 @@ class TokenCache:
         a, b = self.offsets[i].item(), self.offsets[i + 1].item()
         return self.ids[a:b], self.trained[a:b]
 
-    @property
-    def files(self) -> list[str]:  # the name the shared holdout() reads
-        return self.keys
-
 
 def encode_examples(examples: list[Example], tokenizer, p, base: str) -> TokenCache:
     ids, trained, offsets, truncated = [], [], [0], 0
