@@ -166,8 +166,8 @@ def eventually(check, seconds=15) -> bool:
 
 # -- the caller's code -------------------------------------------------------------------
 def test_the_worker_imports_the_callers_lorapipe_never_the_servers(tmp_path):
-    """Two clones sharing one interpreter: each runs its own lorapipe; the server holds none
-    of it, so an edit made while it runs counts."""
+    """Two clones sharing one interpreter and one server: each runs its own lorapipe; the
+    server holds none of it, so an edit made while it runs counts."""
     clone = tmp_path / "clone" / "src"
     shutil.copytree(REPO / "src" / "lorapipe", clone / "lorapipe",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -184,10 +184,26 @@ def test_the_worker_imports_the_callers_lorapipe_never_the_servers(tmp_path):
     assert probe(tmp_path)["server"] == seen["server"]  # the same warm server, the new code
     assert probe(tmp_path)["edited"] == "edited"
 
-    other = client(tmp_path, "--lorapipe")  # the repository's own src: another server
+    other = client(tmp_path, "--lorapipe")  # the repository's own src, the same server
     assert other.wait(timeout=120) == 3, other.communicate()
     assert probe(tmp_path)["lorapipe"] == str(REPO / "src" / "lorapipe" / "__init__.py")
-    assert probe(tmp_path)["server"] != seen["server"]
+    assert probe(tmp_path)["server"] == seen["server"] and probe(tmp_path)["edited"] is None
+
+
+def test_the_key_follows_what_could_change_the_preloaded_code(tmp_path):
+    """Folders that hold only other code (a clone's src, a workspace) share a server; one
+    that shadows a module the preloads import (here typing_extensions, which torch imports)
+    gets its own."""
+    plain, other, shadow = (tmp_path / name for name in ("plain", "other", "shadow"))
+    for folder in (plain, other, shadow):
+        folder.mkdir()
+    (other / "my_helpers.py").write_text("")
+    (shadow / "typing_extensions.py").write_text("")
+
+    def key_with(folder):
+        return warm_key({**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{REPO / 'src'}"})
+
+    assert key_with(plain) == key_with(other) != key_with(shadow)
 
 
 def test_a_removed_socket_does_not_stall_the_next_stage(tmp_path, shared_tmp):

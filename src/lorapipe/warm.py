@@ -19,10 +19,11 @@ The contract (a stage run warm must be as safe and as faithful as the stage run 
   credentials and CPU affinity, so those are part of the server's key and of its hello; a
   caller in any other context (`unshare -n`, a container, `ulimit -v`, `taskset`) gets a
   server of its own context or none.
-- The caller's code: the key covers the interpreter, the search path (less the script's
-  folder), where each preloaded library is found and its version, and the environment that
-  decides native code (LD_*, OMP_*, ...); the server imports nothing of lorapipe, so each
-  worker imports the caller's lorapipe fresh.
+- The caller's code: the key covers the interpreter, the server's own source (its digest:
+  an edited warm_server.py gets a new server), the search path entries that could
+  change what the server preloaded (code_path), where each preloaded library is found and
+  its version, and the environment that decides native code (LD_*, OMP_*, ...); the server
+  imports nothing of lorapipe, so each worker imports the caller's lorapipe fresh.
 - It never hangs: connecting and the hello have time limits; a server that is starting is
   waited for only while it is alive. When the warm start cannot be used the stage runs in
   its own process, with one line saying why where something is wrong.
@@ -94,16 +95,49 @@ def search_path() -> list[str]:
     return sys.path[1:]
 
 
+def _top_names(folder: str) -> set[str]:
+    """The top-level module names a sys.path entry provides (packages, modules, extensions)."""
+    folder = folder or "."
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return set()
+    names = set()
+    for name in entries:
+        stem = name.split(".")[0]
+        if not stem.isidentifier():
+            continue  # .dvc, foo-1.0.dist-info, ...
+        if name.endswith((".py", ".pyc", ".so", ".pyd")) or (
+                "." not in name and os.path.isdir(os.path.join(folder, name))):
+            names.add(stem)
+    return names
+
+
+def code_path() -> list[str]:
+    """The part of sys.path that decides the server's preloaded code: the interpreter's own
+    library folders (stdlib, site-packages), and any other entry only where it holds a name
+    that those folders hold too (it could shadow a module a preload imports). A folder that
+    holds only lorapipe, or a workspace's stages, changes nothing the server imported (it
+    imports nothing of lorapipe; each worker imports the caller's own from the caller's
+    sys.path), so clones and workspaces share one server."""
+    own = tuple(os.path.realpath(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    library = [e for e in sys.path if e and os.path.realpath(e).startswith(own)]
+    provided = set().union(*(_top_names(e) for e in library)) if library else set()
+    return [e for e in sys.path if e in library or _top_names(e) & provided]
+
+
 def key() -> str:
     """What decides the code a worker runs and the context it runs in, hashed."""
     origins = {}
     for name in {n.split(".")[0] for n in PRELOAD}:
         spec = importlib.util.find_spec(name)
         origins[name] = spec.origin if spec else "-"
-    env = {k: v for k, v in os.environ.items() if k.startswith(_NATIVE_ENV)}
-    material = {"python": [sys.executable, sys.version], "path": search_path(),
+    # PYTHONPATH counts through code_path: a clone's src on it changes nothing preloaded
+    env = {k: v for k, v in os.environ.items() if k.startswith(_NATIVE_ENV)
+           and k != "PYTHONPATH"}
+    material = {"python": [sys.executable, sys.version], "path": code_path(),
                 "origins": origins, "versions": _versions(), "env": env,
-                "server": str(SERVER), "context": context()}
+                "server": hashlib.sha256(SERVER.read_bytes()).hexdigest(), "context": context()}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
