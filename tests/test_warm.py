@@ -198,6 +198,7 @@ def test_the_key_follows_what_could_change_the_preloaded_code(tmp_path):
     for folder in (plain, other, shadow):
         folder.mkdir()
     (other / "my_helpers.py").write_text("")
+    (other / "dvclive").mkdir()  # a workspace's output folder: no __init__.py, hides nothing
     (shadow / "typing_extensions.py").write_text("")
 
     def key_with(folder):

@@ -96,7 +96,9 @@ def search_path() -> list[str]:
 
 
 def _top_names(folder: str) -> set[str]:
-    """The top-level module names a sys.path entry provides (packages, modules, extensions)."""
+    """The top-level module names a sys.path entry provides: modules, extensions and
+    regular packages. A folder without __init__.py (a workspace's dvclive/ or models/) is at
+    most a namespace portion, which never hides a regular package found later on the path."""
     folder = folder or "."
     try:
         entries = os.listdir(folder)
@@ -108,7 +110,7 @@ def _top_names(folder: str) -> set[str]:
         if not stem.isidentifier():
             continue  # .dvc, foo-1.0.dist-info, ...
         if name.endswith((".py", ".pyc", ".so", ".pyd")) or (
-                "." not in name and os.path.isdir(os.path.join(folder, name))):
+                "." not in name and os.path.isfile(os.path.join(folder, name, "__init__.py"))):
             names.add(stem)
     return names
 
