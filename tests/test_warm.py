@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ info = {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv[1:],
         "preloaded": sorted(m for m in sys.modules if m.split(".")[0] == "lorapipe"),
         "netns": os.readlink("/proc/self/ns/net"), "handler": os.getppid(),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-        "affinity": sorted(os.sched_getaffinity(0))}
+        "affinity": sorted(os.sched_getaffinity(0)), "cgroup": open("/proc/self/cgroup").read()}
 try:  # the handler's parent: the server
     info["server"] = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[1])
 except OSError:
@@ -241,6 +242,49 @@ def test_the_worker_has_the_callers_limits_and_cpu_affinity(tmp_path):
     seen = probe(tmp_path)
     assert seen["nofile"] == [soft // 2, hard] and seen["affinity"] == cpus[:1]
     assert seen["server"] != usual["server"]  # not the server of the other context
+
+
+def _new_cgroup() -> Path | None:
+    """A fresh child cgroup this process may move processes into (v2, else v1's pids
+    controller), or None where that is not allowed."""
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids")):
+        group = root / f"lorapipe-test-{os.getpid()}"
+        try:
+            group.mkdir()
+        except OSError:
+            continue
+        if (group / "cgroup.procs").exists():
+            return group
+        group.rmdir()
+    return None
+
+
+def test_the_worker_is_in_the_callers_cgroup(tmp_path):
+    """A stage started in another cgroup (systemd-run, a job scheduler's, a container's
+    memory limit) is not run by a server of the first cgroup."""
+    group = _new_cgroup()
+    if group is None:
+        pytest.skip("this machine does not let the tests make a cgroup")
+    env = client_env(tmp_path)
+    try:
+        usual = client(tmp_path, env=env)
+        assert usual.wait(timeout=120) == 3, usual.communicate()
+        first = probe(tmp_path)
+
+        def moved():
+            os.umask(0o027)
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        proc = client(tmp_path, env=env, preexec_fn=moved)
+        assert proc.wait(timeout=120) == 3, proc.communicate()
+        seen = probe(tmp_path)
+        assert group.name in seen["cgroup"] and group.name not in first["cgroup"]
+        assert seen["server"] != first["server"]
+    finally:
+        for line in (group / "cgroup.procs").read_text().split():  # the server started there
+            os.kill(int(line), signal.SIGKILL)
+        assert eventually(lambda: not (group / "cgroup.procs").read_text().strip())
+        group.rmdir()
 
 
 def test_offline_under_unshare_n_is_offline(tmp_path):
