@@ -484,3 +484,24 @@ def test_the_torchvision_note_is_silenced_and_nothing_else(tmp_path):
     ours = subprocess.run([sys.executable, "-c", code.format(first="lorapipe, ")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert "requires torchvision" not in ours.stderr and "another note" in ours.stderr
+
+
+def test_xdg_runtime_dir_comes_first(shared_tmp, monkeypatch):
+    """systemd's per-user runtime folder (0700, removed at logout) holds the socket and the
+    thread registry where it is set; the shared temporary folder is the fallback."""
+    from lorapipe import threads, warm
+
+    runtime = shared_tmp / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("LORAPIPE_RUNS_DIR", raising=False)
+    path = warm.socket_path("k" * 24)
+    assert path == runtime / "lorapipe-warm" / f"{'k' * 24}.sock"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert threads.registry() == runtime / "lorapipe-runs"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(shared_tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    assert warm.socket_path("k" * 24).parent == shared_tmp / f"lorapipe-warm-{os.geteuid()}"
