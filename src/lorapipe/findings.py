@@ -59,6 +59,8 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # A data file is read whole into memory: past this it is refused before reading, with the way
 # out (split it), rather than reading gigabytes of something that was never a data set.
 MAX_DATA_FILE_BYTES = 2 << 30
+_NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
 
 
 def read_data_file(path: Path, limit: int = MAX_DATA_FILE_BYTES) -> bytes:
@@ -68,9 +70,8 @@ def read_data_file(path: Path, limit: int = MAX_DATA_FILE_BYTES) -> bytes:
     name = path.name
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)"
-                if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
-                or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        kind = next((what for test, what in _NOT_FILES if test(st.st_mode)),
+                    "not a regular file")
         raise DatasetError("DATA_NOT_FILE", f"{path} is {kind}, not a file; {name} must be a "
                            "regular file (replace it, or the link to it, with the data)",
                            file=name)

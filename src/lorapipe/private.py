@@ -21,19 +21,13 @@ class UnsafeFolder(Exception):
     """The folder cannot be trusted; the message says why and what to do."""
 
 
-def base_folder() -> Path:
-    """$XDG_RUNTIME_DIR where it is set and is a folder, else the temporary folder."""
+def user_folder(name: str) -> Path:
+    """The per-user folder called `name`: in $XDG_RUNTIME_DIR where it is set and is a
+    folder (already the user's alone), else `name-<uid>` in the shared temporary folder."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
-        return Path(runtime)
-    return Path(tempfile.gettempdir())
-
-
-def user_folder(name: str) -> Path:
-    """The per-user folder called `name` (`name-<uid>` in a shared temporary folder)."""
-    if os.environ.get("XDG_RUNTIME_DIR") and os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
-        return base_folder() / name
-    return base_folder() / f"{name}-{os.geteuid()}"
+        return Path(runtime) / name
+    return Path(tempfile.gettempdir()) / f"{name}-{os.geteuid()}"
 
 
 def private_folder(path: Path) -> Path:

@@ -143,11 +143,11 @@ def key() -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def socket_path(server_key: str | None = None) -> Path:
+def socket_path(server_key: str) -> Path:
     """This caller's server socket, in the user's private folder (UnsafeFolder if that
     folder cannot be trusted)."""
     folder = private.private_folder(private.user_folder("lorapipe-warm"))
-    path = folder / f"{server_key or key()}.sock"
+    path = folder / f"{server_key}.sock"
     if len(os.fsencode(path)) > SOCKET_PATH_MAX:
         raise NotWarm(f"the socket path {path} is too long for a Unix socket; set TMPDIR "
                       "to a shorter folder")
@@ -196,9 +196,10 @@ def _server_busy(path: Path) -> bool:
     return False
 
 
-def _connect(path: Path, server_key: str) -> tuple[socket.socket, dict] | None:
-    """A verified connection to the server at `path` and its hello; None when nothing
-    listens there. NotWarm when something does but is not this user's matching server."""
+def _connect(path: Path, server_key: str) -> socket.socket | None:
+    """A verified connection to the server at `path` (its uid and hello checked); None when
+    nothing listens there. NotWarm when something does but is not this user's matching
+    server."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -232,7 +233,7 @@ def _connect(path: Path, server_key: str) -> tuple[socket.socket, dict] | None:
         conn.close()
         raise NotWarm("the warm server runs in another context (namespaces, cgroup, limits "
                       "or credentials changed since it started)")
-    return conn, hello
+    return conn
 
 
 def _read_line(conn: socket.socket) -> dict:
@@ -247,7 +248,7 @@ def _read_line(conn: socket.socket) -> dict:
     return json.loads(data)
 
 
-def _connect_or_start(path: Path, server_key: str) -> tuple[socket.socket, dict]:
+def _connect_or_start(path: Path, server_key: str) -> socket.socket:
     found = _connect(path, server_key)
     if found is not None:
         return found
@@ -273,7 +274,7 @@ def run_warm(module: str) -> int | None:
     stage itself; the line saying why is printed)."""
     try:
         server_key = key()
-        conn, _hello = _connect_or_start(socket_path(server_key), server_key)
+        conn = _connect_or_start(socket_path(server_key), server_key)
     except (private.UnsafeFolder, NotWarm) as exc:
         _say(f"warm start not used ({exc}); running {module} in this process")
         return None

@@ -39,7 +39,7 @@ import time  # noqa: E402
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 # /proc/self/status lines that decide what a process may do
 _STATUS_KEYS = ("NoNewPrivs", "Seccomp", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-HELLO_TIMEOUT_S = 10.0  # a handler waits this long for the client's request
+REQUEST_TIMEOUT_S = 10.0  # a handler waits this long for the client's request
 MAX_REQUEST = 16 << 20  # bytes: argv, environment and sys.path of one stage run
 
 
@@ -157,8 +157,8 @@ def _handle(conn: socket.socket, key: str) -> None:
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals come as messages, from the client
-        _send(conn, {"key": key, "context": context(), "pid": os.getppid()})
-        conn.settimeout(HELLO_TIMEOUT_S)
+        _send(conn, {"key": key, "context": context()})
+        conn.settimeout(REQUEST_TIMEOUT_S)
         request, fds = _receive(conn)
         conn.settimeout(None)
         worker = os.fork()

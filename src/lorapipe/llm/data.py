@@ -295,6 +295,7 @@ def _template_name(tokenizer) -> str:
         return f"the chat_template of {folder / 'tokenizer_config.json'}"
     return "model.base's chat template"
 
+
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
     if not messages:
         return ""
@@ -363,6 +364,7 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
     """Token lengths against llm.max_length: (examples that fit or were cut, findings,
     their lengths, their trained tokens)."""
     kept, findings, lengths, trained = [], [], [], 0
+    specials = special_strings(tokenizer)
     for example in examples:
         try:
             tok = tokenize(example, tokenizer, max_length, train_on_prompt,
@@ -371,7 +373,7 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
             findings.append(_error("CHAT_TEMPLATE", f"{exc}; change the example or use a base "
                                    "whose template takes it", example.line))
             continue
-        if not tok.truncated and (lost := round_trip_problem(tok, tokenizer)):
+        if not tok.truncated and (lost := round_trip_problem(tok, tokenizer, specials)):
             findings.append(_error("TOKENIZER_LOSSY", lost, example.line))
             continue
         if tok.length_before > max_length and too_long == "error":
@@ -395,13 +397,19 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
     return kept, findings, lengths, trained
 
 
-def round_trip_problem(tok: Tokenized, tokenizer) -> str | None:
-    """Why the tokens do not hold the example's text, or None. Compared without special
-    tokens, whitespace and Unicode compatibility forms, which tokenizers may normalise; what
-    is left must come back. A Qwen folder without tokenizer.json loads a tokenizer with an
-    empty vocabulary: 33 tokens of an example became 4, and it trained with exit 0."""
+def special_strings(tokenizer) -> list[str]:
+    """The special and added tokens' strings, which decoding may drop."""
+    return [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()]
+
+
+def round_trip_problem(tok: Tokenized, tokenizer, specials: list[str]) -> str | None:
+    """Why the tokens do not hold the example's text, or None. Compared without the
+    `specials` (special_strings), whitespace and Unicode compatibility forms, which
+    tokenizers may normalise; what is left must come back. A Qwen folder without
+    tokenizer.json loads a tokenizer with an empty vocabulary: 33 tokens of an example
+    became 4, and it trained with exit 0."""
     def bare(text: str) -> str:
-        for special in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        for special in specials:
             text = text.replace(special, "")
         return "".join(unicodedata.normalize("NFKC", text).split())
 
