@@ -11,7 +11,7 @@ and code, with the imports paid once and no DVC. Per stage, the difference is wh
 it as a DVC stage costs; `python -X importtime` of each stage's imports says how much of
 that is imports. Keeps each figure's best of `--repeats`. Then `dvc exp run -S lora.rank=16`
 and the part of it outside the training loop and the sampling. With the warm server
-(lorapipe.warm, on unless LORAPIPE_WARM=0) the torch stages skip their imports; run once
+(lorapipe.core.warm, on unless LORAPIPE_WARM=0) the torch stages skip their imports; run once
 with LORAPIPE_WARM=0 to compare. Writes bench/results/overhead.json.
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 import workspace  # noqa: E402
 
-from lorapipe import warm  # noqa: E402
+from lorapipe.core import warm  # noqa: E402
 
 STAGES = ["params", "validate", "preprocess", "encode", "train", "sample"]
 
@@ -73,8 +73,8 @@ def through_dvc(root: Path) -> dict[str, float]:
 def import_seconds(root: Path, name: str) -> float:
     """Self-reported import time of `stages.<name>` and what its main imports, from
     `python -X importtime` (cumulative time of the top-level imports)."""
-    heavy = {"encode": "lorapipe.cache, lorapipe.models", "train": "lorapipe.training",
-             "sample": "lorapipe.sampling, lorapipe.models, lorapipe.lora"}.get(name, "")
+    heavy = {"encode": "lorapipe.diffusion.cache, lorapipe.diffusion.models", "train": "lorapipe.core.training",
+             "sample": "lorapipe.diffusion.sampling, lorapipe.diffusion.models, lorapipe.diffusion.lora"}.get(name, "")
     code = f"import stages.{name}" + (f"; import {heavy}" if heavy else "")
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=root,
                          env=workspace.env(PYTHONPATH=str(root)), capture_output=True,

@@ -22,13 +22,13 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps
 
-from lorapipe.parallel import cpu_count, map_progress
+from lorapipe.core.parallel import cpu_count, map_progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
-from stages.preprocess import output_names, process_one  # noqa: E402
+from lorapipe.diffusion.stages.preprocess import output_names, process_one  # noqa: E402
 
 HERE = Path(__file__).parent
 

@@ -2,7 +2,7 @@
 
     python bench/sdxl_step.py [--steps 1] [--settings fp32,fp32+ckpt,bf16+ckpt,bf16]
 
-SDXL 1.0's UNet built from its config (lorapipe.families.sdxl.SDXL_1_0_UNET, 2.6B
+SDXL 1.0's UNet built from its config (lorapipe.diffusion.families.sdxl.SDXL_1_0_UNET, 2.6B
 parameters, random weights), a rank-4 LoRA on the attention projections (as lorapipe's
 default targets), 128x128 latents (1024 px), batch 1, the SDXL conditioning (2048-wide
 text states, pooled embedding, time ids) through lorapipe's loss. For each setting: s/step
@@ -42,9 +42,9 @@ def step(setting: str, steps: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
-    from lorapipe import lora
-    from lorapipe.families.sdxl import SDXL_1_0_UNET
-    from lorapipe.losses import diffusion_loss
+    from lorapipe.diffusion import lora
+    from lorapipe.diffusion.families.sdxl import SDXL_1_0_UNET
+    from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -79,7 +79,8 @@ def step(setting: str, steps: int) -> dict:
     for _ in range(steps + 1):  # the first is warm-up
         begin = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(unet, sched, latents, inputs, gen)
+            loss = diffusion_loss(lambda x, t: unet(x, t, **inputs).sample, DDPM(sched),
+                                  latents, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

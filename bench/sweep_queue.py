@@ -9,7 +9,7 @@ In a clone of this repository (committed HEAD) with the pipeline already run onc
 `dvc exp run` one after the other, then two other experiments (other seeds, so DVC's run
 cache cannot skip them) through `dvc exp run --queue` and `dvc queue start -j 2`, timed from
 the queue start until both have finished. Each train process takes its share of the cores
-(train.cpu_threads: 0, lorapipe.threads), so the two queued runs do not oversubscribe them.
+(train.cpu_threads: 0, lorapipe.core.threads), so the two queued runs do not oversubscribe them.
 Prints both times and their ratio; writes bench/results/queue.json.
 """
 

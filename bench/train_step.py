@@ -59,9 +59,9 @@ CLIP_L = dict(  # openai/clip-vit-large-patch14, SD 1.5's text encoder
 
 def example_cache(root: Path) -> Path:
     """The example data at 64 px, encoded with the builtin model (as the pipeline does)."""
-    from lorapipe.cache import encode_dataset, save_cache
-    from lorapipe.images import save_square_png
-    from lorapipe.models import build_tiny_sd
+    from lorapipe.diffusion.cache import encode_dataset, save_cache
+    from lorapipe.diffusion.images import save_square_png
+    from lorapipe.diffusion.families.sd import build_tiny_sd
 
     processed = root / "processed"
     processed.mkdir(parents=True, exist_ok=True)
@@ -80,10 +80,11 @@ def example_cache(root: Path) -> Path:
 def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> float:
     """s/step of the minimal LoRA step on the tiny model; optionally encoding images and
     captions every step like diffusers' train_text_to_image_lora.py."""
-    from lorapipe import lora
-    from lorapipe.cache import image_tensor, load_cache
-    from lorapipe.losses import diffusion_loss
-    from lorapipe.models import build_tiny_sd, training_scheduler
+    from lorapipe.diffusion import lora
+    from lorapipe.diffusion.cache import image_tensor, load_cache
+    from lorapipe.diffusion.objectives import DDPM, diffusion_loss
+    from lorapipe.diffusion.families.sd import build_tiny_sd
+    from lorapipe.diffusion.models import training_scheduler
 
     pipe = build_tiny_sd()
     unet, sched = pipe.unet, training_scheduler(pipe)
@@ -107,7 +108,8 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
                 text = pipe.text_encoder(ids.input_ids)[0]
         else:
             latents, text = cache.latents.tensor[idx], cache.cond["text_states"][idx]
-        loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
+        loss = diffusion_loss(lambda x, t: unet(x, t, encoder_hidden_states=text).sample,
+                              DDPM(sched), latents, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -126,8 +128,8 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
     """s/step of lorapipe's train loop (the stage's own code), from its summary."""
     import yaml
 
-    from lorapipe.params import load_params
-    from lorapipe.training import run
+    from lorapipe.tasks import load_params
+    from lorapipe.core.training import run
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
@@ -149,8 +151,8 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorapipe import lora
-    from lorapipe.losses import diffusion_loss
+    from lorapipe.diffusion import lora
+    from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -182,7 +184,8 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
         start = time.perf_counter()
         if encoder is not None:
             text = encoder(ids)[0]
-        loss = diffusion_loss(unet, sched, latents, {"encoder_hidden_states": text}, gen)
+        loss = diffusion_loss(lambda x, t: unet(x, t, encoder_hidden_states=text).sample,
+                              DDPM(sched), latents, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

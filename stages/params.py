@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from lorapipe import outputs, warm
-from lorapipe.cli import run_stage
-from lorapipe.params import UNUSED_BY_TASK, all_keys, load_params
+from lorapipe.core import outputs, warm
+from lorapipe.core.cli import run_stage
+from lorapipe.core.params import all_keys
+from lorapipe.tasks import RULES, load_params
 
 
 def main(argv: list[str] | None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None) -> int:
                                  "schema and the rules across keys\n")
     print(f"params: {args.params} is valid")
     print(f"params: task_type {params.task_type}: not read: "
-          + ", ".join(UNUSED_BY_TASK[params.task_type]))
+          + ", ".join(RULES[params.task_type].unused))
     if warm.enabled():  # importing torch & co. now, so encode, train and sample start warm
         warm.start_server()
     return 0

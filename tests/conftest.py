@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# the warm servers the tests' stages start (lorapipe.warm) leave soon after the tests
+# the warm servers the tests' stages start (lorapipe.core.warm) leave soon after the tests
 os.environ.setdefault("LORAPIPE_WARM_IDLE_S", "20")
 # the WebUI file of a run with lora.name "" outside `dvc exp run`
 WEBUI_FILE = "lorapipe.safetensors"
@@ -109,8 +109,8 @@ def _preprocess_example(folder: Path, bucketed: bool) -> Path:
     import json
     from types import SimpleNamespace
 
-    from lorapipe import buckets
-    from stages.preprocess import SIZE_COLUMNS, Layout, process_one
+    from lorapipe.diffusion import buckets
+    from lorapipe.diffusion.stages.preprocess import SIZE_COLUMNS, Layout, process_one
 
     folder.mkdir()
     settings = {"resolution": 64, "buckets": bucketed, "bucket_step": 16, "min_side": 32,
@@ -142,8 +142,8 @@ def example_processed_buckets(tmp_path_factory):
 
 
 def _encoded(processed: Path, family: str) -> Path:
-    from lorapipe.cache import encode_dataset, save_cache
-    from lorapipe.families import by_name
+    from lorapipe.diffusion.cache import encode_dataset, save_cache
+    from lorapipe.diffusion.families import by_name
 
     f = by_name(family)
     cache = encode_dataset(f.build_builtin(), processed, batch_size=8)
@@ -178,7 +178,7 @@ def bucketed_cache_sdxl(example_processed_buckets):
 def make_params(root: Path, **overrides):
     """params.yaml in `root` from the repository's, with {"section__key": value} overrides;
     returns the checked Params."""
-    from lorapipe.params import load_params
+    from lorapipe.tasks import load_params
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(root)
@@ -220,7 +220,8 @@ def train_in(root: Path, cache: Path, health_report: Path | None = None, **overr
     """Run the training loop in `root` with small defaults; returns TrainResult."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from lorapipe.training import run
+    from lorapipe.core.training import Paths, run
+    from lorapipe.tasks import stage
 
     # accelerate keeps one state per process; each in-process run is a fresh "process"
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -229,8 +230,9 @@ def train_in(root: Path, cache: Path, health_report: Path | None = None, **overr
                 "train__checkpoint_every": 0, "train__sample_every": 0, **SAME_DATA_DIR}
     settings.update(overrides)
     params = make_params(root, **settings)
-    return run(params, cache, root / "lora", root / "dvclive", root / "logs", root / "ckpt",
-               health_report)
+    return run(params, Paths(cache, root / "lora", root / "dvclive", root / "logs",
+                             root / "ckpt", health_report),
+               stage(params, "train").recipe_class())
 
 
 def set_param(root: Path, dotted: str, value) -> None:
@@ -313,7 +315,7 @@ def family_run(request):
 def hold_registration(folder: Path) -> subprocess.Popen:
     """Another lorapipe run, as far as the registry can tell: a process that registered."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lorapipe import threads; "
+        [sys.executable, "-c", "import sys, time; from lorapipe.core import threads; "
          "threads.register(); print('ready', flush=True); time.sleep(600)"],
         env={**os.environ, "LORAPIPE_RUNS_DIR": str(folder)}, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"

@@ -1,7 +1,7 @@
 """Test helper: write a diffusers pipeline as one single-file checkpoint in the original
 key layout (CompVis LDM for SD 1.x, Stability SGM for SDXL), as the files users download
 are. diffusers reads that layout (diffusers.loaders.single_file_utils) but does not write
-it; the UNet part is lorapipe.ldm's (which the WebUI export uses too), the VAE and text
+it; the UNet part is lorapipe.diffusion.ldm's (which the WebUI export uses too), the VAE and text
 encoder parts invert diffusers' own tables here.
 """
 
@@ -14,7 +14,7 @@ import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 
-from lorapipe.ldm import unet_module
+from lorapipe.diffusion.ldm import unet_module
 
 
 def unet_state(unet) -> dict[str, torch.Tensor]:

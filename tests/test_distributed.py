@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, make_params, run_dirs
-from lorapipe.cache import load_cache
+from lorapipe.diffusion.cache import load_cache
 
 STEPS = 16
 # a text-encoder LoRA trained on shuffled, dropped captions: drawn per global batch

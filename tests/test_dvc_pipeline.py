@@ -191,7 +191,7 @@ def test_experiment_workflow(repo, tmp_path):
     sh("dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8", "-S", "train.learning_rate=1e-3",
        "-S", "train.max_steps=20")
     # two workers: the two runs side by side. Each train process takes its share of the
-    # cores (train.cpu_threads 0, lorapipe.threads); with torch's default, a thread per core
+    # cores (train.cpu_threads 0, lorapipe.core.threads); with torch's default, a thread per core
     # in each, the two oversubscribed the 2 cores and ran 10-40x slower here
     sh("dvc", "queue", "start", "-j", "2", spawns=True)
     # wait for both tasks' final states: "neither Queued nor Running" also holds for a moment

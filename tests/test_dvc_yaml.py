@@ -16,14 +16,14 @@ PACKAGE = REPO / "src" / "lorapipe"
 
 def _imports(path) -> set[str]:
     """The lorapipe modules a file imports anywhere (top level or inside functions), with
-    the packages that hold them (importing lorapipe.families.sd runs families/__init__)."""
+    the packages that hold them (importing lorapipe.diffusion.families.sd runs families/__init__)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
                 and node.module.startswith("lorapipe"):
-            found.add(node.module)  # from lorapipe.families import sd: the submodule too
+            found.add(node.module)  # from lorapipe.diffusion.families import sd: the submodule too
             found |= {f"{node.module}.{a.name}" for a in node.names
                       if _exists(f"{node.module}.{a.name}")}
     return {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
@@ -70,9 +70,9 @@ def test_stage_deps_are_its_import_closure(name):
 def test_the_closure_follows_imports_inside_functions():
     """train imports training only inside main(); training pulls in the rest."""
     closure = import_closure(REPO / "stages" / "train.py")
-    assert {"src/lorapipe/training.py", "src/lorapipe/health.py",
+    assert {"src/lorapipe/core/training.py", "src/lorapipe/core/health.py",
             "src/lorapipe/__init__.py"} <= closure
-    assert "src/lorapipe/metadata.py" not in closure
+    assert "src/lorapipe/diffusion/metadata.py" not in closure
 
 
 def test_interpolated_paths_are_quoted_in_commands():

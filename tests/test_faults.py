@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_params, tree_digest, write_csv
-from lorapipe import outputs
+from lorapipe.core import outputs
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -182,7 +182,7 @@ def test_full_disk_during_training(tmp_path, example_cache):
 
 def test_damaged_checkpoint_digest_is_found(tmp_path):
     """A checkpoint file changed after saving is named, not trusted."""
-    from lorapipe import checkpoints
+    from lorapipe.core import checkpoints
 
     folder = tmp_path / "step_0000010"
     folder.mkdir()

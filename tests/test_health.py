@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REPO, run_dirs, same_weights, train_in
-from lorapipe.evaluation import holdout
-from lorapipe.health import RunFacts, diagnose, diverged_advice, to_markdown
-from lorapipe.params import load_params
-from lorapipe.training import Diverged
+from lorapipe.core.evaluation import holdout
+from lorapipe.core.health import RunFacts, diagnose, diverged_advice, to_markdown
+from lorapipe.tasks import load_params
+from lorapipe.core.training import Diverged
 
 T = load_params(REPO / "params.yaml").health
 FACTS = RunFacts(learning_rate=2e-4, batch_size=2, rank=16, images=40)
@@ -191,7 +191,7 @@ def test_tiny_learning_rate_is_not_learning(tmp_path, example_cache):
 @pytest.fixture(scope="module")
 def tiny_caches(tmp_path_factory, example_cache):
     """The example cache cut to its first 2 and 3 images: datasets of 1-2 steps per epoch."""
-    from lorapipe.cache import load_cache, save_cache
+    from lorapipe.diffusion.cache import load_cache, save_cache
 
     full = load_cache(example_cache)
     meta = {k: v for k, v in full.meta.items() if k != "base"}

@@ -163,7 +163,7 @@ def test_validate_truncates_on_request_and_reads_metadata_csv(tmp_path):
 
 
 def test_task_type_refuses_what_the_other_task_cannot_honour(tmp_path):
-    from lorapipe.params import ParamsError
+    from lorapipe.core.params import ParamsError
 
     with pytest.raises(ParamsError) as info:
         make_params(tmp_path, **{**LLM, "model__base": "builtin:tiny-sd",
@@ -267,7 +267,7 @@ def test_the_adapter_fits_vllm_and_the_real_qwen2_5_architecture(trained):
 
 def test_lora_init_continues_an_adapter_and_refuses_another_shape(tmp_path, trained,
                                                                   llm_cache):
-    from lorapipe.errors import LorapipeError
+    from lorapipe.core.errors import LorapipeError
 
     root, result = trained
     first = json.loads((root / "dvclive/metrics.json").read_text())["loss"]["train"]
@@ -330,7 +330,7 @@ def test_gradient_checkpointing_matches_and_bf16_keeps_the_lora_in_fp32(tmp_path
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_adapter(tmp_path, llm_cache):
-    from lorapipe.training import Diverged
+    from lorapipe.core.training import Diverged
 
     with pytest.raises(Diverged) as exc:
         train_in(tmp_path, llm_cache, **{**LLM, "train__learning_rate": 1e12},

@@ -173,7 +173,7 @@ def test_a_model_folder_with_its_own_code_is_refused_before_any_load(tmp_path,
     config = json.loads((base / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilLM"}
     (base / "config.json").write_text(json.dumps(config))
-    from lorapipe.params import ParamsError
+    from lorapipe.core.params import ParamsError
 
     with pytest.raises(ParamsError, match="config.json has an auto_map"):
         make_params(tmp_path, **{**LLM, "model__base": str(base)})  # written, then checked
@@ -192,7 +192,7 @@ def test_a_model_folder_with_its_own_code_is_refused_before_any_load(tmp_path,
 
 def test_a_diffusers_folder_whose_text_encoder_has_its_own_code_is_refused(tmp_path):
     """The image task's folders too: transformers loads their text encoders and tokenizers."""
-    from lorapipe.params import model_source_problem
+    from lorapipe.tasks import model_source_problem
 
     base = tmp_path / "sd"
     (base / "text_encoder").mkdir(parents=True)

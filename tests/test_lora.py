@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import WEBUI_FILE, train_in
-from lorapipe import lora
-from lorapipe.errors import LorapipeError
-from lorapipe.models import build_tiny_sd
+from lorapipe.diffusion import lora
+from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion.families.sd import build_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_webui_metadata_as_a1111_and_kohya_read_it(trained, tmp_path, example_ca
 
 
 def test_base_version_from_the_actual_base():
-    from lorapipe.families.sd import base_version
+    from lorapipe.diffusion.families.sd import base_version
 
     assert base_version(768, "epsilon")["version"] == "sd_v1"
     sd2 = base_version(1024, "v_prediction")

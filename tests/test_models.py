@@ -14,13 +14,15 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO
-from lorapipe.cache import load_cache
-from lorapipe.errors import LorapipeError
-from lorapipe.models import build_tiny_sd, load_pipeline, tiny_tokenizer, training_scheduler
+from lorapipe.diffusion.cache import load_cache
+from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion.families.sd import build_tiny_sd
+from lorapipe.diffusion.families.tiny import tiny_tokenizer
+from lorapipe.diffusion.models import load_pipeline, training_scheduler
 
 FINGERPRINT = """
 import json
-from lorapipe.models import build_tiny_sd
+from lorapipe.diffusion.families.sd import build_tiny_sd
 pipe = build_tiny_sd()
 out = {}
 for part in ("unet", "vae", "text_encoder"):
@@ -128,7 +130,7 @@ def test_missing_path(tmp_path):
 
 
 def test_repository_default_is_the_builtin_model():
-    from lorapipe.params import load_params
+    from lorapipe.tasks import load_params
 
     assert load_params(REPO / "params.yaml").model.base == "builtin:tiny-sd"
 
@@ -136,7 +138,7 @@ def test_repository_default_is_the_builtin_model():
 def test_encode_cache_is_byte_reproducible(tmp_path, example_cache):
     """The safetensors writer orders its header from a hash map; the cache must come out the
     same bytes every time, or DVC sees a changed cache and reruns train."""
-    from lorapipe.cache import CACHE_FILE, save_cache
+    from lorapipe.diffusion.cache import CACHE_FILE, save_cache
 
     cache = load_cache(example_cache)
     meta = {k: v for k, v in cache.meta.items() if k != "base"}

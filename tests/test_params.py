@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from lorapipe.params import ParamsError, all_keys, load_params
+from lorapipe.core.params import ParamsError, all_keys
+from lorapipe.tasks import load_params
 
 
 def write(tmp_path, mutate) -> object:

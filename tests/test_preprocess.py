@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import rgb_image, tree_digest, write_csv
-from lorapipe.images import load_square
+from lorapipe.diffusion.images import load_square
 from stages import preprocess as preprocess_stage
 
 
@@ -171,7 +171,7 @@ def test_failed_run_keeps_previous_output(prepared, capsys):
 
 def test_missing_usable_list_is_a_clear_error(prepared):
     ws, images, _ = prepared
-    from lorapipe.errors import LorapipeError
+    from lorapipe.core.errors import LorapipeError
 
     (ws / "usable.csv").unlink()
     with pytest.raises(LorapipeError, match="run the validate stage first"):

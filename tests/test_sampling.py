@@ -12,8 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import make_params, run_dirs, same_weights, train_in
-from lorapipe.models import build_tiny_sd
-from lorapipe.sampling import (
+from lorapipe.diffusion.families.sd import build_tiny_sd
+from lorapipe.diffusion.sampling import (
     LABEL_H,
     SCHEDULERS,
     SampleSettings,
@@ -136,7 +136,7 @@ def test_sample_stage_writes_images_grid_and_logs(trained, workspace, monkeypatc
     assert json.loads((out / "prompts.json").read_text())["prompt01"] == "a blue star"
     assert Image.open(out / "grid.png").size == (4 * 128, 2 * (128 + 2 * LABEL_H))
     assert (out / "dvclive/plots/images/grid.png").exists()
-    from lorapipe.lora import training_run
+    from lorapipe.diffusion.lora import training_run
 
     trained_run = training_run(trained / "lora")  # the sample run is named after it
     assert (trained / "logs/tensorboard" / trained_run).is_dir()

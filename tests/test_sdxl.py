@@ -15,10 +15,10 @@ from safetensors import safe_open
 
 from conftest import SDXL, WEBUI_FILE, make_params, train_in
 from ldm_layout import write_single_file
-from lorapipe import families, ldm, lora
-from lorapipe.cache import encode_dataset, load_cache, save_cache
-from lorapipe.families.sdxl import SDXL_1_0_UNET, build_tiny_sdxl
-from lorapipe.models import load_pipeline
+from lorapipe.diffusion import families, ldm, lora
+from lorapipe.diffusion.cache import encode_dataset, load_cache, save_cache
+from lorapipe.diffusion.families.sdxl import SDXL_1_0_UNET, build_tiny_sdxl
+from lorapipe.diffusion.models import load_pipeline
 from stages import sample as sample_stage
 
 
@@ -218,7 +218,7 @@ def test_sdxl_single_file_base_trains_and_samples(tmp_path, example_processed, m
 def test_sdxl_sampling_seeds_schedulers_and_lora_scale(sdxl_trained):
     """The sample stage's generate() on the SDXL pipeline: a sampler from the base's own
     schedule, the LoRA changes the image, scale 0 gives the base image exactly."""
-    from lorapipe.sampling import SampleSettings, generate, make_scheduler
+    from lorapipe.diffusion.sampling import SampleSettings, generate, make_scheduler
 
     root, _ = sdxl_trained
     pipe = build_tiny_sdxl()

@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import SDXL, WEBUI_FILE, train_in
-from lorapipe import captions, families, lora
-from lorapipe.cache import load_cache
-from lorapipe.errors import LorapipeError
-from lorapipe.params import ParamsError, load_params
-from lorapipe.sampling import SampleSettings, generate
+from lorapipe.diffusion import captions, families, lora
+from lorapipe.diffusion.cache import load_cache
+from lorapipe.core.errors import LorapipeError
+from lorapipe.core.params import ParamsError
+from lorapipe.tasks import load_params
+from lorapipe.diffusion.sampling import SampleSettings, generate
 
 STEPS = 100
 

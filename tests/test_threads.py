@@ -11,7 +11,7 @@ import sys
 import time
 
 from conftest import REPO, SAME_DATA_DIR, as_user, hold_registration, make_params
-from lorapipe import threads
+from lorapipe.core import threads
 
 
 def test_live_runs_count_registered_processes_until_they_die(tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ time.sleep(120)""")
         env.pop("LORAPIPE_RUNS_DIR", None)
         env.pop("XDG_RUNTIME_DIR", None)
         victim = subprocess.run(
-            [sys.executable, "-c", "from lorapipe import threads; print(threads.register()); "
+            [sys.executable, "-c", "from lorapipe.core import threads; print(threads.register()); "
              "print(*threads.share(0, cores=8), sep='|')"], env=env, capture_output=True, text=True,
             timeout=60)
     finally:

@@ -11,8 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_dirs, train_in
-from lorapipe.losses import diffusion_loss
-from lorapipe.training import Diverged, Plan
+from lorapipe.diffusion.objectives import DDPM, diffusion_loss
+from lorapipe.core.training import Diverged, Plan
 
 
 def tsv(root, name) -> list[tuple[int, float]]:
@@ -157,7 +157,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, family_run):
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, example_cache):
-    from lorapipe.errors import LorapipeError
+    from lorapipe.core.errors import LorapipeError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -187,7 +187,9 @@ def _loss(**kw):
     ts = kw.pop("timesteps", torch.tensor([10, 200, 600, 990]))
     sched = kw.pop("scheduler", _scheduler())
     gen = torch.Generator().manual_seed(1)
-    return diffusion_loss(_Echo(), sched, latents, {}, gen, timesteps=ts, **kw), latents
+    echo = _Echo()
+    return diffusion_loss(lambda x, t: echo(x, t).sample, DDPM(sched), latents, gen,
+                          timesteps=ts, **kw), latents
 
 
 def test_min_snr_weighting():
@@ -221,7 +223,7 @@ def test_plan_visits_every_image_once_per_epoch():
 
 def test_params_logged_flat_including_number_lists(tmp_path):
     from conftest import make_params
-    from lorapipe.training import flat_params
+    from lorapipe.core.training import flat_params
 
     flat = flat_params(make_params(tmp_path, train__devices=[1, 2],
                                    lora__targets=["to_q", "to_v"]))

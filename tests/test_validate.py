@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import rgb_image, tree_digest, write_csv
-from lorapipe import metadata
-from lorapipe.metadata import validate_dataset
+from lorapipe.diffusion import metadata
+from lorapipe.diffusion.metadata import validate_dataset
 from stages import validate as validate_stage
 
 MAX_PIXELS = 10_000_000

@@ -1,4 +1,4 @@
-"""The warm server (lorapipe.warm): a stage run through it sees its client's folder,
+"""The warm server (lorapipe.core.warm): a stage run through it sees its client's folder,
 arguments, environment, umask and terminal, returns its exit code, answers Ctrl-C as the
 stage would, and dies with its client. It runs in the caller's context (network namespace,
 resource limits, CPU affinity) and the caller's code, answers Ctrl-Z, survives its server,
@@ -58,7 +58,7 @@ if "--until" in sys.argv:
         time.sleep(0.05)
 sys.exit(3)
 '''
-CLIENT = ("import sys; from lorapipe import warm; code = warm.run_warm('warm_probe'); "
+CLIENT = ("import sys; from lorapipe.core import warm; code = warm.run_warm('warm_probe'); "
           "sys.exit(99 if code is None else code)")
 
 
@@ -135,7 +135,7 @@ def test_a_warm_child_answers_ctrl_c_and_dies_with_its_client(tmp_path):
 def test_lorapipe_warm_0_runs_the_stage_in_its_own_process(tmp_path):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods/warm_probe.py").write_text(PROBE)
-    code = ("import sys; from lorapipe import warm; sys.exit(7 if warm.enabled() else 0)")
+    code = ("import sys; from lorapipe.core import warm; sys.exit(7 if warm.enabled() else 0)")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORAPIPE_WARM": "0"}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
     env["LORAPIPE_WARM"] = "1"
@@ -145,7 +145,7 @@ def test_lorapipe_warm_0_runs_the_stage_in_its_own_process(tmp_path):
 
 def warm_key(env) -> str:
     """The server key a client with `env` computes (what an attacker can compute too)."""
-    out = subprocess.run([sys.executable, "-c", "from lorapipe import warm; print(warm.key())"],
+    out = subprocess.run([sys.executable, "-c", "from lorapipe.core import warm; print(warm.key())"],
                          env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
@@ -406,7 +406,7 @@ os.symlink({str(victim_file)!r}, {str(folder / (key + ".lock"))!r})
         assert attacker.stdout.readline().strip() == "listening", attacker.communicate()
         proc = client(tmp_path, env=env)
         _, err = proc.communicate(timeout=60)
-        starter = subprocess.run([sys.executable, "-c", "from lorapipe import warm; "
+        starter = subprocess.run([sys.executable, "-c", "from lorapipe.core import warm; "
                                   "warm.start_server()"], env=env, capture_output=True,
                                  text=True, timeout=60)
     finally:
@@ -489,7 +489,7 @@ def test_the_torchvision_note_is_silenced_and_nothing_else(tmp_path):
 def test_xdg_runtime_dir_comes_first(shared_tmp, monkeypatch):
     """systemd's per-user runtime folder (0700, removed at logout) holds the socket and the
     thread registry where it is set; the shared temporary folder is the fallback."""
-    from lorapipe import threads, warm
+    from lorapipe.core import threads, warm
 
     runtime = shared_tmp / "run"
     runtime.mkdir(mode=0o700)

@@ -13,8 +13,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorapipe.errors import LorapipeError
-from lorapipe.lora import RUN_KEY
+from lorapipe.core.adapters import RUN_KEY
+from lorapipe.core.adapters import lora_config as build_lora_config
+from lorapipe.core.errors import LorapipeError
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -26,9 +27,9 @@ def targets_of(targets: str | list[str]) -> str | list[str]:
 
 
 def lora_config(lp, base: str) -> LoraConfig:
-    return LoraConfig(r=lp.rank, lora_alpha=lp.alpha, lora_dropout=lp.dropout,
-                      target_modules=targets_of(lp.targets), task_type="CAUSAL_LM",
-                      base_model_name_or_path=base)
+    # peft's default init (Kaiming-uniform A, zero B), as peft's and TRL's LLM recipes
+    return build_lora_config(lp.rank, lp.alpha, lp.dropout, targets_of(lp.targets), init=True,
+                             task_type="CAUSAL_LM", base_model_name_or_path=base)
 
 
 def attach(model, lp, base: str):

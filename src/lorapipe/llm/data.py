@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lorapipe import outputs
-from lorapipe.errors import LorapipeError
-from lorapipe.findings import DatasetError, Finding, HasFindings, decode_text, read_data_file
+from lorapipe.core import outputs
+from lorapipe.core.errors import LorapipeError
+from lorapipe.core.findings import DatasetError, Finding, HasFindings, decode_text, read_data_file
 
 DATA_FILE = "data.jsonl"
 CSV_FILE = "metadata.csv"

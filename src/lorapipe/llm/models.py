@@ -22,8 +22,9 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from lorapipe.errors import LorapipeError
-from lorapipe.params import BUILTIN_PREFIX, llm_source_problem
+from lorapipe.core.errors import LorapipeError
+from lorapipe.core.params import BUILTIN_PREFIX
+from lorapipe.llm.model_files import llm_source_problem
 
 TINY_LLM = "builtin:tiny-llm"
 TINY_SEED = 0

@@ -1,6 +1,6 @@
 """The LLM task's part of the training recipe: LoRA on a causal LM over cached token ids.
 
-lorapipe.training.Recipe runs the loop, checkpoints, logging, health and early stopping;
+lorapipe.core.training.Recipe runs the loop, checkpoints, logging, health and early stopping;
 this class gives it the data (the token cache), the model (peft's get_peft_model), the
 loss (next-token cross-entropy on the trained tokens only), the fixed losses (on a fixed
 subset of the training examples and on the held-out ones: no noise to fix, so they are
@@ -19,17 +19,24 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import cast_training_params
 from peft import PeftModel
 
-from lorapipe import outputs
+from lorapipe.core import outputs
+from lorapipe.core.adapters import RUN_KEY
+from lorapipe.core.evaluation import evaluating
+from lorapipe.core.metrics import (
+    LR_LORA,
+    PERPLEXITY_TRAIN,
+    PERPLEXITY_VALIDATION,
+    TRAIN_FIXED,
+    VALIDATION,
+    VALIDATION_DIVERGENCE,
+)
+from lorapipe.core.training import Data, Models, Recipe, half_precision
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, load_adapter
 from lorapipe.llm.data import CACHE_FILE, load_token_cache
 from lorapipe.llm.models import load_llm
 from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
-from lorapipe.lora import RUN_KEY
-from lorapipe.losses import seeded_generator
-from lorapipe.training import Recipe, trace_batch
 
 MERGED_DIR = "merged"
 IGNORE = -100  # the label of a token outside the loss (torch's cross_entropy default)
@@ -38,18 +45,14 @@ IGNORE = -100  # the label of a token outside the loss (torch's cross_entropy de
 class LlmRecipe(Recipe):
     unit = "examples"
     fixed_name = "fixed training loss"
-    lr_names = ("lr/lora",)
-    cache_file = CACHE_FILE
+    lr_names = (LR_LORA,)
 
-    @property
-    def model_name(self) -> str:
-        return f"llm:{self.base_config.model_type}"
-
-    def _load_data(self) -> list[str]:
+    def load_data(self) -> Data:
         self.cache = load_token_cache(self.paths.cache)
-        return self.cache.keys
+        return Data(self.cache.keys, self.cache.meta["base"],
+                    Path(self.paths.cache) / CACHE_FILE)
 
-    def _build_models(self) -> tuple[dict, list[dict]]:
+    def build_models(self) -> Models:
         p, lp = self.p, self.lp
         model, self.tokenizer = load_llm(self.params.model.base)
         self.base_config = model.config
@@ -59,32 +62,27 @@ class LlmRecipe(Recipe):
         torch.manual_seed(p.seed)  # the LoRA's init
         model = attach(model, lp, self.params.model.base)
         self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision)
-        if half is not None:  # frozen base in half precision, the LoRA in fp32
-            model.to(half)
-            cast_training_params(model, dtype=torch.float32)
+        half_precision([model], self.accelerator.mixed_precision)
         if p.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [q for q in model.parameters() if q.requires_grad]
-        self.trainable = trainable
-        self.n_trainable = sum(q.numel() for q in trainable)
         self.n_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
         self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
-        return {"model": model}, [{"params": trainable, "lr": p.learning_rate}]
+        return Models({"model": model}, [{"params": trainable, "lr": p.learning_rate}],
+                      f"llm:{self.base_config.model_type}")
 
-    def _after_prepare(self) -> None:
+    def after_prepare(self):
         p = self.p
         self.model = self.models["model"]
         self.device = self.accelerator.device
         # trained tokens per example (the first token is never predicted)
         self.tokens_of = [int(self.cache.example(i)[1][1:].sum()) for i in range(len(self.cache))]
-        self.evaluate = self._fixed_losses
         self.fixed_sets = (self.train_idx[:p.validation.fixed_images],
                            self.val_idx[:p.validation.max_images])
+        return self._fixed_losses
 
-    def _setup_lines(self) -> list[str]:
+    def setup_lines(self) -> list[str]:
         lp, meta = self.lp, self.cache.meta
         where = (f"preset {lp.targets}" if isinstance(lp.targets, str)
                  else "list " + ",".join(lp.targets))
@@ -129,46 +127,38 @@ class LlmRecipe(Recipe):
                    for pos in self.plan.batch_indices(m, self.p.seed).tolist())
 
     def loss_step(self, micro: int) -> torch.Tensor:
-        batch = self.train_pos[self.plan.batch_indices(micro, self.p.seed)]
-        idx = batch.chunk(self.world)[self.rank].tolist()
-        trace_batch(self.rank, micro // self.p.grad_accum, micro, torch.tensor(idx))
-        # LoRA dropout draws from the global RNG: seeded per micro-batch and process
-        gen = seeded_generator(self.p.seed, "micro", micro)
-        torch.manual_seed(gen.initial_seed() + self.rank)
+        _, idx, _ = self.shard(micro)
         # DDP averages over processes and accelerate divides by grad_accum: scaled back, the
         # step's gradient is that of the mean over all its trained tokens
         scale = self.world * self.p.grad_accum / max(self._step_tokens(micro), 1)
-        return self._summed_loss(self.model, idx) * scale
+        return self._summed_loss(self.model, idx.tolist()) * scale
 
     @torch.no_grad()
     def _fixed_losses(self) -> dict[str, float]:
         """Mean token loss on the fixed training subset and on the held-out examples, and
         their perplexities; eval mode (no dropout), the global RNG untouched."""
         model = self.unwrapped()["model"]
-        was_training = model.training
-        model.eval()
         out = {}
-        with torch.random.fork_rng(devices=[]), self.accelerator.autocast():
-            for name, idx in zip(("train/fixed", "validation/step_average"), self.fixed_sets,
-                                 strict=True):
+        with torch.random.fork_rng(devices=[]), evaluating(model), self.accelerator.autocast():
+            for (name, perplexity), idx in zip(((TRAIN_FIXED, PERPLEXITY_TRAIN),
+                                                (VALIDATION, PERPLEXITY_VALIDATION)),
+                                               self.fixed_sets, strict=True):
                 if not idx:
                     continue
                 total = sum(self._summed_loss(model, idx[i:i + self.p.batch_size]).item()
                             for i in range(0, len(idx), self.p.batch_size))
                 loss = total / max(sum(self.tokens_of[i] for i in idx), 1)
-                out[f"loss/{name}"] = loss
-                out[f"perplexity/{name.split('/')[0]}"] = math.exp(min(loss, 50.0))
-        model.train(was_training)
-        if "loss/validation/step_average" in out:
-            out["loss/validation/step_divergence"] = (out["loss/validation/step_average"]
-                                                      - out["loss/train/fixed"])
+                out[name] = loss
+                out[perplexity] = math.exp(min(loss, 50.0))
+        if VALIDATION in out:
+            out[VALIDATION_DIVERGENCE] = out[VALIDATION] - out[TRAIN_FIXED]
         return out
 
     # -- samples and export ---------------------------------------------------------------
-    def _log_samples(self, step: int) -> None:
+    def samples(self, step: int) -> str:
         rows = base_and_lora(self.unwrapped()["model"], self.tokenizer, self.p.sample_prompts,
                              self.settings)
-        self.tracker.log_text(step, to_markdown(rows, self.settings, f"samples at step {step}"))
+        return to_markdown(rows, self.settings, f"samples at step {step}")
 
     def _save_adapter(self, folder: Path) -> None:
         """The peft adapter folder (adapter_config.json, adapter_model.safetensors), the
@@ -185,13 +175,13 @@ class LlmRecipe(Recipe):
                                           encoding="utf-8")
         outputs.canonical_safetensors(folder / ADAPTER_FILE, {RUN_KEY: self.tracker.name})
 
-    def _export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
+    def export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
         with outputs.atomic_dir(self.paths.out) as tmp:
             self._save_adapter(tmp)
             if self.params.llm.merge:
                 merge(self.params.model.base, tmp, tmp / MERGED_DIR)
 
-    def _save_partial(self, state: dict, folder: Path) -> None:
+    def save_partial(self, state: dict, folder: Path) -> None:
         self._save_adapter(folder)
 
 

@@ -1,0 +1,49 @@
+"""What the UNet families (SD 1.x/2.x, SDXL) share: a UNet2DConditionModel trained with DDPM
+(epsilon or v-prediction), the LoRA scaled through cross_attention_kwargs when sampling,
+kohya's `lora_unet_` names, and the lora.targets presets over diffusers' UNet modules."""
+
+from __future__ import annotations
+
+from diffusers.utils import convert_unet_state_dict_to_peft
+
+from lorapipe.diffusion.families import Family
+from lorapipe.diffusion.objectives import DDPM, Objective
+
+# the peft target names of the lora.targets presets (UNetFamily.targets)
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_TRANSFORMER = ["proj_in", "proj_out", *UNET_ATTN, "ff.net.0.proj", "ff.net.2"]
+TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MLP = ["fc1", "fc2"]
+
+
+class UNetFamily(Family):
+    denoiser = "unet"
+    kohya_prefix = "lora_unet_"
+    target_example = "UNet module names such as to_q, to_k, to_v, to_out.0"
+
+    def objective(self, pipe) -> Objective:
+        return DDPM.from_pipeline(pipe)
+
+    def predictor(self, denoiser, cond):
+        inputs = self.denoiser_inputs(cond)
+        return lambda noisy, timesteps: denoiser(noisy, timesteps, **inputs).sample
+
+    def lora_scale_kwargs(self, scale):
+        return {"cross_attention_kwargs": {"scale": scale}}
+
+    def lora_reading_kwargs(self, denoiser):
+        # diffusers maps kohya's SGM block names (SDXL) back to its own with the UNet config
+        return {"unet_config": denoiser.config}
+
+    def denoiser_lora_to_peft(self, state):
+        return convert_unet_state_dict_to_peft(state)
+
+    def targets(self, preset):
+        """Presets: `attn`, the attention projections; `kohya`, what kohya's networks.lora
+        wraps: every Linear and 1x1 conv inside the UNet's Transformer2DModel blocks
+        (proj_in/out, attention, feed-forward) and the text encoders' CLIPAttention and
+        CLIPMLP layers. A list names UNet modules; the text encoders then get `attn`."""
+        text = TEXT_ATTN + (TEXT_MLP if preset == "kohya" else [])
+        unet = (UNET_ATTN if preset == "attn" else UNET_TRANSFORMER if preset == "kohya"
+                else list(preset))
+        return {"unet": unet, **{name: text for name in self.text_encoders}}

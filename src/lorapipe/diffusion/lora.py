@@ -1,0 +1,269 @@
+"""The image task's LoRA on the denoiser and, with lora.text_encoder, the text encoder(s):
+attach (peft), export in the diffusers and WebUI/kohya formats, load back, and continue from
+an existing LoRA.
+
+A run's adapters are a dict of components (the family's denoiser, 'unet' or 'transformer',
+and 'text_encoder', 'text_encoder_2', as the pipeline names them); their weights travel
+together as lorapipe.core.adapters.adapter_state(), keyed '<component>.<peft name>'.
+
+Two files are written to the output folder:
+- pytorch_lora_weights.safetensors: diffusers/peft format with the adapter config in its
+  metadata, so `pipe.load_lora_weights(folder)` restores the right alpha/rank scale;
+- <lora.name>.safetensors: one file for AUTOMATIC1111/Forge/ComfyUI in kohya's layout
+  (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders
+  `lora_te_*`, SDXL's `lora_te1_*` and `lora_te2_*`) with kohya's metadata
+  (lorapipe.diffusion.webui).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+)
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorapipe.core import outputs
+from lorapipe.core.adapters import (  # noqa: F401  (lora_config: the image task's builder too)
+    RUN_KEY,
+    adapter_metadata,
+    adapter_state,
+    lora_config,
+    split_state,
+)
+from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion import webui
+from lorapipe.diffusion.families.unet import UNetFamily
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, LoraConfig]:
+    """The peft config of every component that gets a LoRA: the denoiser, and with
+    lora.text_encoder each text encoder (all its layers the conditioning uses)."""
+    targets = family.targets(lp.targets)
+    out = {family.denoiser: lora_config(lp.rank, lp.alpha, lp.dropout, targets[family.denoiser])}
+    if lp.text_encoder:
+        for name in family.text_encoders:
+            unused = family.unused_text_layers.get(name, 0)
+            layers = list(range(models[name].config.num_hidden_layers - unused)) if unused \
+                else None
+            out[name] = lora_config(lp.rank, lp.alpha, lp.dropout, targets[name], layers)
+    return out
+
+
+def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig],
+           family=None) -> dict[str, int]:
+    """Freeze each component and add its LoRA; returns the LoRA modules per component.
+    Raises if a component's targets match nothing (family: whose module names to suggest;
+    the UNet families' by default)."""
+    example = (family or UNetFamily).target_example
+    counts = {}
+    for name, config in configs.items():
+        model = models[name]
+        model.requires_grad_(False)
+        try:
+            model.add_adapter(config)
+        except ValueError as exc:
+            raise LorapipeError(
+                f"lora.targets {sorted(config.target_modules)} match no {_title(name)} layer "
+                f"({exc}); use a preset (attn, kohya) or {example}") from None
+        counts[name] = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+    return counts
+
+
+def save_diffusers(state: dict[str, torch.Tensor], configs: dict[str, LoraConfig], family,
+                   folder: Path, run: str) -> Path:
+    """The diffusers/peft file (adapter_state() weights: the denoiser's and any text encoder's),
+    written by the family's pipeline; `run` names the training run, so the sample stage can
+    name its TensorBoard run the same (diffusers ignores metadata keys it does not know)."""
+    # peft's own key format ('.lora_A.weight'), which every diffusers loader reads; not
+    # convert_state_dict_to_diffusers, which renames only the attention projections and
+    # leaves a kohya-preset LoRA in two formats that load_lora_weights half-ignores
+    layers = {}
+    for name, part in split_state(state).items():
+        if name != family.denoiser:
+            part = {portable_text_name(k): v for k, v in part.items()}
+        layers[f"{name}_lora_layers"] = part
+        layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(configs[name])
+    family.pipeline_class.save_lora_weights(
+        save_directory=str(folder), safe_serialization=True, weight_name=DIFFUSERS_FILE,
+        **layers)
+    outputs.canonical_safetensors(folder / DIFFUSERS_FILE, {RUN_KEY: run})
+    return folder / DIFFUSERS_FILE
+
+
+def portable_text_name(name: str) -> str:
+    """A text-encoder module or tensor name as every loader knows it: transformers 5 flattened
+    CLIPTextModel ('encoder.layers.0...'), while A1111, ComfyUI, kohya and older diffusers
+    expect the 'text_model.' level (diffusers strips it again for a flattened model)."""
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
+def training_run(folder: Path) -> str | None:
+    """The training run recorded in a LoRA folder's diffusers file, if any."""
+    with safe_open(str(Path(folder) / DIFFUSERS_FILE), "pt") as f:
+        return (f.metadata() or {}).get(RUN_KEY)
+
+
+def to_kohya(state: dict[str, torch.Tensor], alpha: float, family, denoiser_config
+             ) -> dict[str, torch.Tensor]:
+    """adapter_state() names -> kohya/WebUI names: 'unet.a.b.lora_A.weight' ->
+    'lora_unet_a_b.lora_down.weight' (SD) or the module's original SGM name (SDXL;
+    families.Family.webui_module); 'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'
+    -> 'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_)."""
+    out = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        module, kind, _ = rest.rsplit(".", 2)
+        if component == family.denoiser:
+            name = family.kohya_prefix + family.webui_module(module, denoiser_config)
+        else:
+            name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
+                ".", "_")
+        out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return dict(sorted(out.items()))
+
+
+def save_webui(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
+    """kohya-layout tensors (to_kohya) in one file with `metadata` (webui.build_metadata)
+    written as kohya writes it, plus the additional-networks hashes of its tensors."""
+    meta = webui.as_strings(metadata)
+    meta.update(webui.addnet_hashes(tensors, meta))
+    save_file(tensors, str(path), metadata=meta)
+    outputs.canonical_safetensors(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the WebUI file's metadata says about the training run (webui.build_metadata)."""
+
+    base: dict  # families.Family.base_version
+    resolution: tuple[int, int]  # (width, height)
+    captions: list[str]  # of the training images
+    dirs: list[str]  # the dataset folder of each training image (kohya's ss_dataset_dirs)
+    max_steps: int
+    epochs: int
+    step: int  # the step whose weights are saved (the best one after early stopping)
+    run: str  # the TensorBoard run
+    layout: dict | None = None  # preprocess's resolution and bucket params
+    histogram: dict[str, int] | None = None  # images per bucket ('WxH')
+
+
+def save_lora(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig], family,
+              params, out_dir: Path, record: Record) -> None:
+    """Both formats into out_dir, atomically; refuses non-finite weights."""
+    state = adapter_state(models)
+    bad = [k for k, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
+    name = webui.output_name(params.lora.name)
+    metadata = webui.build_metadata(params, name, record)
+    tensors = to_kohya(state, params.lora.alpha, family, models[family.denoiser].config)
+    with outputs.atomic_dir(out_dir) as tmp:
+        save_diffusers(state, configs, family, tmp, record.run)
+        save_webui(tensors, metadata, tmp / webui.file_name(name))
+
+
+def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, LoraConfig],
+              family) -> list[str]:
+    """Load an existing LoRA (diffusers folder/file or a kohya/WebUI file) into the attached
+    adapters, so training continues from it. Returns notes for the user.
+
+    Every part of the file must be used: a text-encoder part while lora.text_encoder is off
+    is an error, never a silent drop. A component the file lacks (a denoiser-only LoRA continued
+    with lora.text_encoder on) starts fresh, with a note. A LoRA saved with another alpha is
+    rescaled (up weights * file_alpha / alpha) so the model starts out computing exactly
+    what that LoRA computed.
+    """
+    try:
+        loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
+            path, local_files_only=True, return_lora_metadata=True,
+            **family.lora_reading_kwargs(models[family.denoiser]))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None
+    parts = split_state(loaded)
+    denoiser = family.denoiser
+    if denoiser not in parts:
+        raise LorapipeError(f"lora.init: {path!r} holds no {_title(denoiser)} LoRA weights")
+    unused = [name for name in parts if name not in models]
+    if unused:
+        count = sum(len(parts[name]) for name in unused)
+        raise LorapipeError(
+            f"lora.init: {path!r} also holds a text-encoder LoRA ({count} tensors: "
+            f"{', '.join(unused)}), which lora.text_encoder: false would drop; set "
+            "lora.text_encoder: true to continue all of it")
+    notes = []
+    file_alpha = _file_alpha(path, alphas, metadata, configs[denoiser], denoiser)
+    for name, model in models.items():
+        if name not in parts:
+            notes.append(f"lora.init: {path} has no {name} LoRA; the {name} LoRA starts fresh")
+            continue
+        if name == denoiser:
+            incoming = family.denoiser_lora_to_peft(parts[name])
+        else:
+            incoming = convert_state_dict_to_peft(convert_state_dict_to_diffusers(parts[name]))
+            if not hasattr(model, "text_model"):  # flattened (transformers 5): as diffusers does
+                incoming = {k.removeprefix("text_model."): v for k, v in incoming.items()}
+        _check_init(path, name, incoming, get_peft_model_state_dict(model), configs[name])
+        if file_alpha != configs[name].lora_alpha:
+            for key in incoming:
+                if key.endswith("lora_B.weight"):
+                    incoming[key] = incoming[key] * (file_alpha / configs[name].lora_alpha)
+        set_peft_model_state_dict(model, incoming, adapter_name="default")
+    return notes
+
+
+def _title(component: str) -> str:
+    """'unet' -> 'UNet', 'text_encoder_2' -> 'text encoder 2': for messages."""
+    return {"unet": "UNet"}.get(component, component.replace("_", " "))
+
+
+def _check_init(path: str, name: str, incoming: dict, current: dict, config: LoraConfig):
+    missing = sorted(set(current) - set(incoming))
+    extra = sorted(set(incoming) - set(current))
+    if missing or extra:
+        detail = "; ".join(
+            f"{len(keys)} LoRA tensors {what} (e.g. {keys[0]})"
+            for keys, what in ((missing, "missing from it"), (extra, "it has that we do not"))
+            if keys
+        )
+        raise LorapipeError(
+            f"lora.init: {path!r} was trained on other layers than lora.targets "
+            f"{sorted(config.target_modules)} ({_title(name)}): {detail}; set lora.targets to "
+            "the layers it was trained on (a preset: attn, kohya; or the list)"
+        )
+    for key, tensor in incoming.items():
+        if tensor.shape != current[key].shape:
+            file_rank = min(tensor.shape[:2])
+            raise LorapipeError(
+                f"lora.init: {path!r} has rank {file_rank} but lora.rank is {config.r}; "
+                f"set lora.rank: {file_rank} to continue training it"
+            )
+
+
+def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: LoraConfig,
+                denoiser: str):
+    """The alpha a LoRA file was saved with: kohya files store one per module, our diffusers
+    files store the peft config; a file with neither is taken to use ours."""
+    if alphas:
+        values = {float(v) for v in alphas.values()}
+        if len(values) > 1:
+            raise LorapipeError(
+                f"lora.init: {path!r} uses different alphas per layer {sorted(values)}; "
+                "continuing such a LoRA is not supported"
+            )
+        return values.pop()
+    if metadata and f"{denoiser}.lora_alpha" in metadata:
+        return float(metadata[f"{denoiser}.lora_alpha"])
+    return float(config.lora_alpha)

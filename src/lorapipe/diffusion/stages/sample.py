@@ -1,0 +1,70 @@
+"""sample, image task: images from the trained LoRA beside the base model's, and a grid of
+them, loaded the way users load the LoRA (pipe.load_lora_weights)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lorapipe.core import threads
+from lorapipe.core.errors import LorapipeError
+
+
+def run(params, args) -> int:
+    import numpy as np
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from dvclive import Live
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from lorapipe.core import outputs
+    from lorapipe.diffusion.lora import DIFFUSERS_FILE, training_run
+    from lorapipe.diffusion.models import load_base
+    from lorapipe.diffusion.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
+    from lorapipe.core.tracking import sample_run_name
+
+    p = params.sample
+    if not (Path(args.lora) / DIFFUSERS_FILE).exists():
+        raise LorapipeError(f"{args.lora} holds no {DIFFUSERS_FILE}; run the train stage first")
+    if not torch.cuda.is_available():
+        # always automatic here: sample.* has no thread key, and images are not compared
+        # across machines byte for byte the way the trained LoRA is
+        torch.set_num_threads(threads.share(0)[0])
+    diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
+    base = load_base(params.model.base, params.model.config)
+    pipe = base.pipe
+    pipe.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(args.lora)  # exactly as a user loads it
+    settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
+                              p.lora_scale)
+    seeds = seeds_for(p.seed, p.images_per_prompt)
+
+    start = time.perf_counter()
+    with tqdm(total=len(p.prompts) * len(seeds), desc="sample", unit="pair") as bar:
+        grid, images = sample_grid(pipe, p.prompts, seeds, settings, progress=bar,
+                                   family=base.family)
+    seconds = time.perf_counter() - start
+    with outputs.atomic_dir(args.out) as tmp:
+        for index, seed, base, lora in images:
+            lora.save(tmp / f"prompt{index:02d}_seed{seed}.png")
+            base.save(tmp / f"prompt{index:02d}_seed{seed}_base.png")
+        grid.save(tmp / "grid.png")
+        (tmp / "prompts.json").write_text(json.dumps(
+            {f"prompt{i:02d}": prompt for i, prompt in enumerate(p.prompts)}, indent=2) + "\n")
+        live = Live(str(tmp / "dvclive"), dvcyaml=False, save_dvc_exp=False)
+        live.log_image("grid.png", grid)  # for `dvc plots show`, beside the loss curves
+        live.make_summary()
+
+    with outputs.atomic_dir(Path(args.logs) / sample_run_name(training_run(Path(args.lora)))
+                            ) as tmp:
+        writer = SummaryWriter(str(tmp))
+        writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")
+        writer.close()
+    print(f"sample: {len(images)} base/LoRA pairs for {len(p.prompts)} prompts "
+          f"({p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
+          f"{p.lora_scale:g}) in {seconds:.1f} s -> {args.out}/grid.png")
+    return 0
+
