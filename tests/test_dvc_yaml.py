@@ -43,8 +43,14 @@ def _file(module: str):
 
 def import_closure(stage_file) -> set[str]:
     """Every file of the package that `python -m stages.<name>` can import, as dvc.yaml
-    writes the paths."""
+    writes the paths. A stage that hands over through the task registry
+    (lorapipe.tasks.stage(params, name)) imports that stage's module of every task."""
     todo, seen = list(_imports(stage_file)), set()
+    if "lorapipe.tasks" in todo:
+        from lorapipe.tasks import PACKAGES
+
+        handed = [f"{package}.stages.{stage_file.stem}" for package in PACKAGES.values()]
+        todo += [".".join(m.split(".")[:i]) for m in handed if _exists(m) for i in (2, 3, 4)]
     while todo:
         module = todo.pop()
         if module not in seen:

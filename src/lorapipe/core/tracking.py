@@ -1,4 +1,5 @@
-"""dvclive + TensorBoard + a plain-text log behind one small interface, with one set of names.
+"""dvclive + TensorBoard + a plain-text log behind one small interface, with one set of names
+(lorapipe.core.metrics).
 
 Names follow kohya's trainers, the de facto standard: loss/current, loss/average,
 loss/epoch_average, lr/unet. Each TensorBoard run gets its own folder under logs/tensorboard/
@@ -17,14 +18,24 @@ from dvclive import Live
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from lorapipe.core.metrics import (
+    LR_DENOISER,
+    LR_LORA,
+    LR_TEXT,
+    STEP_AVERAGE,
+    STEP_LOSS,
+    TRAIN_FIXED,
+    VALIDATION,
+)
+
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
 # TensorBoard's Custom Scalars tab: the curves that are read together, in one chart each
 LAYOUT = {
     "lorapipe": {
         "fixed-noise loss: training vs validation (overfitting: the lines part)": [
-            "Multiline", ["loss/train/fixed", "loss/validation/step_average"]],
-        "step loss and its moving average": ["Multiline", ["loss/current", "loss/average"]],
-        "learning rate": ["Multiline", ["lr/unet", "lr/textencoder", "lr/lora"]],
+            "Multiline", [TRAIN_FIXED, VALIDATION]],
+        "step loss and its moving average": ["Multiline", [STEP_LOSS, STEP_AVERAGE]],
+        "learning rate": ["Multiline", [LR_DENOISER, LR_TEXT, LR_LORA]],
     },
 }
 PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
@@ -157,7 +168,7 @@ class Tracker:
         into this run's own folder: SummaryWriter.add_hparams would start a sub-run."""
         values = {k: v if isinstance(v, bool | int | float | str) else str(v)
                   for k, v in {**params, **outcome}.items()}
-        metrics = {tag: 0.0 for tag in ("loss/train/fixed", "loss/validation/step_average")
+        metrics = {tag: 0.0 for tag in (TRAIN_FIXED, VALIDATION)
                    if any(tag in m for _, m in self.history)}  # values: the scalars' last
         for event in hparams(values, metrics):
             self.tb.file_writer.add_summary(event)

@@ -1,14 +1,23 @@
 """Generation for the LLM task: each prompt answered by the base and by the LoRA, greedily and
-sampled, written side by side (samples.md, samples.json, TensorBoard's text tab)."""
+sampled, written side by side (samples.md, samples.json, TensorBoard's text tab, and as an
+image for `dvc plots show` / `dvc plots diff`, which show images but not text)."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import textwrap
+
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from lorapipe.llm.data import prompt_text
+
+FONT_PX = 14
+LINE_H = 18  # one text line: the font's height plus a margin
+COLUMNS = (90, 380, 380)  # mode, base, LoRA: pixel widths
+MAX_LINES = 8  # per answer in the image (the markdown and JSON hold every word)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,38 @@ def to_markdown(rows: list[dict], settings: GenerationSettings, title: str) -> s
             lines.append(f"| {mode} | {_cell(row[f'base_{mode}'])} | "
                          f"{_cell(row[f'lora_{mode}'])} |")
     return "\n".join(lines) + "\n"
+
+
+def to_image(rows: list[dict], settings: GenerationSettings, title: str) -> Image.Image:
+    """The to_markdown table as a picture: per prompt, base beside LoRA, one block per mode,
+    answers wrapped to their column (and cut after MAX_LINES lines)."""
+    font = ImageFont.load_default(size=FONT_PX)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    chars = [max(8, int(w / max(probe.textlength("n", font=font), 1)) - 1) for w in COLUMNS]
+
+    def wrap(text: str, column: int) -> list[str]:
+        lines = textwrap.wrap(text.replace("\r", ""), chars[column]) or ["(nothing)"]
+        return lines[:MAX_LINES - 1] + ["…"] if len(lines) > MAX_LINES else lines
+
+    blocks = [[(0, title)], [(0, "")]]
+    for row in rows:
+        blocks.append([(0, f"prompt: {row['prompt']}")])
+        blocks.append([(0, "")] + [(1, "base"), (2, "LoRA")])
+        for mode in settings.modes:
+            base, lora = wrap(row[f"base_{mode}"], 1), wrap(row[f"lora_{mode}"], 2)
+            blocks.append([(0, mode)] + [(1, line) for line in base]
+                          + [(2, line) for line in lora])
+    heights = [max(sum(1 for c, _ in b if c == col) for col in range(3)) for b in blocks]
+    image = Image.new("RGB", (sum(COLUMNS) + 16, (sum(heights) + 1) * LINE_H), "white")
+    draw = ImageDraw.Draw(image)
+    top = 4
+    for block, height in zip(blocks, heights, strict=True):
+        for col in range(3):
+            x = 8 + sum(COLUMNS[:col])
+            for k, (_, line) in enumerate([(c, s) for c, s in block if c == col]):
+                draw.text((x, top + k * LINE_H), line, fill="black", font=font)
+        top += height * LINE_H
+    return image
 
 
 def _cell(text: str) -> str:

@@ -20,7 +20,9 @@ def run(params, args) -> int:
     from lorapipe.core import outputs
     from lorapipe.llm.adapter import ADAPTER_FILE, scale_lora, training_run
     from lorapipe.llm.models import load_llm
-    from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
+    from dvclive import Live
+
+    from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_image, to_markdown
     from lorapipe.core.tracking import sample_run_name
 
     if not (Path(args.lora) / ADAPTER_FILE).exists():
@@ -40,6 +42,11 @@ def run(params, args) -> int:
         (tmp / "samples.json").write_text(json.dumps(
             {"settings": vars(settings) | {"modes": settings.modes}, "samples": rows},
             indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # the answers as a picture, for `dvc plots show` and `dvc plots diff` (dvc.yaml plots)
+        live = Live(str(tmp / "dvclive"), dvcyaml=False, save_dvc_exp=False)
+        live.log_image("samples.png", to_image(rows, settings, f"base beside LoRA: "
+                                                             f"{params.model.base}"))
+        live.make_summary()
     with outputs.atomic_dir(Path(args.logs) / sample_run_name(training_run(Path(args.lora)))
                             ) as tmp:
         writer = SummaryWriter(str(tmp))
