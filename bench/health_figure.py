@@ -30,8 +30,8 @@ COLOURS = {"loss/train/fixed": (31, 119, 180), "loss/validation/step_average": (
 def train(root: Path, cache: Path, overrides: dict) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
-    from lorapipe.tasks import load_params
     from lorapipe.core.training import run
+    from lorapipe.tasks import load_params
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

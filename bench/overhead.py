@@ -73,8 +73,10 @@ def through_dvc(root: Path) -> dict[str, float]:
 def import_seconds(root: Path, name: str) -> float:
     """Self-reported import time of `stages.<name>` and what its main imports, from
     `python -X importtime` (cumulative time of the top-level imports)."""
-    heavy = {"encode": "lorapipe.diffusion.cache, lorapipe.diffusion.models", "train": "lorapipe.core.training",
-             "sample": "lorapipe.diffusion.sampling, lorapipe.diffusion.models, lorapipe.diffusion.lora"}.get(name, "")
+    heavy = {"encode": "lorapipe.diffusion.cache, lorapipe.diffusion.models",
+             "train": "lorapipe.core.training, lorapipe.diffusion.recipe",
+             "sample": "lorapipe.diffusion.sampling, lorapipe.diffusion.models, "
+                       "lorapipe.diffusion.lora"}.get(name, "")
     code = f"import stages.{name}" + (f"; import {heavy}" if heavy else "")
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=root,
                          env=workspace.env(PYTHONPATH=str(root)), capture_output=True,

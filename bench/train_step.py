@@ -60,8 +60,8 @@ CLIP_L = dict(  # openai/clip-vit-large-patch14, SD 1.5's text encoder
 def example_cache(root: Path) -> Path:
     """The example data at 64 px, encoded with the builtin model (as the pipeline does)."""
     from lorapipe.diffusion.cache import encode_dataset, save_cache
-    from lorapipe.diffusion.images import save_square_png
     from lorapipe.diffusion.families.sd import build_tiny_sd
+    from lorapipe.diffusion.images import save_square_png
 
     processed = root / "processed"
     processed.mkdir(parents=True, exist_ok=True)
@@ -82,9 +82,9 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
     captions every step like diffusers' train_text_to_image_lora.py."""
     from lorapipe.diffusion import lora
     from lorapipe.diffusion.cache import image_tensor, load_cache
-    from lorapipe.diffusion.objectives import DDPM, diffusion_loss
     from lorapipe.diffusion.families.sd import build_tiny_sd
     from lorapipe.diffusion.models import training_scheduler
+    from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
     pipe = build_tiny_sd()
     unet, sched = pipe.unet, training_scheduler(pipe)
@@ -128,8 +128,8 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
     """s/step of lorapipe's train loop (the stage's own code), from its summary."""
     import yaml
 
-    from lorapipe.tasks import load_params
     from lorapipe.core.training import run
+    from lorapipe.tasks import load_params
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
@@ -184,8 +184,8 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
         start = time.perf_counter()
         if encoder is not None:
             text = encoder(ids)[0]
-        loss = diffusion_loss(lambda x, t: unet(x, t, encoder_hidden_states=text).sample,
-                              DDPM(sched), latents, gen)
+        loss = diffusion_loss(lambda x, t, text=text: unet(x, t, encoder_hidden_states=text)
+                              .sample, DDPM(sched), latents, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -394,3 +394,28 @@ def shared_tmp():
     folder.chmod(0o1777)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def plot_sources() -> list[str]:
+    """Every file or folder dvc.yaml's top-level plots name (plot ids that are paths, and the
+    files of each chart's y)."""
+    import yaml
+
+    out = []
+    for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]:
+        name, props = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
+        y = (props or {}).get("y")
+        out += list(y) if isinstance(y, dict) else [name]
+    return out
+
+
+def assert_plots_load(root: Path, sh) -> None:
+    """Every plot dvc.yaml names was written by this run, and `dvc plots show` loads each
+    one without an error (DVC's 'failed to load some plots')."""
+    import json
+
+    missing = [p for p in plot_sources() if not (root / p).exists()]
+    assert missing == [], f"dvc.yaml plots this run did not write: {missing}"
+    shown = json.loads(sh("dvc", "plots", "show", "--json").strip().splitlines()[-1])
+    assert not shown.get("errors"), shown.get("errors")
+    assert all(shown["data"].values())  # every plot has data

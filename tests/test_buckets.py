@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import SDXL, make_params, rgb_image, train_in, write_csv
+from lorapipe.core.evaluation import holdout
 from lorapipe.diffusion import buckets
 from lorapipe.diffusion.cache import load_cache
-from lorapipe.core.evaluation import holdout
 from stages import preprocess as preprocess_stage
 from stages import validate as validate_stage
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import git_copy, ran, set_param, tree_digest
+from conftest import assert_plots_load, git_copy, ran, set_param, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo):
     assert Image.open(root / "samples/grid.png").size[0] == 2 * 128
     metrics = sh("dvc", "metrics", "show")
     assert "dvclive/metrics.json" in metrics and "reports/validation.json" not in metrics
+    assert_plots_load(root, sh)  # every plot dvc.yaml names: written, and loads
     sh("dvc", "plots", "show", "-o", "plots_out")  # loss curves and sample images, one page
     html = (root / "plots_out/index.html").read_text()
     # works offline: vega is in the page, no script comes from the network

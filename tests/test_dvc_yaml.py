@@ -16,7 +16,8 @@ PACKAGE = REPO / "src" / "lorapipe"
 
 def _imports(path) -> set[str]:
     """The lorapipe modules a file imports anywhere (top level or inside functions), with
-    the packages that hold them (importing lorapipe.diffusion.families.sd runs families/__init__)."""
+    the packages that hold them (importing lorapipe.diffusion.families.sd runs
+    families/__init__)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_dirs, same_weights, train_in
 from lorapipe.core.evaluation import holdout
 from lorapipe.core.health import RunFacts, diagnose, diverged_advice, to_markdown
-from lorapipe.tasks import load_params
 from lorapipe.core.training import Diverged
+from lorapipe.tasks import load_params
 
 T = load_params(REPO / "params.yaml").health
 FACTS = RunFacts(learning_rate=2e-4, batch_size=2, rank=16, images=40)

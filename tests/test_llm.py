@@ -468,7 +468,7 @@ def readme_llm_line() -> list[str]:
 
 
 def test_the_readme_llm_line_runs_the_pipeline_and_params_rerun_what_they_touch(tmp_path):
-    from conftest import git_copy, ran, set_param
+    from conftest import assert_plots_load, git_copy, ran, set_param
 
     root, sh = git_copy(tmp_path / "repo")
     out = sh(*readme_llm_line(), "-n", "llm")
@@ -484,6 +484,12 @@ def test_the_readme_llm_line_runs_the_pipeline_and_params_rerun_what_they_touch(
                                               "What is one plus three?",
                                               "Give the opposite of big."]
     assert (root / "models/lora" / ADAPTER).exists()
+    # dvc plots show: every plot loads, the LLM's lr and perplexity among them
+    assert_plots_load(root, sh)
+    charts = json.loads(sh("dvc", "plots", "show", "--json").strip().splitlines()[-1])["data"]
+    assert {"dvclive/plots/metrics/lr/lora.tsv", "dvclive/plots/metrics/perplexity/train.tsv",
+            "dvclive/plots/metrics/perplexity/validation.tsv",
+            "samples/dvclive/plots/images/samples.png"} <= set(charts)
 
     # the workspace now holds the experiment: each llm key reruns the stages that read it
     set_param(root, "llm.temperature", 0)

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import WEBUI_FILE, train_in
-from lorapipe.diffusion import lora
 from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion import lora
 from lorapipe.diffusion.families.sd import build_tiny_sd
 
 

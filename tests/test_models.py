@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import REPO
-from lorapipe.diffusion.cache import load_cache
 from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion.cache import load_cache
 from lorapipe.diffusion.families.sd import build_tiny_sd
 from lorapipe.diffusion.families.tiny import tiny_tokenizer
 from lorapipe.diffusion.models import load_pipeline, training_scheduler

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from conftest import SDXL, WEBUI_FILE, make_params, train_in
 from ldm_layout import write_single_file
+from lorapipe.core import adapters
 from lorapipe.diffusion import families, ldm, lora
 from lorapipe.diffusion.cache import encode_dataset, load_cache, save_cache
 from lorapipe.diffusion.families.sdxl import SDXL_1_0_UNET, build_tiny_sdxl
@@ -154,7 +155,7 @@ def test_webui_names_are_the_real_sdxl_unet_modules(preset, modules):
     sdxl = families.by_name("sdxl")
     config = lora.lora_config(4, 4, 0.0, sdxl.targets(preset)["unet"])
     assert lora.attach({"unet": unet}, {"unet": config}) == {"unet": modules}
-    state = lora.adapter_state({"unet": unet})
+    state = adapters.adapter_state({"unet": unet})
     tensors = lora.to_kohya(state, 4, sdxl, unet.config)
     linear = {k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(
         ".", "_"): v.shape for k, v in original.items() if v.ndim == 2}

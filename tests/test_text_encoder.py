@@ -16,12 +16,13 @@ import torch
 from safetensors import safe_open
 
 from conftest import SDXL, WEBUI_FILE, train_in
-from lorapipe.diffusion import captions, families, lora
-from lorapipe.diffusion.cache import load_cache
+from lorapipe.core import adapters
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.params import ParamsError
-from lorapipe.tasks import load_params
+from lorapipe.diffusion import captions, families, lora
+from lorapipe.diffusion.cache import load_cache
 from lorapipe.diffusion.sampling import SampleSettings, generate
+from lorapipe.tasks import load_params
 
 STEPS = 100
 
@@ -49,7 +50,7 @@ def test_text_encoder_lora_learns_faster_than_unet_only(runs, example_cache):
     assert te.summary["loss"]["val"] < unet_only.summary["loss"]["val"]
     # its weights moved from their zero start, and the conditioning it gives changed
     encoder = te.models["text_encoder"]
-    ups = [v for k, v in lora.peft_state(encoder).items() if "lora_B" in k]
+    ups = [v for k, v in adapters.peft_state(encoder).items() if "lora_B" in k]
     assert len(ups) == 8 and all(v.abs().max() > 0 for v in ups)
     ids = load_cache(example_cache).tokens["text_encoder"][:4]
     sd = families.by_name("sd")
@@ -222,7 +223,7 @@ def test_webui_names_cover_the_real_text_encoders(family_name, encoders):
     configs = lora.configs_for(lp, family, {"unet": None, **models})
     del configs["unet"]
     lora.attach(models, configs)
-    tensors = lora.to_kohya(lora.adapter_state(models), 4, family, None)
+    tensors = lora.to_kohya(adapters.adapter_state(models), 4, family, None)
     for name, (prefix, _, layers) in encoders.items():
         expected = {f"{prefix}text_model_encoder_layers_{i}_{m}"
                     for i in range(layers) for m in CLIP_MODULES}
@@ -258,7 +259,7 @@ def test_kohya_unet_preset_is_every_linear_and_1x1_conv_of_the_transformer_block
         config = lora.lora_config(4, 4, 0.0, sd.targets(preset)["unet"])
         counts[preset] = lora.attach({"unet": unet}, {"unet": config})["unet"]
         wrapped = {k.removeprefix("unet.").rsplit(".", 2)[0]
-                   for k in lora.adapter_state({"unet": unet})}
+                   for k in adapters.adapter_state({"unet": unet})}
         assert wrapped <= inside
         if preset == "kohya":
             assert wrapped == inside
@@ -276,7 +277,7 @@ def test_init_continues_a_text_encoder_lora_or_says_which_key_to_set(runs):
         configs = lora.configs_for(lp, sd, models)
         lora.attach(models, configs)
         assert lora.load_init(models, str(source), configs, sd) == []
-        state, trained = lora.adapter_state(models), lora.adapter_state(te.models)
+        state, trained = adapters.adapter_state(models), adapters.adapter_state(te.models)
         assert set(state) == set(trained) and len(state) == 2 * 40
         for key, value in trained.items():
             torch.testing.assert_close(state[key], value, rtol=0, atol=1e-7)
@@ -297,7 +298,7 @@ def test_init_continues_a_text_encoder_lora_or_says_which_key_to_set(runs):
     notes = lora.load_init(models, str(unet_root / "lora"), configs, sd)
     assert notes == [f"lora.init: {unet_root / 'lora'} has no text_encoder LoRA; the "
                      "text_encoder LoRA starts fresh"]
-    assert all(v.abs().max() == 0 for k, v in lora.peft_state(pipe.text_encoder).items()
+    assert all(v.abs().max() == 0 for k, v in adapters.peft_state(pipe.text_encoder).items()
                if "lora_B" in k)
 
 

@@ -11,8 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_dirs, train_in
-from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 from lorapipe.core.training import Diverged, Plan
+from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
 
 def tsv(root, name) -> list[tuple[int, float]]:

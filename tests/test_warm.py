@@ -145,8 +145,9 @@ def test_lorapipe_warm_0_runs_the_stage_in_its_own_process(tmp_path):
 
 def warm_key(env) -> str:
     """The server key a client with `env` computes (what an attacker can compute too)."""
-    out = subprocess.run([sys.executable, "-c", "from lorapipe.core import warm; print(warm.key())"],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c",
+                          "from lorapipe.core import warm; print(warm.key())"], env=env,
+                         capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
 

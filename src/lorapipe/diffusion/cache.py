@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lorapipe.diffusion import buckets as buckets_module
-from lorapipe.diffusion import families
 from lorapipe.core import outputs
 from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion import buckets as buckets_module
+from lorapipe.diffusion import families
 
 CACHE_FILE = "latents.safetensors"
 

@@ -23,6 +23,7 @@ from lorapipe.core.findings import (
     decode_text,
     read_data_file,
 )
+from lorapipe.core.parallel import map_progress
 from lorapipe.diffusion.images import (
     ImageProblem,
     image_extensions,
@@ -30,7 +31,6 @@ from lorapipe.diffusion.images import (
     normalise_name,
     resolve_inside,
 )
-from lorapipe.core.parallel import map_progress
 
 _OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 FILE_COLUMNS = ("file_name", "filename", "image")

@@ -8,9 +8,8 @@ what to do): loading one runs arbitrary code.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.params import BUILTIN_PREFIX

@@ -18,7 +18,9 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-from lorapipe.core.params import SAMPLERS as SCHEDULERS  # the one list; params.yaml is checked on it
+from lorapipe.core.params import (
+    SAMPLERS as SCHEDULERS,  # the one list; params.yaml is checked on it
+)
 from lorapipe.diffusion import families
 
 MIN_CELL = 128  # grid cells are enlarged (nearest neighbour) to at least this many pixels

@@ -4,10 +4,9 @@ image for `dvc plots show` / `dvc plots diff`, which show images but not text)."
 
 from __future__ import annotations
 
+import textwrap
 from contextlib import nullcontext
 from dataclasses import dataclass
-
-import textwrap
 
 import torch
 from PIL import Image, ImageDraw, ImageFont

@@ -16,8 +16,8 @@ from transformers import (
     CLIPTextModelWithProjection,
 )
 
-from lorapipe.diffusion import ldm
 from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion import ldm
 from lorapipe.diffusion.families.tiny import TINY_SEED, tiny_tokenizer, tiny_vae
 from lorapipe.diffusion.families.unet import UNetFamily
 

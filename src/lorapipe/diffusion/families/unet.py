@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from diffusers.utils import convert_unet_state_dict_to_peft
 
-from lorapipe.diffusion.families import Family
+from lorapipe.diffusion.family import Family
 from lorapipe.diffusion.objectives import DDPM, Objective
 
 # the peft target names of the lora.targets presets (UNetFamily.targets)

@@ -20,10 +20,10 @@ def run(params, args) -> int:
     from tqdm import tqdm
 
     from lorapipe.core import outputs
+    from lorapipe.core.tracking import sample_run_name
     from lorapipe.diffusion.lora import DIFFUSERS_FILE, training_run
     from lorapipe.diffusion.models import load_base
     from lorapipe.diffusion.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
-    from lorapipe.core.tracking import sample_run_name
 
     p = params.sample
     if not (Path(args.lora) / DIFFUSERS_FILE).exists():

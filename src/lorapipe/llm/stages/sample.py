@@ -13,17 +13,16 @@ from lorapipe.core.errors import LorapipeError
 
 def run(params, args) -> int:
     import torch
+    from dvclive import Live
     from peft import PeftModel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     from lorapipe.core import outputs
+    from lorapipe.core.tracking import sample_run_name
     from lorapipe.llm.adapter import ADAPTER_FILE, scale_lora, training_run
     from lorapipe.llm.models import load_llm
-    from dvclive import Live
-
     from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_image, to_markdown
-    from lorapipe.core.tracking import sample_run_name
 
     if not (Path(args.lora) / ADAPTER_FILE).exists():
         raise LorapipeError(f"{args.lora} holds no {ADAPTER_FILE}; run the train stage first")

@@ -1,0 +1,83 @@
+"""The package's shape: the shared core imports no task, nothing imports in a circle (imports
+inside functions included), and the stages hand over to the task registry without deciding
+anything by task_type themselves."""
+
+from __future__ import annotations
+
+import ast
+
+from test_dvc_yaml import PACKAGE, _exists, _file, _imports
+
+from conftest import REPO
+
+
+def modules() -> dict[str, set[str]]:
+    """Every module of lorapipe -> the lorapipe modules it imports (anywhere in the file),
+    with the packages an import runs (importing a.b.c runs a/__init__ and a/b/__init__)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = {m for m in _imports(path) if m != name and _file(m).exists()}
+    return graph
+
+
+def test_the_core_imports_no_task():
+    graph = modules()
+    core = {name: deps for name, deps in graph.items() if name.startswith("lorapipe.core")}
+    assert len(core) > 10
+    tasks = ("lorapipe.diffusion", "lorapipe.llm", "lorapipe.tasks")
+    wrong = {name: sorted(d for d in deps if d.startswith(tasks)) for name, deps in core.items()}
+    assert not {name: deps for name, deps in wrong.items() if deps}
+
+
+def named(path) -> set[str]:
+    """The lorapipe modules a file names in its imports (anywhere in it), and for an import
+    of a module the packages above it, except the file's own packages (running those is
+    how Python imports this file, not a dependency of it)."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    me = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.startswith("lorapipe"):
+            subs = {f"{node.module}.{a.name}" for a in node.names
+                    if _exists(f"{node.module}.{a.name}")}
+            found |= subs or {node.module}  # from pkg import name: the package itself
+    out = set()
+    for module in found:
+        pieces = module.split(".")
+        out |= {".".join(pieces[:i]) for i in range(2, len(pieces) + 1)}
+        out.add(module)
+    return {m for m in out if _exists(m) and m != me and not (me.startswith(m + ".")
+                                                                and m not in found)}
+
+
+def test_no_import_cycle():
+    edges = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        edges[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = named(path)
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_stages_do_not_branch_on_the_task():
+    for stage in (REPO / "stages").glob("*.py"):
+        text = stage.read_text()
+        assert "task_type ==" not in text and '"llm"' not in text and '"sd"' not in text, stage
