@@ -35,7 +35,7 @@ def unet_output(unet) -> torch.Tensor:
 @pytest.mark.parametrize("source", ["folder", "webui"])
 def test_saved_lora_reloads_in_a_fresh_diffusers_pipeline(trained, source):
     root, result = trained
-    expected = unet_output(result.unet)
+    expected = unet_output(result.models["unet"])
     base = unet_output(build_tiny_sd().unet)
     assert (expected - base).abs().max() > 1e-3  # the LoRA does change the output
 
@@ -136,7 +136,7 @@ def test_continue_training_starts_from_the_lora(tmp_path, trained, example_cache
     # alpha 4 here, 8 in the file: the up weights are rescaled to keep the same function
     cont = train_in(tmp_path, example_cache, lora__rank=4, lora__alpha=4,
                     lora__init=str(init), train__max_steps=1, train__learning_rate=1e-12)
-    torch.testing.assert_close(unet_output(cont.unet), unet_output(result.unet),
+    torch.testing.assert_close(unet_output(cont.models["unet"]), unet_output(result.models["unet"]),
                                rtol=1e-4, atol=1e-5)
 
 

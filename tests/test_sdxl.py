@@ -92,7 +92,7 @@ def test_sdxl_lora_loads_back_in_the_sdxl_pipeline_exactly(sdxl_trained, source)
     """Both files through StableDiffusionXLPipeline.load_lora_weights: the WebUI file goes
     through diffusers' own SGM -> diffusers mapping, an independent check of its names."""
     root, result = sdxl_trained
-    expected = unet_output(result.unet)
+    expected = unet_output(result.models["unet"])
     assert (expected - unet_output(build_tiny_sdxl().unet)).abs().max() > 1e-3
     pipe = build_tiny_sdxl()
     pipe.load_lora_weights(str(root / "lora" if source == "folder" else root / "lora" / WEBUI_FILE))
@@ -117,7 +117,7 @@ def test_continue_an_sdxl_lora_from_its_webui_file(tmp_path, sdxl_trained, examp
     cont = train_in(tmp_path, example_cache_sdxl, lora__rank=4, lora__alpha=4,
                     lora__init=str(root / "lora" / WEBUI_FILE), train__max_steps=1,
                     train__learning_rate=1e-12, **SDXL)
-    torch.testing.assert_close(unet_output(cont.unet), unet_output(result.unet),
+    torch.testing.assert_close(unet_output(cont.models["unet"]), unet_output(result.models["unet"]),
                                rtol=1e-4, atol=1e-5)
 
 

@@ -142,7 +142,7 @@ def test_kohya_preset_lora_reloads_exactly_in_diffusers(kohya_run, source):
     for key, value in trained.items():
         torch.testing.assert_close(loaded[key], value, rtol=1e-5, atol=1e-6)
     unet_output = sd_unet_output if family.name == "sd" else sdxl_unet_output
-    torch.testing.assert_close(unet_output(pipe.unet), unet_output(result.unet),
+    torch.testing.assert_close(unet_output(pipe.unet), unet_output(result.models["unet"]),
                                rtol=1e-5, atol=1e-6)
     if source == "folder":  # the sample stage's switches reach the text encoders too
         plain = family.build_builtin()

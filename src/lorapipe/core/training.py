@@ -71,11 +71,10 @@ def flat_params(params) -> dict:
 @dataclass
 class TrainResult:
     summary: dict  # the metrics written to dvclive's metrics.json (empty off the main process)
-    # the first trained component with its LoRA (the image task's denoiser, the LLM), the
-    # best one after early stopping
-    unet: torch.nn.Module
     timing: dict  # wall_time_s, steps_per_s: kept out of the hashed outputs
-    models: dict  # every trained component by name: the denoiser and any text encoders
+    # every trained component by name with its LoRA (the best step's after early stopping):
+    # the image task's denoiser and any text encoders, the LLM task's model
+    models: dict
 
 
 @dataclass(frozen=True)
@@ -419,7 +418,7 @@ class Recipe:
         acc.wait_for_everyone()
         unwrapped = self.unwrapped()
         if not self.main:
-            return TrainResult({}, next(iter(unwrapped.values())), {}, unwrapped)
+            return TrainResult({}, {}, unwrapped)
         tracker, stopper = self.tracker, self.stopper
         steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
         stopped_early = end_step < plan.max_steps
@@ -464,7 +463,7 @@ class Recipe:
         tracker.text(f"done: {summary}")
         tracker.close()
         checkpoints.clear(self.paths.checkpoints)
-        return TrainResult(summary, next(iter(unwrapped.values())), timing, unwrapped)
+        return TrainResult(summary, timing, unwrapped)
 
     def _diverged(self, step: int, lr: float, what: str) -> Diverged:
         """Save the last good LoRA (the weights before this step), record the health, and
