@@ -1,7 +1,7 @@
 """Training checkpoints: save, verify and find, so a killed run resumes where it stopped.
 
 A checkpoint is accelerate's save_state (optimizer, LR scheduler, RNG states; the LoRA is
-saved by our hook instead of the whole UNet), extra files (the best LoRA so far, the sample
+saved by our hook instead of the whole base), extra files (the best LoRA so far, the sample
 images logged so far) and train_state.json: step, logged history, run name, the fingerprint
 of everything that decides the result, and the SHA-256 of every other file. train_state.json
 is written last, so a checkpoint is trusted only when it exists and every file still has its

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from lorapipe.core.evaluation import evaluating
 from lorapipe.llm.data import prompt_text
 
 FONT_PX = 14
@@ -55,10 +56,8 @@ def generate(model, tokenizer, prompt: str, settings: GenerationSettings, mode: 
 def base_and_lora(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                   progress=None) -> list[dict]:
     """For a peft model: each prompt's answers with the adapter off (base) and on (LoRA)."""
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with evaluating(model):
         for prompt in prompts:
             row = {"prompt": prompt}
             for who, context in (("base", model.disable_adapter), ("lora", nullcontext)):
@@ -68,8 +67,6 @@ def base_and_lora(model, tokenizer, prompts: list[str], settings: GenerationSett
                         if progress is not None:
                             progress.update()
             rows.append(row)
-    finally:
-        model.train(was_training)
     return rows
 
 

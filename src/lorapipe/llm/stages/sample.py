@@ -1,6 +1,7 @@
 """sample, LLM task: each of sample.prompts answered by the base and by the LoRA (loaded with
 PeftModel.from_pretrained, as users load it), greedily and sampled; samples.md (side by
-side), samples.json, and TensorBoard's text tab."""
+side), samples.json, the table drawn for `dvc plots` (samples/dvclive), and TensorBoard's
+text tab."""
 
 from __future__ import annotations
 
