@@ -419,3 +419,7 @@ def assert_plots_load(root: Path, sh) -> None:
     shown = json.loads(sh("dvc", "plots", "show", "--json").strip().splitlines()[-1])
     assert not shown.get("errors"), shown.get("errors")
     assert all(shown["data"].values())  # every plot has data
+    # and every curve the run logged is drawn
+    curves = {p.relative_to(root).as_posix()
+              for p in (root / "dvclive/plots/metrics").rglob("*.tsv")}
+    assert curves and curves <= set(shown["data"]), sorted(curves - set(shown["data"]))
