@@ -14,20 +14,27 @@ from conftest import REPO
 PACKAGE = REPO / "src" / "lorapipe"
 
 
-def _imports(path) -> set[str]:
-    """The lorapipe modules a file imports anywhere (top level or inside functions), with
-    the packages that hold them (importing lorapipe.diffusion.families.sd runs
-    families/__init__)."""
+def named_imports(path) -> set[str]:
+    """The lorapipe modules a file's import statements name, anywhere in it (top level or
+    inside functions): `from lorapipe.x import y` names lorapipe.x.y where y is a module,
+    else lorapipe.x."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
                 and node.module.startswith("lorapipe"):
-            found.add(node.module)  # from lorapipe.diffusion.families import sd: the submodule too
-            found |= {f"{node.module}.{a.name}" for a in node.names
-                      if _exists(f"{node.module}.{a.name}")}
-    return {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
+            subs = {f"{node.module}.{a.name}" for a in node.names
+                    if _exists(f"{node.module}.{a.name}")}
+            found |= subs or {node.module}
+    return found
+
+
+def _imports(path) -> set[str]:
+    """The lorapipe modules a file imports anywhere, with the packages that hold them
+    (importing lorapipe.diffusion.families.sd runs families/__init__)."""
+    return {".".join(m.split(".")[:i]) for m in named_imports(path)
+            for i in range(1, m.count(".") + 2)}
 
 
 def _exists(module: str) -> bool:

@@ -4,9 +4,7 @@ anything by task_type themselves."""
 
 from __future__ import annotations
 
-import ast
-
-from test_dvc_yaml import PACKAGE, _exists, _file, _imports
+from test_dvc_yaml import PACKAGE, _exists, _file, _imports, named_imports
 
 from conftest import REPO
 
@@ -37,15 +35,7 @@ def named(path) -> set[str]:
     how Python imports this file, not a dependency of it)."""
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     me = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("lorapipe")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.startswith("lorapipe"):
-            subs = {f"{node.module}.{a.name}" for a in node.names
-                    if _exists(f"{node.module}.{a.name}")}
-            found |= subs or {node.module}  # from pkg import name: the package itself
+    found = named_imports(path)
     out = set()
     for module in found:
         pieces = module.split(".")
