@@ -409,9 +409,9 @@ def plot_sources() -> list[str]:
     return out
 
 
-def assert_plots_load(root: Path, sh) -> None:
+def assert_plots_load(root: Path, sh) -> dict:
     """Every plot dvc.yaml names was written by this run, and `dvc plots show` loads each
-    one without an error (DVC's 'failed to load some plots')."""
+    one without an error (DVC's 'failed to load some plots'); returns the charts by id."""
     import json
 
     missing = [p for p in plot_sources() if not (root / p).exists()]
@@ -423,3 +423,4 @@ def assert_plots_load(root: Path, sh) -> None:
     curves = {p.relative_to(root).as_posix()
               for p in (root / "dvclive/plots/metrics").rglob("*.tsv")}
     assert curves and curves <= set(shown["data"]), sorted(curves - set(shown["data"]))
+    return shown["data"]

@@ -485,8 +485,7 @@ def test_the_readme_llm_line_runs_the_pipeline_and_params_rerun_what_they_touch(
                                               "Give the opposite of big."]
     assert (root / "models/lora" / ADAPTER).exists()
     # dvc plots show: every plot loads, the LLM's lr and perplexity among them
-    assert_plots_load(root, sh)
-    charts = json.loads(sh("dvc", "plots", "show", "--json").strip().splitlines()[-1])["data"]
+    charts = assert_plots_load(root, sh)
     assert {"dvclive/plots/metrics/lr/lora.tsv", "dvclive/plots/metrics/perplexity/train.tsv",
             "dvclive/plots/metrics/perplexity/validation.tsv",
             "samples/dvclive/plots/images/samples.png"} <= set(charts)

@@ -30,7 +30,7 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe.core import adapters, checkpoints, health, outputs, threads
+from lorapipe.core import adapters, checkpoints, health, outputs, summary, threads
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import EarlyStop, holdout
 from lorapipe.core.metrics import (
@@ -433,24 +433,24 @@ class Recipe:
         if stopped_early:  # the LoRA to keep is the one from the best validation step
             adapters.load_adapter_state(unwrapped, stopper.best_state, "the best step's LoRA")
             saved_step = stopper.best_step
-        verdict = _diagnose(tracker.history, self.facts, self.params.health)
+        verdict = summary.diagnose(tracker.history, self.facts, self.params.health)
         fixed = [v[TRAIN_FIXED] for _, v in tracker.history if TRAIN_FIXED in v]
-        averages = _averages(self.step_losses, plan.steps_per_epoch)
-        summary = _summary(verdict, tracker.history, end_step, self.model_name, {
+        averages = summary.averages(self.step_losses, plan.steps_per_epoch)
+        values = summary.summary(verdict, tracker.history, end_step, self.model_name, {
             "final_average_loss": averages[-1], "min_average_loss": min(averages),
             "fixed_loss_start": fixed[0], "fixed_loss_end": fixed[-1],
             "steps": end_step, "epochs": round(end_step / plan.steps_per_epoch, 2),
             "trainable_params": self.n_trainable,
         })
         if self.val_idx:
-            summary["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
+            values["early_stop"] = {"stopped": stopped_early, "best_step": stopper.best_step,
                                      "saved_step": saved_step}
         self.export(unwrapped, saved_step, end_step)
         # Wall times go to TensorBoard and the terminal only: the outputs DVC hashes
         # (dvclive, the LoRA, train.log, health.md) stay byte-identical for identical runs.
         timing = {"wall_time_s": round(time.perf_counter() - self.t0, 2),
                   "steps_per_s": round(steps_per_s, 3)}
-        tracker.summary(end_step, summary, timing)
+        tracker.summary(end_step, values, timing)
         if stopped_early:
             print(f"train: early stop at step {end_step}: no better validation loss for "
                   f"{p.early_stop.patience} evaluations; saved the LoRA of step "
@@ -459,11 +459,11 @@ class Recipe:
               f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
               f"{self.fixed_name} {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {self.paths.out}")
         tracker.hparams(flat_params(self.params), {"health.status": verdict.status})
-        _report_health(tracker, verdict, self.paths.health, end_step)  # the last line
-        tracker.text(f"done: {summary}")
+        summary.report_health(tracker, verdict, self.paths.health, end_step)  # the last line
+        tracker.text(f"done: {values}")
         tracker.close()
         checkpoints.clear(self.paths.checkpoints)
-        return TrainResult(summary, timing, unwrapped)
+        return TrainResult(values, timing, unwrapped)
 
     def _diverged(self, step: int, lr: float, what: str) -> Diverged:
         """Save the last good LoRA (the weights before this step), record the health, and
@@ -480,8 +480,9 @@ class Recipe:
             if all(torch.isfinite(t).all() for t in state.values()):
                 with outputs.atomic_dir(self.paths.out) as tmp:
                     self.save_partial(state, tmp)
-            tracker.summary(step, _summary(verdict, tracker.history, step, self.model_name, {}))
-            _report_health(tracker, verdict, self.paths.health, step)
+            tracker.summary(step, summary.summary(verdict, tracker.history, step,
+                                                        self.model_name, {}))
+            summary.report_health(tracker, verdict, self.paths.health, step)
             tracker.text(f"diverged: {error}")
             tracker.close()
         return error
@@ -505,50 +506,6 @@ def trace_batch(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
     if folder:
         with open(Path(folder) / f"rank{rank}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "micro": micro, "images": idx.tolist()}) + "\n")
-
-
-def _series(history, name: str) -> health.Series:
-    return [(step, m[name]) for step, m in history if name in m]
-
-
-def _diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
-    return health.diagnose(_series(history, TRAIN_FIXED), _series(history, VALIDATION),
-                           _series(history, STEP_LOSS), facts, thresholds)
-
-
-def _summary(verdict: health.Verdict, history, step: int, family: str, rest: dict) -> dict:
-    """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
-    decides between runs (verdict, the last fixed-noise losses, the best validation step),
-    then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
-    fixed-noise losses), so all four fit 120 columns beside DVC's own."""
-    last = {}
-    for key, name in ((TRAIN_FIXED, "train"), (VALIDATION, "val")):
-        values = [m[key] for _, m in history if key in m]
-        if values:
-            last[name] = values[-1]
-    best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
-    return {"health": verdict.summary(), "loss": last, **best, "model": {"family": family},
-            "step": step, **rest, "verdict_numbers": verdict.numbers}
-
-
-def _report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
-    """The verdict as reports/health.md, TensorBoard text at the run's last step, and the
-    stage's last line of output."""
-    text = health.to_markdown(verdict, tracker.name)
-    if path is not None:
-        outputs.write_text(path, text)
-    tracker.tb.add_text("health", text, step)
-    print(f"train: health: {verdict.status}: {verdict.headline}"
-          + (f"; {verdict.advice[0]}" if verdict.status != "healthy" else "")
-          + (f"; try: {verdict.command}" if verdict.command else ""))
-
-
-def _averages(losses: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(losses)):
-        chunk = losses[max(0, i + 1 - window):i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def _register_lora_hooks(accelerator: Accelerator, unwrapped) -> None:

@@ -1,0 +1,53 @@
+"""The end of a run, for every task: the verdict from the logged history, the summary that
+`dvc exp show` lists (dvclive's metrics.json, in its column order), and the health report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorapipe.core import health, outputs
+from lorapipe.core.metrics import STEP_LOSS, TRAIN_FIXED, VALIDATION
+
+
+def series(history, name: str) -> health.Series:
+    return [(step, m[name]) for step, m in history if name in m]
+
+
+def diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
+    return health.diagnose(series(history, TRAIN_FIXED), series(history, VALIDATION),
+                           series(history, STEP_LOSS), facts, thresholds)
+
+
+def summary(verdict: health.Verdict, history, step: int, family: str, rest: dict) -> dict:
+    """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
+    decides between runs (verdict, the last fixed-noise losses, the best validation step),
+    then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
+    fixed-noise losses), so all four fit 120 columns beside DVC's own."""
+    last = {}
+    for key, name in ((TRAIN_FIXED, "train"), (VALIDATION, "val")):
+        values = [m[key] for _, m in history if key in m]
+        if values:
+            last[name] = values[-1]
+    best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
+    return {"health": verdict.summary(), "loss": last, **best, "model": {"family": family},
+            "step": step, **rest, "verdict_numbers": verdict.numbers}
+
+
+def report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
+    """The verdict as reports/health.md, TensorBoard text at the run's last step, and the
+    stage's last line of output."""
+    text = health.to_markdown(verdict, tracker.name)
+    if path is not None:
+        outputs.write_text(path, text)
+    tracker.tb.add_text("health", text, step)
+    print(f"train: health: {verdict.status}: {verdict.headline}"
+          + (f"; {verdict.advice[0]}" if verdict.status != "healthy" else "")
+          + (f"; try: {verdict.command}" if verdict.command else ""))
+
+
+def averages(losses: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(losses)):
+        chunk = losses[max(0, i + 1 - window):i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
