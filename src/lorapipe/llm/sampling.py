@@ -96,8 +96,9 @@ def to_image(rows: list[dict], settings: GenerationSettings, title: str) -> Imag
         lines = textwrap.wrap(text.replace("\r", ""), chars[column]) or ["(nothing)"]
         return lines[:MAX_LINES - 1] + ["…"] if len(lines) > MAX_LINES else lines
 
-    blocks = [[(0, title)], [(0, "")]]
+    blocks = [[(0, title)]]
     for row in rows:
+        blocks.append([(0, "")])  # a blank line before each prompt
         blocks.append([(0, f"prompt: {row['prompt']}")])
         blocks.append([(0, "")] + [(1, "base"), (2, "LoRA")])
         for mode in settings.modes:
