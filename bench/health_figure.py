@@ -30,8 +30,8 @@ COLOURS = {"loss/train/fixed": (31, 119, 180), "loss/validation/step_average": (
 def train(root: Path, cache: Path, overrides: dict) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
-    from lorapipe.core.training import run
-    from lorapipe.tasks import load_params
+    from lorapipe.core.training import Paths, run
+    from lorapipe.tasks import load_params, stage
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -45,8 +45,9 @@ def train(root: Path, cache: Path, overrides: dict) -> dict:
         params["train"]["learning_rate"] = overrides["learning_rate"]
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    summary = run(load_params(root / "params.yaml"), cache, root / "lora", root / "dvclive",
-                  root / "logs", root / "ckpt").summary
+    params = load_params(root / "params.yaml")
+    summary = run(params, Paths(cache, root / "lora", root / "dvclive", root / "logs",
+                                root / "ckpt", None), stage(params, "train").recipe_class()).summary
     series = {}
     for name in COLOURS:
         with open(root / "dvclive/plots/metrics" / f"{name}.tsv", encoding="utf-8") as f:

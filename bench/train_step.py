@@ -128,8 +128,8 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
     """s/step of lorapipe's train loop (the stage's own code), from its summary."""
     import yaml
 
-    from lorapipe.core.training import run
-    from lorapipe.tasks import load_params
+    from lorapipe.core.training import Paths, run
+    from lorapipe.tasks import load_params, stage
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
@@ -141,8 +141,9 @@ def real_loop(steps: int, root: Path, text_encoder: bool = False, shuffle: bool 
     work = root / "real"
     work.mkdir(exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    timing = run(load_params(work / "params.yaml"), root / "cache", work / "lora",
-                 work / "dvclive", work / "logs", work / "ckpt").timing
+    p = load_params(work / "params.yaml")
+    timing = run(p, Paths(root / "cache", work / "lora", work / "dvclive", work / "logs",
+                          work / "ckpt", None), stage(p, "train").recipe_class()).timing
     return 1.0 / timing["steps_per_s"]
 
 
