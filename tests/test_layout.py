@@ -9,13 +9,18 @@ from test_dvc_yaml import PACKAGE, _exists, _file, _imports, named_imports
 from conftest import REPO
 
 
+def module_name(path) -> str:
+    """src/lorapipe/core/x.py -> lorapipe.core.x; a package's __init__.py -> the package."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def modules() -> dict[str, set[str]]:
     """Every module of lorapipe -> the lorapipe modules it imports (anywhere in the file),
     with the packages an import runs (importing a.b.c runs a/__init__ and a/b/__init__)."""
     graph = {}
     for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        name = module_name(path)
         graph[name] = {m for m in _imports(path) if m != name and _file(m).exists()}
     return graph
 
@@ -33,8 +38,7 @@ def named(path) -> set[str]:
     """The lorapipe modules a file names in its imports (anywhere in it), and for an import
     of a module the packages above it, except the file's own packages (running those is
     how Python imports this file, not a dependency of it)."""
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    me = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    me = module_name(path)
     found = named_imports(path)
     out = set()
     for module in found:
@@ -48,8 +52,7 @@ def named(path) -> set[str]:
 def test_no_import_cycle():
     edges = {}
     for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        edges[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = named(path)
+        edges[module_name(path)] = named(path)
     cycles, state = [], {}
 
     def visit(node, path):

@@ -19,8 +19,3 @@ LR_TEXT = "lr/textencoder"  # of its text-encoder LoRA(s)
 LR_LORA = "lr/lora"  # of the LLM task's LoRA
 PERPLEXITY_TRAIN = "perplexity/train"  # exp of the LLM's fixed training loss
 PERPLEXITY_VALIDATION = "perplexity/validation"
-
-
-def live_file(name: str) -> str:
-    """The dvclive .tsv a metric is written to, relative to the dvclive folder."""
-    return f"plots/metrics/{name}.tsv"

@@ -156,8 +156,8 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
                 pixels = torch.stack([image_tensor(folder / name) for name in names])
                 # The posterior mean: a random-init VAE has posterior std ~1, so a sample
                 # would be mostly noise; for trained VAEs the std is tiny and mean ~ sample.
-                z = vae.encode(pixels).latent_dist.mode()
-                z = (z - shift) * scale if shift else z * scale
+                # shift 0.0 (no shift_factor) leaves every value as it was, -0.0 included
+                z = (vae.encode(pixels).latent_dist.mode() - shift) * scale
                 for name, latent in zip(names, z, strict=True):
                     if not torch.isfinite(latent).all():
                         raise LorapipeError(

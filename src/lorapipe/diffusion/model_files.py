@@ -11,6 +11,9 @@ from lorapipe.core.model_files import PICKLE_SUFFIXES, remote_code_problem
 def source_problem(path: Path, name: str) -> str | None:
     """Why an existing path cannot be an image base model, or None."""
     if path.is_dir():
+        if (path / "config.json").exists() and not (path / "model_index.json").exists():
+            return (f"{name!r} is a Hugging Face model folder (config.json), not a diffusers "
+                    "pipeline (model_index.json); for a language model set task_type: llm")
         if not (path / "model_index.json").exists():
             return (f"{name!r} is a folder but not a diffusers model (no model_index.json) "
                     "nor a Hugging Face language model (no config.json); give a diffusers "

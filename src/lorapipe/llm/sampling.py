@@ -96,25 +96,23 @@ def to_image(rows: list[dict], settings: GenerationSettings, title: str) -> Imag
         lines = textwrap.wrap(text.replace("\r", ""), chars[column]) or ["(nothing)"]
         return lines[:MAX_LINES - 1] + ["…"] if len(lines) > MAX_LINES else lines
 
-    blocks = [[(0, title)]]
+    # one block per table row: its lines in each of the three columns
+    blocks = [([title], [], [])]
     for row in rows:
-        blocks.append([(0, "")])  # a blank line before each prompt
-        blocks.append([(0, f"prompt: {row['prompt']}")])
-        blocks.append([(0, "")] + [(1, "base"), (2, "LoRA")])
-        for mode in settings.modes:
-            base, lora = wrap(row[f"base_{mode}"], 1), wrap(row[f"lora_{mode}"], 2)
-            blocks.append([(0, mode)] + [(1, line) for line in base]
-                          + [(2, line) for line in lora])
-    heights = [max(sum(1 for c, _ in b if c == col) for col in range(3)) for b in blocks]
-    image = Image.new("RGB", (sum(COLUMNS) + 16, (sum(heights) + 1) * LINE_H), "white")
+        blocks += [([""], [], []), ([f"prompt: {row['prompt']}"], [], []),
+                   ([""], ["base"], ["LoRA"])]  # a blank line before each prompt
+        blocks += [([mode], wrap(row[f"base_{mode}"], 1), wrap(row[f"lora_{mode}"], 2))
+                   for mode in settings.modes]
+    height = sum(max(map(len, block)) for block in blocks)
+    image = Image.new("RGB", (sum(COLUMNS) + 16, (height + 1) * LINE_H), "white")
     draw = ImageDraw.Draw(image)
     top = 4
-    for block, height in zip(blocks, heights, strict=True):
-        for col in range(3):
-            x = 8 + sum(COLUMNS[:col])
-            for k, (_, line) in enumerate([(c, s) for c, s in block if c == col]):
-                draw.text((x, top + k * LINE_H), line, fill="black", font=font)
-        top += height * LINE_H
+    for block in blocks:
+        for col, lines in enumerate(block):
+            for k, line in enumerate(lines):
+                draw.text((8 + sum(COLUMNS[:col]), top + k * LINE_H), line, fill="black",
+                          font=font)
+        top += max(map(len, block)) * LINE_H
     return image
 
 
