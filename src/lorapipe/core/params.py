@@ -140,6 +140,23 @@ class EarlyStopParams:
     patience: int = key("evaluations without a better validation loss; 0 = off", minimum=0)
 
 
+@dataclass(frozen=True)
+class FlowParams:
+    timestep_sampling: str = key("how flow matching draws noise levels",
+                                 choices=("uniform", "logit_normal", "sigmoid"))
+    logit_mean: float = key("logit_normal's mean")
+    logit_std: float = key("logit_normal's standard deviation", above=0)
+    sigmoid_scale: float = key("sigmoid's scale (kohya's sigmoid_scale)", above=0)
+    shift: float = key("static shift of the noise levels (kohya's discrete_flow_shift); 1 = "
+                       "none", above=0)
+    resolution_shift: bool = key("Flux's shift from the image's token count, in the place "
+                                 "of shift (kohya's flux_shift)")
+    weighting: str = key("loss weighting of the noise levels",
+                         choices=("none", "sigma_sqrt", "cosmap"))
+    guidance: float = key("guidance fed to a guidance-distilled base (Flux.1-dev) while "
+                          "training", minimum=0)
+
+
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -175,6 +192,7 @@ class TrainParams:
     sample_scheduler: str = key("sampler of those images", choices=SAMPLERS)
     sample_guidance_scale: float = key("guidance scale of those images", minimum=0)
     captions: CaptionParams
+    flow: FlowParams
     validation: ValidationParams
     early_stop: EarlyStopParams
 

@@ -20,11 +20,13 @@ from lorapipe.diffusion.objectives import Objective, Predict, diffusion_loss
 def fixed_loss(predict: Predict, objective: Objective, latents, seed: int,
                timesteps: list[int]) -> float:
     """Loss on these images at these timesteps with noise fixed by the seed: no sampling
-    noise left, so it moves only when the model does. Run in eval mode (Evaluator)."""
+    noise left, so it moves only when the model does. Run in eval mode (Evaluator).
+    timesteps: train.validation.timesteps, on the 1000-step scale (flow matching: sigma =
+    t / 1000)."""
     total = 0.0
     for t in timesteps:
         gen = seeded_generator(seed, "fixed", t)
-        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
+        ts = objective.fixed_timesteps(t, latents.shape[0])
         total += diffusion_loss(predict, objective, latents, gen, timesteps=ts).item()
     return total / len(timesteps)
 

@@ -37,17 +37,36 @@ class Family:
     # text encoder -> how many of its last layers the conditioning never uses (SDXL reads the
     # penultimate layer of its first encoder): they get no LoRA, which would never train
     unused_text_layers: dict[str, int] = {}
+    # the text encoders lora.text_encoder trains (None: all of them)
+    lora_text_encoders: tuple[str, ...] | None = None
+    # whether diffusers' reader of this family's kohya files multiplies alpha / rank into the
+    # weights it returns (lora.init must then not scale them again)
+    reader_bakes_alpha = False
+    # whether sample.scheduler / train.sample_scheduler choose its sampler (else sampler()
+    # keeps the family's own)
+    uses_sample_scheduler = True
+    # params key -> why this family refuses a non-zero value (the train stage checks)
+    refused: dict[str, str] = {}
+
+    def specialize(self, pipe) -> Family:
+        """This family as it applies to one loaded base (a variant: Flux dev or schnell)."""
+        return self
+
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        return tuple(self.lora_text_encoders or self.text_encoders)
 
     def build_builtin(self):
         """The seeded builtin pipeline (params: model.base builtin:tiny-...)."""
         raise NotImplementedError
 
-    def objective(self, pipe) -> Objective:
-        """The training objective and its noise schedule, from the base's scheduler config."""
+    def objective(self, pipe, flow=None) -> Objective:
+        """The training objective and its noise schedule, from the base's scheduler config
+        (flow: objectives.FlowSettings, train.flow, for flow-matching families)."""
         raise NotImplementedError
 
-    def predictor(self, denoiser, cond: dict[str, torch.Tensor]) -> Predict:
-        """(noisy latents, timesteps) -> the denoiser's prediction under this conditioning."""
+    def predictor(self, denoiser, cond: dict[str, torch.Tensor], objective=None) -> Predict:
+        """(noisy latents, timesteps) -> the denoiser's prediction under this conditioning
+        (objective: the training objective, whose settings some denoisers take as inputs)."""
         raise NotImplementedError
 
     def lora_scale_kwargs(self, scale: float) -> dict:
@@ -71,6 +90,48 @@ class Family:
         """Whether a single-file checkpoint with these tensor names is of this family."""
         raise NotImplementedError
 
+    def single_file_variant(self, keys: set[str]) -> str | None:
+        """The variant a single file is of (specialize's), from its tensor names."""
+        return None
+
+    def load_single_file(self, path, config, keys: set[str]):
+        """The pipeline of a single-file checkpoint (config: model.config's folder or None);
+        None: the pipeline class's own from_single_file (models._load)."""
+        return None
+
+    def sampler(self, name: str, scheduler):
+        """The scheduler of sample.scheduler / train.sample_scheduler for this base."""
+        from lorapipe.diffusion.sampling import make_scheduler
+
+        return make_scheduler(name, scheduler.config)
+
+    def sampling_kwargs(self, settings) -> dict:
+        """The pipeline call's guidance arguments for sampling.SampleSettings."""
+        return {"negative_prompt": settings.negative_prompt or None,
+                "guidance_scale": settings.guidance_scale}
+
+    def token_limit(self, name: str, tokenizer) -> int:
+        """The tokens a caption gets in this text encoder (the pipeline's padding length)."""
+        return tokenizer.model_max_length
+
+    def to_webui(self, state: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
+                 config) -> dict[str, torch.Tensor]:
+        """The denoiser's LoRA ({diffusers module: (A, B)}) as kohya's WebUI tensors
+        (without the text encoders'), one module each, named by webui_module."""
+        out = {}
+        for module, (down, up) in state.items():
+            name = self.kohya_prefix + self.webui_module(module, config)
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        return out
+
+    def network_args(self, lp) -> dict[str, str]:
+        """lora.targets in kohya's network_args vocabulary (webui.network_args)."""
+        from lorapipe.diffusion.webui import network_args
+
+        return network_args(lp)
+
     def targets(self, preset: str | list[str]) -> dict[str, list[str]]:
         """lora.targets -> peft target module names per component (the denoiser and every
         text encoder)."""
@@ -80,8 +141,9 @@ class Family:
         """Token ids per text encoder, padded to the tokenizer's length as the pipeline pads."""
         out = {}
         for name, tok in tokenizers.items():
-            out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            out[name] = tok(captions, padding="max_length",
+                            max_length=self.token_limit(name, tok), truncation=True,
+                            return_tensors="pt").input_ids
         return out
 
     def encode_tokens(self, encoders: dict, ids: dict[str, torch.Tensor]
@@ -106,9 +168,10 @@ class Family:
         ids = self.tokenize(tokenizers, captions)
         cond = self.encode_tokens(self.encoders_of(pipe), ids)
         cut = set()
-        for tok in tokenizers.values():
+        for name, tok in tokenizers.items():
             full = tok(captions, truncation=False).input_ids
-            cut |= {i for i, seq in enumerate(full) if len(seq) > tok.model_max_length}
+            limit = self.token_limit(name, tok)
+            cut |= {i for i, seq in enumerate(full) if len(seq) > limit}
         return {k: v.float() for k, v in cond.items()}, ids, sorted(cut)
 
     def image_conditioning(self, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, Lor
     targets = family.targets(lp.targets)
     out = {family.denoiser: lora_config(lp.rank, lp.alpha, lp.dropout, targets[family.denoiser])}
     if lp.text_encoder:
-        for name in family.text_encoders:
+        for name in family.trained_text_encoders():
             unused = family.unused_text_layers.get(name, 0)
             layers = list(range(models[name].config.num_hidden_layers - unused)) if unused \
                 else None
@@ -117,20 +117,24 @@ def training_run(folder: Path) -> str | None:
 def to_kohya(state: dict[str, torch.Tensor], alpha: float, family, denoiser_config
              ) -> dict[str, torch.Tensor]:
     """adapter_state() names -> kohya/WebUI names: 'unet.a.b.lora_A.weight' ->
-    'lora_unet_a_b.lora_down.weight' (SD) or the module's original SGM name (SDXL;
-    families.Family.webui_module); 'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'
-    -> 'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_)."""
-    out = {}
+    'lora_unet_a_b.lora_down.weight' (SD) or the module's original name (SDXL's SGM names,
+    Flux's BFL names with fused projections: families.Family.to_webui);
+    'text_encoder.text_model.encoder.layers.0.self_attn.q_proj' ->
+    'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_)."""
+    out, denoiser = {}, {}
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
         module, kind, _ = rest.rsplit(".", 2)
         if component == family.denoiser:
-            name = family.kohya_prefix + family.webui_module(module, denoiser_config)
-        else:
-            name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
-                ".", "_")
+            pair = denoiser.setdefault(module, [None, None])
+            pair[0 if kind == "lora_A" else 1] = tensor
+            continue
+        name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
+            ".", "_")
         out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    out.update(family.to_webui({m: tuple(pair) for m, pair in denoiser.items()}, alpha,
+                               denoiser_config))
     return dict(sorted(out.items()))
 
 
@@ -158,6 +162,7 @@ class Record:
     run: str  # the TensorBoard run
     layout: dict | None = None  # preprocess's resolution and bucket params
     histogram: dict[str, int] | None = None  # images per bucket ('WxH')
+    network_args: dict | None = None  # ss_network_args (families.Family.network_args)
 
 
 def save_lora(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig], family,
@@ -204,7 +209,8 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
             f"{', '.join(unused)}), which lora.text_encoder: false would drop; set "
             "lora.text_encoder: true to continue all of it")
     notes = []
-    file_alpha = _file_alpha(path, alphas, metadata, configs[denoiser], denoiser)
+    file_alpha = (float(configs[denoiser].r) if family.reader_bakes_alpha and _is_kohya(path)
+                  else _file_alpha(path, alphas, metadata, configs[denoiser], denoiser))
     for name, model in models.items():
         if name not in parts:
             notes.append(f"lora.init: {path} has no {name} LoRA; the {name} LoRA starts fresh")
@@ -222,6 +228,13 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
                     incoming[key] = incoming[key] * (file_alpha / configs[name].lora_alpha)
         set_peft_model_state_dict(model, incoming, adapter_name="default")
     return notes
+
+
+def _is_kohya(path: str) -> bool:
+    """Whether a LoRA file (or a folder's diffusers file) uses kohya's names."""
+    file = Path(path) / DIFFUSERS_FILE if Path(path).is_dir() else Path(path)
+    with safe_open(str(file), "pt") as f:
+        return any(".lora_down." in k for k in f.keys())
 
 
 def _title(component: str) -> str:

@@ -40,7 +40,8 @@ def load_base(base: str, config: str = "", root: Path | None = None) -> Base:
         if problem:
             raise LorapipeError(f"model.base: {problem}")
     family = families.detect(path, base)
-    return Base(_load(family, path, base, config, root), family)
+    pipe = _load(family, path, base, config, root)
+    return Base(pipe, family.specialize(pipe))
 
 
 def _load(family: families.Family, path: Path, base: str, config: str, root: Path | None):
@@ -54,10 +55,16 @@ def _load(family: families.Family, path: Path, base: str, config: str, root: Pat
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LorapipeError(
                 f"model.base: cannot load diffusers folder {base!r}: {exc}") from None
-    if config:
-        kwargs["config"] = str((root or Path.cwd()) / config)
+    config_dir = (root or Path.cwd()) / config if config else None
+    if config_dir is not None:
+        kwargs["config"] = str(config_dir)
     try:
+        pipe = family.load_single_file(path, config_dir, families.single_file_keys(path, base))
+        if pipe is not None:
+            return pipe
         return cls.from_single_file(str(path), **kwargs)
+    except LorapipeError:
+        raise
     except Exception as exc:  # diffusers raises many types for a file it cannot map
         hint = "" if config else (
             "; offline, diffusers needs the model's configs: set model.config to a diffusers "
@@ -70,5 +77,5 @@ def _load(family: families.Family, path: Path, base: str, config: str, root: Pat
 
 
 def training_scheduler(pipe):
-    """The noise scheduler the base's family trains it with (its objective's)."""
+    """The noise scheduler the base's DDPM family trains it with (its objective's)."""
     return families.of_pipeline(pipe).objective(pipe).scheduler

@@ -1,20 +1,28 @@
 """Training objectives of the image task: what the denoiser is trained to predict from
 which noised input, one class per objective, shared by the families that use it.
 
-Today: DDPM (Ho et al., 2020) with epsilon or v-prediction (Salimans & Ho, 2022), as SD
-1.x/2.x and SDXL were trained. Flow matching (Lipman et al., 2023; Flux, SD3) is the next
-class here. A family names its objective (families.Family.objective); the loss below and
-the fixed-noise evaluation only call the objective's methods.
+DDPM (Ho et al., 2020) with epsilon or v-prediction (Salimans & Ho, 2022), as SD 1.x/2.x
+and SDXL were trained; rectified flow matching (Lipman et al., 2023; Esser et al., 2024), as
+Flux.1 was. A family names its objective (families.Family.objective); the loss below and the
+fixed-noise evaluation only call the objective's methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+    compute_snr,
+)
 
 # (noisy latents, timesteps) -> the denoiser's prediction (the family binds the model and
 # its conditioning: families.Family.predictor)
@@ -26,7 +34,13 @@ class Objective:
 
     name: str
 
-    def sample_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, n: int, gen: torch.Generator, shape: tuple[int, ...]
+                         ) -> torch.Tensor:
+        """n training timesteps for latents of this shape ([B, C, H, W])."""
+        raise NotImplementedError
+
+    def fixed_timesteps(self, t: int, n: int) -> torch.Tensor:
+        """n copies of the evaluation timestep t (train.validation.timesteps: 0..999)."""
         raise NotImplementedError
 
     def noisy(self, latents, noise, timesteps) -> torch.Tensor:
@@ -35,8 +49,8 @@ class Objective:
     def target(self, latents, noise, timesteps) -> torch.Tensor:
         raise NotImplementedError
 
-    def weights(self, timesteps, min_snr_gamma: float) -> torch.Tensor:
-        """Per-sample loss weights (min_snr_gamma > 0 only)."""
+    def weights(self, timesteps, min_snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample loss weights, or None for a plain mean."""
         raise NotImplementedError
 
 
@@ -57,8 +71,11 @@ class DDPM(Objective):
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
-    def sample_timesteps(self, n, gen):
+    def sample_timesteps(self, n, gen, shape):
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=gen)
+
+    def fixed_timesteps(self, t, n):
+        return torch.full((n,), t, dtype=torch.long)
 
     def noisy(self, latents, noise, timesteps):
         return self.scheduler.add_noise(latents, noise, timesteps)
@@ -69,10 +86,87 @@ class DDPM(Objective):
         return noise
 
     def weights(self, timesteps, min_snr_gamma):
+        if not min_snr_gamma:
+            return None
         # Min-SNR-gamma weighting (Hang et al., 2023), as in diffusers' training examples
         snr = compute_snr(self.scheduler, timesteps)
         weights = torch.clamp(snr, max=min_snr_gamma)
         return weights / (snr + 1 if self.prediction_type == "v_prediction" else snr)
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """train.flow: how the flow-matching noise levels are drawn and weighted."""
+
+    timestep_sampling: str  # uniform, logit_normal or sigmoid
+    logit_mean: float
+    logit_std: float
+    sigmoid_scale: float
+    shift: float  # 1.0 = none
+    resolution_shift: bool  # Flux's shift from the image's token count, replacing `shift`
+    weighting: str  # none, sigma_sqrt or cosmap
+    guidance: float  # fed to a guidance-distilled denoiser (Flux.1-dev) while training
+
+
+class FlowMatching(Objective):
+    """Rectified flow: noisy = (1 - sigma) x0 + sigma eps, target eps - x0, sigma in (0, 1)
+    (Flux.1, SD3). Timesteps here are sigmas; the family's predictor passes them to its
+    denoiser (which scales them by 1000 itself, as the pipeline's sampling does)."""
+
+    name = "flow_matching"
+
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, settings: FlowSettings):
+        self.scheduler, self.settings = scheduler, settings
+
+    @classmethod
+    def from_pipeline(cls, pipe, settings: FlowSettings) -> FlowMatching:
+        return cls(FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), settings)
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    def sample_timesteps(self, n, gen, shape):
+        s = self.settings
+        # diffusers' density of the SD3/Flux training scripts: uniform or logit-normal;
+        # kohya's `sigmoid` sampling is the logit-normal with mean 0 and std sigmoid_scale
+        if s.timestep_sampling == "uniform":
+            u = compute_density_for_timestep_sampling("uniform", n, generator=gen)
+        else:
+            mean, std = ((s.logit_mean, s.logit_std) if s.timestep_sampling == "logit_normal"
+                         else (0.0, s.sigmoid_scale))
+            u = compute_density_for_timestep_sampling("logit_normal", n, mean, std,
+                                                      generator=gen)
+        if s.resolution_shift:
+            # Flux's resolution-dependent shift (kohya's flux_shift): mu from the packed
+            # token count, as FluxPipeline computes it for sampling at this size
+            c = self.scheduler.config
+            tokens = (shape[-2] // 2) * (shape[-1] // 2)
+            mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len,
+                                 c.base_shift, c.max_shift)
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        if s.shift != 1.0:
+            # the static shift of FlowMatchEulerDiscreteScheduler (kohya's discrete_flow_shift)
+            return s.shift * u / (1 + (s.shift - 1) * u)
+        return u
+
+    def fixed_timesteps(self, t, n):
+        return torch.full((n,), t / self.scheduler.config.num_train_timesteps)
+
+    def _sigma(self, timesteps, latents):
+        return timesteps.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
+
+    def noisy(self, latents, noise, timesteps):
+        sigma = self._sigma(timesteps, latents)
+        return (1 - sigma) * latents + sigma * noise
+
+    def target(self, latents, noise, timesteps):
+        return noise - latents
+
+    def weights(self, timesteps, min_snr_gamma):
+        if self.settings.weighting == "none":
+            return None
+        return compute_loss_weighting_for_sd3(self.settings.weighting, timesteps)
 
 
 def diffusion_loss(predict: Predict, objective: Objective, latents, gen, noise_offset=0.0,
@@ -94,12 +188,13 @@ def diffusion_loss(predict: Predict, objective: Objective, latents, gen, noise_o
         noise = noise + noise_offset * torch.randn(
             (b * world, latents.shape[1], 1, 1), generator=gen)[mine].to(latents.device)
     if timesteps is None:
-        timesteps = objective.sample_timesteps(b * world, gen)[mine]
+        timesteps = objective.sample_timesteps(b * world, gen, tuple(latents.shape))[mine]
     timesteps = timesteps.to(latents.device)
     noisy = objective.noisy(latents, noise, timesteps)
     target = objective.target(latents, noise, timesteps)
     pred = predict(noisy, timesteps)
-    if not min_snr_gamma:
+    weights = objective.weights(timesteps, min_snr_gamma)
+    if weights is None:
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * objective.weights(timesteps, min_snr_gamma)).mean()
+    return (per_sample * weights.to(per_sample.device)).mean()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import evaluating
 from lorapipe.core.metrics import LR_DENOISER, LR_TEXT
 from lorapipe.core.seeds import seeded_generator
@@ -22,8 +23,9 @@ from lorapipe.diffusion import captions, lora
 from lorapipe.diffusion.cache import CACHE_FILE, load_cache
 from lorapipe.diffusion.evaluation import Evaluator
 from lorapipe.diffusion.models import load_base
-from lorapipe.diffusion.objectives import diffusion_loss
-from lorapipe.diffusion.sampling import SampleSettings, make_scheduler, sample_grid
+from lorapipe.diffusion.objectives import FlowSettings, diffusion_loss
+from lorapipe.diffusion.rules import refusals
+from lorapipe.diffusion.sampling import SampleSettings, sample_grid
 
 
 class DiffusionRecipe(Recipe):
@@ -61,7 +63,7 @@ class DiffusionRecipe(Recipe):
         denoiser = self.unwrapped()[self.family.denoiser]
         return Evaluator(
             denoiser, self.objective, self.latents,
-            lambda idx: self.family.predictor(denoiser, self._eval_cond(idx)),
+            lambda idx: self.family.predictor(denoiser, self._eval_cond(idx), self.objective),
             self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
             p.seed, p.validation.timesteps)
 
@@ -73,8 +75,13 @@ class DiffusionRecipe(Recipe):
         base = load_base(self.params.model.base, self.params.model.config)
         pipe, family = base.pipe, base.family
         self.family = family
+        problems = refusals(family.refused, {"train.noise_offset": p.noise_offset,
+                                             "train.min_snr_gamma": p.min_snr_gamma},
+                            family.title)
+        if problems:
+            raise LorapipeError("; ".join(problems))
         self.base = family.base_version(pipe)
-        self.objective = family.objective(pipe)
+        self.objective = family.objective(pipe, FlowSettings(**vars(p.flow)))
         # otherwise the text encoders' outputs come from the cache
         self.caption_ops = captions.active(p.captions)
         self.text_per_step = lp.text_encoder or self.caption_ops
@@ -82,7 +89,7 @@ class DiffusionRecipe(Recipe):
         self.tokenizers = family.tokenizers_of(pipe) if self.caption_ops else {}
         self.pipe = None
         if p.sample_every:  # sample images need the whole pipeline, on the same denoiser
-            pipe.scheduler = make_scheduler(p.sample_scheduler, pipe.scheduler.config)
+            pipe.scheduler = family.sampler(p.sample_scheduler, pipe.scheduler)
             pipe.set_progress_bar_config(disable=True)
             self.pipe = pipe
         # the rest of the pipeline (the VAE, unused text encoders) goes with `pipe`
@@ -151,7 +158,8 @@ class DiffusionRecipe(Recipe):
         cond = {k: v[idx] for k, v in self.cond.items()}
         if self.text_per_step:
             cond.update(self._text(micro, batch, idx))
-        return diffusion_loss(self.family.predictor(self.denoiser, cond), self.objective,
+        return diffusion_loss(self.family.predictor(self.denoiser, cond, self.objective),
+                              self.objective,
                               self.latents[idx], gen, self.p.noise_offset,
                               self.p.min_snr_gamma, shard=(self.rank, self.world))
 
@@ -198,7 +206,8 @@ class DiffusionRecipe(Recipe):
                                     for i in self.train_idx],
                                    plan.max_steps, math.ceil(plan.max_steps / plan.steps_per_epoch),
                                    saved_step, tracker.name, layout,
-                                   self._train_histogram()))
+                                   self._train_histogram(),
+                                   self.family.network_args(self.lp)))
 
     def save_partial(self, state: dict, folder: Path) -> None:
         lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)

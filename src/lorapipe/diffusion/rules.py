@@ -3,9 +3,54 @@ torch, no diffusers, so params.yaml is checked in a second."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from lorapipe.core.params import TaskRules
 
-BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl")
+BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux")
+
+
+# what a flow-matching family (Flux) refuses, and what to use instead
+# (families.flux.Flux.refused; checked here where the base's family is known without loading)
+FLOW_MATCHING_REFUSED = {
+    "train.noise_offset": "offset noise is a DDPM notion; flow matching shapes its noise levels "
+                          "with train.flow.timestep_sampling and train.flow.shift",
+    "train.min_snr_gamma": "Min-SNR weights DDPM timesteps; flow matching weights its noise "
+                           "levels with train.flow.weighting (sigma_sqrt, cosmap)",
+}
+FLOW_MATCHING_CLASSES = ("FluxPipeline",)
+
+
+def refusals(refused: dict[str, str], v: dict[str, object], family: str) -> list[str]:
+    """The refused keys set to a non-zero value, each with why and what instead."""
+    return [f"{dotted} is {v[dotted]} but {family} bases are trained by flow matching: {why}; "
+            f"set {dotted} to 0" for dotted, why in refused.items() if v.get(dotted)]
+
+
+def _flow_matching_base(base: object) -> bool:
+    """Whether model.base is known, without loading it, to be a flow-matching model: the
+    builtin, or a diffusers folder of such a pipeline (single files: the train stage)."""
+    if not isinstance(base, str):
+        return False
+    if base == "builtin:tiny-flux":
+        return True
+    index = Path(base) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get(
+            "_class_name") in FLOW_MATCHING_CLASSES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checks(v: dict[str, object]) -> list[str]:
+    problems = []
+    if _flow_matching_base(v.get("model.base")):
+        problems += refusals(FLOW_MATCHING_REFUSED, v, "Flux.1")
+    if v.get("train.flow.resolution_shift") and v.get("train.flow.shift", 1.0) != 1.0:
+        problems.append("train.flow.shift and train.flow.resolution_shift both shift the noise "
+                        "levels; set shift to 1.0 or resolution_shift to false")
+    return problems
 
 RULES = TaskRules(
     name="sd", builtins=BUILTINS, kind="a Stable Diffusion model",
@@ -13,5 +58,5 @@ RULES = TaskRules(
     # lora.targets presets (lorapipe.diffusion.families.unet.UNetFamily.targets)
     presets=("attn", "kohya"),
     unused=("llm",),
-    checks=lambda v: [],
+    checks=checks,
 )

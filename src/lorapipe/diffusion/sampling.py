@@ -70,9 +70,8 @@ def generate(pipe, prompt: str, seed: int, s: SampleSettings, lora: bool,
         pipe.disable_lora()
     try:
         out = pipe(
-            prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale, width=s.width, height=s.height,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            prompt, num_inference_steps=s.steps, width=s.width, height=s.height,
+            generator=torch.Generator("cpu").manual_seed(seed), **family.sampling_kwargs(s),
             **(family.lora_scale_kwargs(s.lora_scale) if lora else {}),
         )
     finally:

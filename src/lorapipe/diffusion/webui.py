@@ -65,9 +65,12 @@ def build_metadata(params, name: str, record) -> dict:
     width, height = record.resolution
     images: dict[str, int] = Counter(record.dirs)
     meta = {
-        "ss_output_name": name, "ss_network_module": "networks.lora",
+        "ss_output_name": name,
+        "ss_network_module": base.get("network_module", "networks.lora"),
         "ss_network_dim": lp.rank, "ss_network_alpha": lp.alpha,
-        "ss_network_dropout": lp.dropout, "ss_network_args": network_args(lp),
+        "ss_network_dropout": lp.dropout,
+        "ss_network_args": (record.network_args if record.network_args is not None
+                            else network_args(lp)),
         "ss_network_train_unet_only": not lp.text_encoder,
         "ss_base_model_version": base["version"], "ss_v2": base["v2"],
         "ss_v_parameterization": base["v_pred"], "ss_sd_model_name": params.model.base,
@@ -91,10 +94,13 @@ def build_metadata(params, name: str, record) -> dict:
         "ss_training_comment": "trained with lorapipe",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{base['architecture']}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": base.get("implementation", "diffusers"),
         "modelspec.title": name, "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if base["v_pred"] else "epsilon",
     }
+    # SD's "epsilon" or "v"; a flow-matching base has none of the two (kohya writes none)
+    prediction = base.get("prediction_type", "v" if base["v_pred"] else "epsilon")
+    if prediction:
+        meta["modelspec.prediction_type"] = prediction
     layout = record.layout or {}
     meta["ss_enable_bucket"] = bool(layout.get("buckets"))
     if layout.get("buckets"):  # kohya's bucket fields: A1111 shows ss_bucket_info's counts

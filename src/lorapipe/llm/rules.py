@@ -39,7 +39,7 @@ RULES = TaskRules(
     presets=("attn", "all-linear"),
     unused=("validate.min_side", "validate.max_pixels", "preprocess", "encode", "model.config",
             "train.text_encoder_lr", "train.noise_offset", "train.min_snr_gamma",
-            "train.captions", "train.sample_steps", "train.sample_scheduler",
+            "train.captions", "train.flow", "train.sample_steps", "train.sample_scheduler",
             "train.sample_guidance_scale", "train.validation.timesteps",
             "sample.negative_prompt", "sample.images_per_prompt", "sample.steps",
             "sample.guidance_scale", "sample.scheduler", "sample.width",

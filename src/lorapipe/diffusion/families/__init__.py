@@ -25,9 +25,9 @@ from lorapipe.diffusion.family import Family  # noqa: F401  (the interface, for 
 
 def all_families() -> list[Family]:
     # imported here: the family modules import diffusers, which this module must not need
-    from lorapipe.diffusion.families import sd, sdxl
+    from lorapipe.diffusion.families import flux, sd, sdxl
 
-    return [sd.FAMILY, sdxl.FAMILY]
+    return [sd.FAMILY, sdxl.FAMILY, flux.FAMILY]
 
 
 def by_name(name: str) -> Family:
@@ -40,7 +40,7 @@ def by_name(name: str) -> Family:
 def of_pipeline(pipe) -> Family:
     for family in all_families():
         if type(pipe) is family.pipeline_class:
-            return family
+            return family.specialize(pipe)
     raise LorapipeError(f"no model family for a {type(pipe).__name__}")
 
 
@@ -59,16 +59,22 @@ def detect(path: Path, name: str) -> Family:
         raise LorapipeError(
             f"model.base: {name!r} is a {cls or 'unknown'} folder; lorapipe trains "
             + ", ".join(c for f in families for c in f.diffusers_classes))
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-    except Exception as exc:  # safetensors raises its own types for a damaged file
-        raise LorapipeError(f"model.base: cannot read {name!r} ({exc})") from None
+    keys = single_file_keys(path, name)
     for family in families:
         if family.owns_single_file(keys):
             return family
     raise LorapipeError(
         f"model.base: {name!r} holds no Stable Diffusion UNet (no "
-        "'model.diffusion_model.*' tensors); is it a LoRA or a VAE rather than a base model?")
+        "'model.diffusion_model.*' tensors) and no Flux.1 transformer (no 'double_blocks.*'); "
+        "is it a LoRA or a VAE rather than a base model?")
+
+
+def single_file_keys(path: Path, name: str) -> set[str]:
+    """The tensor names of a .safetensors file (its header only: no weights read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+    except Exception as exc:  # safetensors raises its own types for a damaged file
+        raise LorapipeError(f"model.base: cannot read {name!r} ({exc})") from None

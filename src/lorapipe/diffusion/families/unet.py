@@ -21,10 +21,10 @@ class UNetFamily(Family):
     kohya_prefix = "lora_unet_"
     target_example = "UNet module names such as to_q, to_k, to_v, to_out.0"
 
-    def objective(self, pipe) -> Objective:
+    def objective(self, pipe, flow=None) -> Objective:
         return DDPM.from_pipeline(pipe)
 
-    def predictor(self, denoiser, cond):
+    def predictor(self, denoiser, cond, objective=None):
         inputs = self.denoiser_inputs(cond)
         return lambda noisy, timesteps: denoiser(noisy, timesteps, **inputs).sample
 

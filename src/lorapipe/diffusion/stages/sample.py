@@ -23,7 +23,7 @@ def run(params, args) -> int:
     from lorapipe.core.tracking import sample_run_name
     from lorapipe.diffusion.lora import DIFFUSERS_FILE, training_run
     from lorapipe.diffusion.models import load_base
-    from lorapipe.diffusion.sampling import SampleSettings, make_scheduler, sample_grid, seeds_for
+    from lorapipe.diffusion.sampling import SampleSettings, sample_grid, seeds_for
 
     p = params.sample
     if not (Path(args.lora) / DIFFUSERS_FILE).exists():
@@ -34,8 +34,8 @@ def run(params, args) -> int:
         torch.set_num_threads(threads.share(0)[0])
     diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
     base = load_base(params.model.base, params.model.config)
-    pipe = base.pipe
-    pipe.scheduler = make_scheduler(p.scheduler, pipe.scheduler.config)
+    pipe, family = base.pipe, base.family
+    pipe.scheduler = family.sampler(p.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(args.lora)  # exactly as a user loads it
     settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
@@ -45,7 +45,7 @@ def run(params, args) -> int:
     start = time.perf_counter()
     with tqdm(total=len(p.prompts) * len(seeds), desc="sample", unit="pair") as bar:
         grid, images = sample_grid(pipe, p.prompts, seeds, settings, progress=bar,
-                                   family=base.family)
+                                   family=family)
     seconds = time.perf_counter() - start
     with outputs.atomic_dir(args.out) as tmp:
         for index, seed, base, lora in images:
@@ -63,8 +63,10 @@ def run(params, args) -> int:
         writer = SummaryWriter(str(tmp))
         writer.add_image("samples/grid", np.asarray(grid), 0, dataformats="HWC")
         writer.close()
+    # a family with its own sampler (Flux: flow-matching Euler) names it
+    sampler = p.scheduler if family.uses_sample_scheduler else type(pipe.scheduler).__name__
     print(f"sample: {len(images)} base/LoRA pairs for {len(p.prompts)} prompts "
-          f"({p.scheduler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
+          f"({sampler}, {p.steps} steps, guidance {p.guidance_scale:g}, LoRA scale "
           f"{p.lora_scale:g}) in {seconds:.1f} s -> {args.out}/grid.png")
     return 0
 
