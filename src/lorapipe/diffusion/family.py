@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorapipe.diffusion.schedulers import make_scheduler
+from lorapipe.diffusion.webui import network_args
+
 if TYPE_CHECKING:
     from lorapipe.diffusion.objectives import Objective, Predict
 
@@ -101,8 +104,6 @@ class Family:
 
     def sampler(self, name: str, scheduler):
         """The scheduler of sample.scheduler / train.sample_scheduler for this base."""
-        from lorapipe.diffusion.sampling import make_scheduler
-
         return make_scheduler(name, scheduler.config)
 
     def sampling_kwargs(self, settings) -> dict:
@@ -128,8 +129,6 @@ class Family:
 
     def network_args(self, lp) -> dict[str, str]:
         """lora.targets in kohya's network_args vocabulary (webui.network_args)."""
-        from lorapipe.diffusion.webui import network_args
-
         return network_args(lp)
 
     def targets(self, preset: str | list[str]) -> dict[str, list[str]]:

@@ -9,9 +9,8 @@ fixed-noise evaluation only call the objective's methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

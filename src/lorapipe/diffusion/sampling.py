@@ -10,35 +10,14 @@ import gc
 from dataclasses import dataclass
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
 from PIL import Image, ImageDraw, ImageFont
 
-from lorapipe.core.params import (
-    SAMPLERS as SCHEDULERS,  # the one list; params.yaml is checked on it
-)
 from lorapipe.diffusion import families
+from lorapipe.diffusion.schedulers import SCHEDULERS, make_scheduler  # noqa: F401
 
 MIN_CELL = 128  # grid cells are enlarged (nearest neighbour) to at least this many pixels
 FONT_PX = 14  # label text size: readable beside 128 px cells (Pillow's bare default is 10)
 LABEL_H = 22  # one label line: the font's height plus a margin
-
-
-def make_scheduler(name: str, config):
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if name == "dpm++_2m":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
