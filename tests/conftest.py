@@ -164,6 +164,12 @@ def example_cache_sdxl(example_processed):
 
 
 @pytest.fixture(scope="session")
+def example_cache_flux(example_processed):
+    """The example data encoded with the builtin Flux model, once."""
+    return _encoded(example_processed, "flux")
+
+
+@pytest.fixture(scope="session")
 def bucketed_cache(example_processed_buckets):
     """The bucketed example encoded with the builtin SD model."""
     return _encoded(example_processed_buckets, "sd")
@@ -301,15 +307,18 @@ def git_copy(root: Path):
 
 
 SDXL = {"model__base": "builtin:tiny-sdxl"}
+FLUX = {"model__base": "builtin:tiny-flux"}
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(params=["sd", "sdxl", "flux"])
 def family_run(request):
     """(encoded example cache, params overrides) for each model family's builtin: a test
     using it runs once per family."""
     if request.param == "sd":
         return request.getfixturevalue("example_cache"), {}
-    return request.getfixturevalue("example_cache_sdxl"), dict(SDXL)
+    if request.param == "sdxl":
+        return request.getfixturevalue("example_cache_sdxl"), dict(SDXL)
+    return request.getfixturevalue("example_cache_flux"), dict(FLUX)
 
 
 def hold_registration(folder: Path) -> subprocess.Popen:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorapipe.core.evaluation import evaluating
 from lorapipe.diffusion.schedulers import make_scheduler
 from lorapipe.diffusion.webui import network_args
 
@@ -165,7 +166,9 @@ class Family:
         indices of captions cut at the token limit."""
         tokenizers = self.tokenizers_of(pipe)
         ids = self.tokenize(tokenizers, captions)
-        cond = self.encode_tokens(self.encoders_of(pipe), ids)
+        encoders = self.encoders_of(pipe)
+        with evaluating(*encoders.values()):  # no dropout (T5 has some), as pipelines encode
+            cond = self.encode_tokens(encoders, ids)
         cut = set()
         for name, tok in tokenizers.items():
             full = tok(captions, truncation=False).input_ids

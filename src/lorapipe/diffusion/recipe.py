@@ -94,7 +94,9 @@ class DiffusionRecipe(Recipe):
             self.pipe = pipe
         # the rest of the pipeline (the VAE, unused text encoders) goes with `pipe`
         denoiser = getattr(pipe, family.denoiser)
-        return {family.denoiser: denoiser, **(encoders if lp.text_encoder else {})}, encoders
+        trained = {name: e for name, e in encoders.items()
+                   if lp.text_encoder and name in family.trained_text_encoders()}
+        return {family.denoiser: denoiser, **trained}, encoders
 
     def _attach_lora(self, models: dict, encoders: dict) -> list[dict]:
         """LoRA on every component in `models` (continued from lora.init), precision and
@@ -106,8 +108,9 @@ class DiffusionRecipe(Recipe):
         # in the family's order: optimizer groups and checkpoints must not depend on set order
         self.text_trained = [name for name in self.configs if name != family.denoiser]
         for name, encoder in encoders.items():
-            if name not in self.configs:  # run per step for the captions only: frozen
-                encoder.requires_grad_(False)
+            if name not in self.configs:  # run per step for the captions only: frozen, and
+                encoder.requires_grad_(False)  # without dropout (T5's is 0.1), as encode ran it
+                encoder.eval()
         self.init_notes = (lora.load_init(models, lp.init, self.configs, self.family)
                            if lp.init else [])
         denoiser = models[family.denoiser]

@@ -134,6 +134,7 @@ def part_sizes(bfl: str, config) -> list[int]:
 @dataclass(frozen=True)
 class Flux(Family):
     variant: str = "dev"  # dev (guidance-distilled) or schnell (timestep-distilled)
+    t5_tokens: int = T5_TOKENS["dev"]  # T5 tokens per caption, training and sampling alike
 
     name = "flux"
     builtin = "builtin:tiny-flux"
@@ -160,8 +161,8 @@ class Flux(Family):
         return build_tiny_flux()
 
     def specialize(self, pipe) -> Flux:
-        guidance = pipe.transformer.config.guidance_embeds
-        return Flux("dev" if guidance else "schnell")
+        variant = "dev" if pipe.transformer.config.guidance_embeds else "schnell"
+        return Flux(variant, min(T5_TOKENS[variant], pipe.tokenizer_2.model_max_length))
 
     def objective(self, pipe, flow: FlowSettings | None = None):
         if flow is None:
@@ -201,9 +202,7 @@ class Flux(Family):
         return convert_unet_state_dict_to_peft(state)
 
     def token_limit(self, name: str, tokenizer) -> int:
-        if name == "text_encoder_2":
-            return min(T5_TOKENS[self.variant], tokenizer.model_max_length)
-        return tokenizer.model_max_length
+        return self.t5_tokens if name == "text_encoder_2" else tokenizer.model_max_length
 
     def encode_tokens(self, encoders, ids):
         # FluxPipeline.encode_prompt: CLIP-L's pooled output, T5's last hidden state
@@ -246,7 +245,7 @@ class Flux(Family):
         # dev's guidance_scale is the distilled guidance input (schnell ignores it); the
         # negative prompt needs true CFG (two passes per step), left off as the anchors do
         return {"guidance_scale": settings.guidance_scale,
-                "max_sequence_length": T5_TOKENS[self.variant]}
+                "max_sequence_length": self.t5_tokens}
 
     def targets(self, preset):
         """Presets: `attn`, the attention projections of both block types (double: image and
@@ -337,7 +336,7 @@ def tiny_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_T5_TOKENS)
 
 
-def build_tiny_flux() -> FluxPipeline:
+def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
     """A Flux.1-dev-shaped pipeline small enough to train in minutes on 2 CPU cores.
 
     FluxTransformer2DModel with 2 double- and 4 single-stream blocks, 4 heads of 8 (RoPE
@@ -345,6 +344,7 @@ def build_tiny_flux() -> FluxPipeline:
     AutoencoderKL without quant convs, as Flux's; a CLIP-L-like encoder (pooled) and a
     T5-like encoder (gated GELU, relative attention) with offline tokenizers; Flux.1-dev's
     scheduler config (shift 3, dynamic shifting). Seeded: identical every time.
+    guidance_embeds=False: the schnell-shaped variant (no guidance input), for the tests.
     """
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(TINY_SEED + 20)
@@ -370,8 +370,10 @@ def build_tiny_flux() -> FluxPipeline:
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_1_DEV_SCHEDULER)
+    for model in (text_encoder, text_encoder_2, vae, transformer):
+        model.eval()  # as from_pretrained leaves them: T5's dropout off
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                         tokenizer_2=tokenizer_2, transformer=transformer)
