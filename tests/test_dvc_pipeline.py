@@ -220,7 +220,14 @@ def test_experiment_workflow(repo, tmp_path):
     assert (root / "reports/health.md").read_text().startswith(
         "# Training health: not_learning")
 
+    # Flux.1 likewise: a transformer trained by flow matching, on the same buckets
+    out = sh("dvc", "exp", "run", "-S", "model.base=builtin:tiny-flux", "-S",
+             "train.learning_rate=1e-3", "-n", "flux")
+    assert ran(out) == ["params", "validate", "encode", "train", "sample"]
+    assert "train: flux base builtin:tiny-flux;" in out and "train: 3 buckets" in out
+
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert exps["flux"]["metrics"]["model"]["family"] == "flux"
     assert exps["lrtiny"]["metrics"]["model"]["family"] == "sdxl"
     assert exps["rank16"]["metrics"]["model"]["family"] == "sd"
     assert exps["rank16"]["params"]["lora"]["rank"] == 16
@@ -237,8 +244,8 @@ def test_experiment_workflow(repo, tmp_path):
         for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16]
-    for name, exp in exps.items():  # rank16, steps6, the two queued runs, lrtiny (SDXL)
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16, 16]
+    for name, exp in exps.items():  # rank16, steps6, the two queued, lrtiny (SDXL), flux
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name

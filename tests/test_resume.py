@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import REPO, SAME_DATA_DIR, SDXL, hold_registration, make_params
+from conftest import FLUX, REPO, SAME_DATA_DIR, SDXL, hold_registration, make_params
 
 STEPS = 60
 EVERY = 20
@@ -178,3 +180,39 @@ def test_run_killed_before_its_first_checkpoint_leaves_no_partial_tensorboard_ru
     assert runs == ["next-exp"]  # the killed run's half is gone, the finished run is whole
     assert not any(p.name.startswith(".") for p in (root / "logs/tensorboard/next-exp").iterdir())
     assert json.loads((root / "dvclive/metrics.json").read_text())["steps"] == STEPS
+
+
+def test_two_process_flux_run_resumes_to_the_same_bytes_and_matches_one_process(
+        tmp_path, example_cache_flux):
+    """Flux.1 (flow matching, packed latents, the guidance input) under `accelerate launch`
+    with 2 CPU processes: killed after a checkpoint and resumed, it ends in the same bytes
+    as the run that was not; and it trains as one process does at the same global batch.
+    With CLIP-L's LoRA and caption dropout, the dropped captions take the empty caption's
+    conditioning, through T5, per step."""
+    cache = example_cache_flux
+    short = {"train__max_steps": 30, "train__checkpoint_every": 10,
+             "train__validation__every": 10, "lora__text_encoder": True,
+             "train__captions": {"shuffle": False, "keep_tokens": 0, "dropout": 0.3,
+                                 "tag_dropout": 0.0}, **FLUX}
+    two = {"train__num_processes": 2, "train__batch_size": 2, **short}
+    straight = setup(tmp_path / "straight", **two)
+    run_to_end(straight, cache)
+    killed = setup(tmp_path / "killed", **two)
+    kill_after_checkpoint(killed, cache, step=10)
+    out = run_to_end(killed, cache)
+    assert "train: flux base builtin:tiny-flux" in out and "launching 2 processes" in out, out
+    assert re.search(r"resumed from \S+ at step (10|20)", out), out
+    for name in FILES:
+        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+
+    single = setup(tmp_path / "single", train__batch_size=4, **short)
+    run_to_end(single, cache)
+
+    def losses(root):
+        rows = (root / FILES[2]).read_text().splitlines()[1:]
+        return [float(r.split("\t")[-1]) for r in rows]
+
+    assert losses(straight) == pytest.approx(losses(single), abs=1e-5)
+    a, b = (load_file(r / FILES[0]) for r in (straight, single))
+    for key, value in b.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-4, atol=1e-5)

@@ -134,14 +134,19 @@ def test_grad_accum_and_epochs(tmp_path, example_cache, capsys):
     assert "global batch 6" in capsys.readouterr().out
 
 
+def denoiser(result):
+    """The run's denoiser (the UNet, Flux's transformer): its first trained component."""
+    return next(iter(result.models.values()))
+
+
 def test_bf16_keeps_lora_weights_fp32(tmp_path, family_run):
     cache, family = family_run
     result = train_in(tmp_path, cache, train__mixed_precision="bf16", train__max_steps=4,
                       **family)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.summary["loss"].values())
-    lora_params = [p for n, p in result.models["unet"].named_parameters() if "lora_" in n]
+    lora_params = [p for n, p in denoiser(result).named_parameters() if "lora_" in n]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
-    base = [p for n, p in result.models["unet"].named_parameters() if "lora_" not in n]
+    base = [p for n, p in denoiser(result).named_parameters() if "lora_" not in n]
     assert all(p.dtype == torch.bfloat16 for p in base)
 
 
@@ -150,8 +155,8 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, family_run):
     a, b = run_dirs(tmp_path, "a", "b")
     ra = train_in(a, cache, train__max_steps=4, **family)
     rb = train_in(b, cache, train__max_steps=4, train__gradient_checkpointing=True, **family)
-    for (na, pa), (_, pb) in zip(ra.models["unet"].named_parameters(),
-                                 rb.models["unet"].named_parameters(),
+    for (na, pa), (_, pb) in zip(denoiser(ra).named_parameters(),
+                                 denoiser(rb).named_parameters(),
                                  strict=True):
         if "lora_" in na:
             torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)

@@ -143,8 +143,14 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
     vae = pipe.vae.eval()
     shift, scale = family.latent_scale(vae.config)
     by_size: dict[str, list[int]] = {}
+    m = family.size_multiple
     for i, name in enumerate(files):
         with Image.open(folder / name) as im:
+            if im.width % m or im.height % m:
+                raise LorapipeError(
+                    f"{folder / name} is {im.width}x{im.height} px: {family.title} needs "
+                    f"image sides that are multiples of {m}; set preprocess.resolution and "
+                    f"preprocess.bucket_step to multiples of {m}")
             by_size.setdefault(f"{im.width}x{im.height}", []).append(i)
     buckets, where = {}, [("", 0)] * len(files)
     bar = tqdm(total=2 * len(rows), desc="encode", unit="img", dynamic_ncols=True)

@@ -46,6 +46,8 @@ class Family:
     # whether diffusers' reader of this family's kohya files multiplies alpha / rank into the
     # weights it returns (lora.init must then not scale them again)
     reader_bakes_alpha = False
+    # image sides must be multiples of this (the VAE's 8x; Flux packs latents 2x2: 16)
+    size_multiple = 8
     # whether sample.scheduler / train.sample_scheduler choose its sampler (else sampler()
     # keeps the family's own)
     uses_sample_scheduler = True

@@ -181,7 +181,7 @@ class Flux(Family):
             img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device,
                                                              noisy.dtype)
             extra = {}
-            if denoiser.config.guidance_embeds:
+            if self.variant == "dev":  # the denoiser may be wrapped (DDP): no .config
                 extra["guidance"] = torch.full((b,), float(guidance), device=noisy.device)
             out = denoiser(hidden_states=packed, timestep=sigmas, img_ids=img_ids,
                            **inputs, **extra).sample
@@ -235,6 +235,7 @@ class Flux(Family):
                                             local_files_only=True)
 
     uses_sample_scheduler = False
+    size_multiple = 16  # 8x VAE, then 2x2 packing
 
     def sampler(self, name: str, scheduler):
         # Flux samples with the flow-matching Euler scheduler of its config only: the DDPM

@@ -20,6 +20,6 @@ def run(params, args) -> int:
         print(f"encode: warning: latent std {std:.3f} is far from 1; the VAE's scaling_factor "
               "may not suit this data, and the loss will say little about the image")
     for name in cache.meta["truncated"]:
-        print(f"encode: warning: the caption of {name} is longer than the text encoder's "
-              "77 tokens and was cut")
+        print(f"encode: warning: the caption of {name} is longer than a text encoder's "
+              "token limit (CLIP: 77; Flux's T5: 512 dev, 256 schnell) and was cut")
     return 0

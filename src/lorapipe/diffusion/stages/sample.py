@@ -35,6 +35,10 @@ def run(params, args) -> int:
     diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
     base = load_base(params.model.base, params.model.config)
     pipe, family = base.pipe, base.family
+    if p.width % family.size_multiple or p.height % family.size_multiple:
+        raise LorapipeError(
+            f"sample.width {p.width} x sample.height {p.height}: {family.title} needs "
+            f"multiples of {family.size_multiple}")
     pipe.scheduler = family.sampler(p.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(args.lora)  # exactly as a user loads it
