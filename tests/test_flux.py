@@ -166,6 +166,36 @@ def test_flux_lora_loads_back_in_the_flux_pipeline(flux_trained):
     assert any("lora" in n for n, _ in pipe.text_encoder.named_parameters())  # CLIP-L's too
 
 
+def test_continue_a_flux_lora_and_sample_it_beside_the_base(tmp_path, flux_trained,
+                                                            example_cache_flux):
+    """lora.init continues the diffusers file exactly; FluxPipeline samples the base and the
+    LoRA from the same seed, and LoRA scale 0 is the base."""
+    from lorapipe.diffusion.sampling import SampleSettings, generate
+
+    root, result = flux_trained
+    cont = train_in(tmp_path, example_cache_flux, lora__targets="kohya",
+                    lora__text_encoder=True, lora__init=str(root / "lora"),
+                    train__max_steps=1, train__learning_rate=1e-12, **FLUX)
+    torch.testing.assert_close(_probe(cont.models["transformer"]),
+                               _probe(result.models["transformer"]), rtol=1e-4, atol=1e-5)
+    pipe = build_tiny_flux()
+    pipe.load_lora_weights(str(root / "lora"))
+    pipe.set_progress_bar_config(disable=True)
+    family = families.of_pipeline(pipe)
+    pipe.scheduler = family.sampler("euler_a", pipe.scheduler)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+    def image(lora, scale=1.0):
+        s = SampleSettings(steps=3, guidance_scale=3.5, negative_prompt="", width=64,
+                           height=64, lora_scale=scale)
+        return torch.tensor(list(generate(pipe, "a red circle, lpstyle", 7, s, lora,
+                                          family).getdata()))
+
+    base, lora = image(False), image(True)
+    assert torch.equal(base, image(False)) and not torch.equal(base, lora)
+    assert torch.equal(image(True, 0.0), base)
+
+
 def test_flux_webui_file_is_the_trained_update_on_bfl_weights(flux_trained):
     """What ComfyUI and Forge do with the kohya file: add up @ down * alpha / rank to the BFL
     weight of that name. For every fused projection that is exactly the trained modules'

@@ -207,7 +207,7 @@ def tiny_caches(tmp_path_factory, example_cache):
 
 @pytest.mark.parametrize("images, steps, batch, lr", [
     (2, 600, 1, 5e-3),  # 1 training image: the step loss is one image at one timestep
-    (3, 1200, 2, 2e-3),  # a long run at 1 step per epoch
+    (3, 800, 2, 2e-3),  # a long run at 1 step per epoch
 ])
 def test_tiny_dataset_and_long_runs_are_healthy(tmp_path, tiny_caches, images, steps,
                                                 batch, lr):

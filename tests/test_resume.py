@@ -18,7 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FLUX, REPO, SAME_DATA_DIR, SDXL, hold_registration, make_params
+from conftest import (
+    FLUX,
+    REPO,
+    SAME_DATA_DIR,
+    SDXL,
+    hold_registration,
+    make_params,
+    train_in,
+)
 
 STEPS = 60
 EVERY = 20
@@ -205,8 +213,10 @@ def test_two_process_flux_run_resumes_to_the_same_bytes_and_matches_one_process(
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
 
-    single = setup(tmp_path / "single", train__batch_size=4, **short)
-    run_to_end(single, cache)
+    # one process, the same global batch (in this process: no second launch)
+    single = tmp_path / "single"
+    single.mkdir()
+    train_in(single, cache, train__batch_size=4, **short)
 
     def losses(root):
         rows = (root / FILES[2]).read_text().splitlines()[1:]

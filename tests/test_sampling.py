@@ -90,7 +90,7 @@ def test_no_memory_growth_over_many_prompts(pipe):
     for i in range(5):
         generate(pipe, f"prompt {i}", i, SETTINGS, lora=True)
     start = proc.memory_info().rss
-    for i in range(40):
+    for i in range(20):  # a leak of 1.5 MiB an image (one 64 px grid's worth) would show
         generate(pipe, f"a shape number {i}, lpstyle", i, SETTINGS, lora=True)
     assert proc.memory_info().rss - start < 30 * 2**20
 
