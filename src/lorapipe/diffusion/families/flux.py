@@ -198,6 +198,10 @@ class Flux(Family):
     def lora_scale_kwargs(self, scale):
         return {"joint_attention_kwargs": {"scale": scale}}
 
+    def lora_reading_kwargs(self, denoiser):
+        # FluxLoraLoaderMixin.lora_state_dict returns the alphas only when asked
+        return {"return_alphas": True}
+
     def denoiser_lora_to_peft(self, state):
         return convert_unet_state_dict_to_peft(state)
 
