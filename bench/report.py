@@ -40,3 +40,29 @@ def peak_memory(rss_after_setup_gib: float) -> dict:
                 "device_name": torch.cuda.get_device_name()}
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "rss_after_setup_gib": rss_after_setup_gib}
+
+
+def child_row(script: str, child: str, args: list[str], row: dict) -> dict:
+    """Run `script --child <child> <args>` in its own process (one benchmark setting): its
+    last stdout line as JSON, else `row` with the error's last line under "failed"."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, "--child", child, *args],
+                          capture_output=True, text=True, cwd=Path(script).resolve().parents[1])
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return {**row, "failed": tail[:200]}
+
+
+def limit_address_space(gib: float) -> None:
+    """A CPU child's address-space limit, so a setting that does not fit fails with an
+    out-of-memory error instead of taking the machine down (CUDA runs: none)."""
+    import resource
+
+    import torch
+
+    if not torch.cuda.is_available():
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

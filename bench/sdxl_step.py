@@ -21,14 +21,12 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import report  # noqa: E402
@@ -104,23 +102,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "sdxl_step.json"))
     args = parser.parse_args()
     if args.child:
-        if not torch.cuda.is_available():
-            limit = int(args.limit_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        report.limit_address_space(args.limit_gib)
         print(json.dumps(step(args.child, args.steps)))
         return
 
     rows = []
     for setting in args.settings.split(","):
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", setting, "--steps", str(args.steps),
-             "--limit-gib", str(args.limit_gib)],
-            capture_output=True, text=True, cwd=REPO)
-        if child.returncode == 0:
-            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        else:
-            tail = (child.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"setting": setting, "failed": tail[:200]})
+        rows.append(report.child_row(__file__, setting, ["--steps", str(args.steps),
+                                                          "--limit-gib", str(args.limit_gib)],
+                                     {"setting": setting}))
         print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "sdxl_step", "steps": args.steps, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
