@@ -198,7 +198,7 @@ def test_two_process_flux_run_resumes_to_the_same_bytes_and_matches_one_process(
     With CLIP-L's LoRA and caption dropout, the dropped captions take the empty caption's
     conditioning, through T5, per step."""
     cache = example_cache_flux
-    short = {"train__max_steps": 30, "train__checkpoint_every": 10,
+    short = {"train__max_steps": 20, "train__checkpoint_every": 10,
              "train__validation__every": 10, "lora__text_encoder": True,
              "train__captions": {"shuffle": False, "keep_tokens": 0, "dropout": 0.3,
                                  "tag_dropout": 0.0}, **FLUX}
@@ -209,7 +209,7 @@ def test_two_process_flux_run_resumes_to_the_same_bytes_and_matches_one_process(
     kill_after_checkpoint(killed, cache, step=10)
     out = run_to_end(killed, cache)
     assert "train: flux base builtin:tiny-flux" in out and "launching 2 processes" in out, out
-    assert re.search(r"resumed from \S+ at step (10|20)", out), out
+    assert re.search(r"resumed from \S+ at step 10", out), out
     for name in FILES:
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
 
