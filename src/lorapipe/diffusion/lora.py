@@ -209,8 +209,8 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
             f"{', '.join(unused)}), which lora.text_encoder: false would drop; set "
             "lora.text_encoder: true to continue all of it")
     notes = []
-    file_alpha = (float(configs[denoiser].r) if family.reader_bakes_alpha and _is_kohya(path)
-                  else _file_alpha(path, alphas, metadata, configs[denoiser], denoiser))
+    file_alpha = _file_alpha(path, alphas, metadata, configs[denoiser], denoiser,
+                             family.reader_bakes_alpha)
     for name, model in models.items():
         if name not in parts:
             notes.append(f"lora.init: {path} has no {name} LoRA; the {name} LoRA starts fresh")
@@ -228,13 +228,6 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
                     incoming[key] = incoming[key] * (file_alpha / configs[name].lora_alpha)
         set_peft_model_state_dict(model, incoming, adapter_name="default")
     return notes
-
-
-def _is_kohya(path: str) -> bool:
-    """Whether a LoRA file (or a folder's diffusers file) uses kohya's names."""
-    file = Path(path) / DIFFUSERS_FILE if Path(path).is_dir() else Path(path)
-    with safe_open(str(file), "pt") as f:
-        return any(".lora_down." in k for k in f.keys())
 
 
 def _title(component: str) -> str:
@@ -266,9 +259,11 @@ def _check_init(path: str, name: str, incoming: dict, current: dict, config: Lor
 
 
 def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: LoraConfig,
-                denoiser: str):
+                denoiser: str, baked: bool = False):
     """The alpha a LoRA file was saved with: kohya files store one per module, our diffusers
-    files store the peft config; a file with neither is taken to use ours."""
+    files store the peft config; a file with neither is taken to use ours, unless the
+    family's reader already multiplied alpha / rank into the weights (baked: Flux's kohya
+    reader, which returns no alphas), which then hold the update at scale 1 (alpha = rank)."""
     if alphas:
         values = {float(v) for v in alphas.values()}
         if len(values) > 1:
@@ -279,4 +274,4 @@ def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: L
         return values.pop()
     if metadata and f"{denoiser}.lora_alpha" in metadata:
         return float(metadata[f"{denoiser}.lora_alpha"])
-    return float(config.lora_alpha)
+    return float(config.r if baked else config.lora_alpha)
