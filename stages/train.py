@@ -2,7 +2,8 @@
 causal LM) over the encode cache, logged to dvclive + TensorBoard, with a health verdict.
 
     python -m stages.train --cache data/cache --out models/lora --live dvclive --logs logs \
-        --checkpoints checkpoints/train --health reports/health.md
+        --checkpoints checkpoints/train --health reports/health.md \
+        --examples reports/examples.csv
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main(argv: list[str] | None) -> int:
     parser.add_argument("--logs", required=True, help="TensorBoard runs and train.log")
     parser.add_argument("--checkpoints", required=True, help="resume checkpoints")
     parser.add_argument("--health", required=True, help="the health report to write (.md)")
+    parser.add_argument("--examples", default=None,
+                        help="each evaluated example's losses against the base (.csv)")
     args = parser.parse_args(argv)
     params = load_params()  # checked before the heavy imports
     return launch.train(params, args, argv, stage(params, "train").recipe_class)

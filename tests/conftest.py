@@ -237,7 +237,7 @@ def train_in(root: Path, cache: Path, health_report: Path | None = None, **overr
     settings.update(overrides)
     params = make_params(root, **settings)
     return run(params, Paths(cache, root / "lora", root / "dvclive", root / "logs",
-                             root / "ckpt", health_report),
+                             root / "ckpt", health_report, root / "examples.csv"),
                stage(params, "train").recipe_class())
 
 

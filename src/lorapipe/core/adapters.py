@@ -5,8 +5,12 @@ run's trained components (checkpoints, early stopping's best state, exports), ke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from lorapipe.core.errors import LorapipeError
@@ -77,3 +81,21 @@ def adapter_metadata(config: LoraConfig) -> dict:
             value = value.value
         out[key] = value
     return out
+
+
+@contextmanager
+def switched_off(models: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """The base alone, for a measurement: every LoRA layer of these components off (peft's
+    own switch on each layer), then back on, each parameter's requires_grad as it was."""
+    layers = [m for model in models.values() for m in model.modules()
+              if isinstance(m, BaseTunerLayer)]
+    grads = [(q, q.requires_grad) for model in models.values() for q in model.parameters()]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for q, grad in grads:
+            q.requires_grad_(grad)

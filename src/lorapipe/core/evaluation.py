@@ -10,12 +10,20 @@ import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lorapipe.core import adapters
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.metrics import (
+    IMPROVEMENT_TRAIN,
+    IMPROVEMENT_VALIDATION,
+    TRAIN_FIXED,
+    VALIDATION,
+    band,
+    band_of,
+)
 
 
 @contextmanager
@@ -30,6 +38,46 @@ def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+
+
+@dataclass
+class Evaluation:
+    """One evaluation, as a task measures it: the logged scalars (the fixed losses, their
+    perplexities, the image task's per-timestep losses) and each evaluated example's own
+    loss by set ("train": the fixed training subset, "validation": the held-out examples),
+    in the order of the sets (lorapipe.core.examples names them)."""
+
+    metrics: dict[str, float]
+    examples: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        return {"metrics": self.metrics, "examples": self.examples}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Evaluation:
+        return cls(dict(state["metrics"]), {k: list(v) for k, v in state["examples"].items()})
+
+
+# the fixed losses whose improvement over the base is logged, and under which name
+GAINS = {TRAIN_FIXED: IMPROVEMENT_TRAIN, VALIDATION: IMPROVEMENT_VALIDATION}
+
+
+def improvement(loss: float, base: float) -> float:
+    """1 - loss / base: 0.18 = 18% below the base's loss; negative = above it."""
+    return 1.0 - loss / base if base > 0 else 0.0
+
+
+def gains(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """improvement/train, improvement/validation and, per timestep, the same of each band:
+    these losses against the base's (the same examples, noise and timesteps)."""
+    out = {}
+    for name, value in metrics.items():
+        if name in base and name in GAINS:
+            out[GAINS[name]] = improvement(value, base[name])
+        banded = band_of(name)
+        if banded and banded[0] in GAINS and name in base:
+            out[band(GAINS[banded[0]], banded[1])] = improvement(value, base[name])
+    return out
 
 
 def cuda_devices() -> list[int]:

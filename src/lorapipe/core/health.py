@@ -17,6 +17,11 @@ Verdicts, checked in this order:
 - overfitting: validation above its best by `overfit_margin` for `overfit_evals` evaluations
   in a row while the fixed training loss kept falling;
 - healthy: none of the above.
+
+Every verdict also states the LoRA against the base (`gains`: 1 - loss / the base's loss on
+the same examples, noise and timesteps), and for the image task reads the fixed losses per
+evaluation timestep (`bands`): low noise (small t) is where fine detail is learned and, first,
+memorised; high noise is composition and colour.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class Verdict:
     remedies: list[Remedy] = field(default_factory=list)
     best_step: int | None = None  # where validation was lowest, when there is validation
     numbers: dict = field(default_factory=dict)
+    against_base: list[str] = field(default_factory=list)  # the gains, in sentences
+    # per evaluation timestep: (t, training gain at the end, validation gain at the best
+    # step, validation gain at the end); None where not measured
+    bands: list[tuple] = field(default_factory=list)
 
     @property
     def advice(self) -> list[str]:
@@ -94,11 +103,20 @@ class RunFacts:
 # advice that depends on what the data is, per task_type
 DATA_ADVICE = {
     "sd": {"check_data": "check model.base and that the captions match the images",
-           "vary": ["add more varied images", "check that captions describe what varies"]},
+           "vary": ["add more varied images", "check that captions describe what varies"],
+           "outlier": "open the image and read its caption: is the caption another image's, "
+                      "the image corrupt, mostly noise or unlike the rest of the set? Fix or "
+                      "drop its row in metadata.csv"},
     "llm": {"check_data": "check model.base and the answers in the data (validate's report "
                           "counts the trained tokens)",
-            "vary": ["add more varied examples", "raise lora.dropout (0.05-0.1)"]},
+            "vary": ["add more varied examples", "raise lora.dropout (0.05-0.1)"],
+            "outlier": "read the example: does its answer contradict the other examples', or "
+                       "follow another format? Fix or drop that line"},
 }
+# where a timestep counts as low noise (fine detail) or high noise (composition, colour), on
+# the 1000-step scale of train.validation.timesteps
+LOW_NOISE_BELOW = 400
+HIGH_NOISE_FROM = 600
 
 
 def diverged_remedies(f: RunFacts) -> list[Remedy]:
@@ -159,9 +177,15 @@ class Run:
     t: object
     numbers: dict
     best_step: int | None
+    train_gain: Series  # improvement over the base per evaluation (1 - loss / base loss)
+    val_gain: Series
+    # per evaluation timestep t: the fixed losses at t, training and validation
+    train_bands: dict[int, Series] = field(default_factory=dict)
+    val_bands: dict[int, Series] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, train_fixed, validation, current, facts, t) -> Run:
+    def of(cls, train_fixed, validation, current, facts, t, train_gain=None, val_gain=None,
+           train_bands=None, val_bands=None) -> Run:
         numbers = {}
         if train_fixed:
             numbers.update(train_fixed_start=train_fixed[0][1],
@@ -170,11 +194,102 @@ class Run:
         if validation and _finite(validation):
             best_step, best = min(validation, key=lambda sv: sv[1])
             numbers.update(validation_best=best, validation_end=validation[-1][1])
-        return cls(train_fixed, validation, current, facts, t, numbers, best_step)
+        # logged gains are against the base itself (after lora.init too); without them the
+        # first evaluation is the reference
+        train_gain = train_gain or _gain(train_fixed)
+        val_gain = val_gain or _gain(validation)
+        if train_gain:
+            numbers["gain_train_end"] = train_gain[-1][1]
+        if val_gain and _finite(val_gain):
+            numbers["gain_val_end"] = val_gain[-1][1]
+            if best_step is not None:
+                numbers["gain_val_best"] = dict(val_gain).get(best_step, val_gain[-1][1])
+        return cls(train_fixed, validation, current, facts, t, numbers, best_step, train_gain,
+                   val_gain, train_bands or {}, val_bands or {})
+
+    def against_base(self) -> list[str]:
+        """The gains in sentences: what the LoRA does to the losses the base had."""
+        lines = []
+        if self.train_gain and _finite(self.train_gain):
+            step, gain = self.train_gain[-1]
+            lines.append(f"the LoRA {_change(gain, 'the fixed training loss')} against the "
+                         f"base (step {step})")
+        if self.val_gain and _finite(self.val_gain):
+            step, gain = self.val_gain[-1]
+            line = (f"the LoRA {_change(gain, 'the held-out loss')} against the base (step "
+                    f"{step})")
+            if self.best_step is not None and self.best_step != step:
+                line += (f"; the best was {self.numbers['gain_val_best']:.0%} at step "
+                         f"{self.best_step}")
+            lines.append(line)
+        return lines
+
+    def band_table(self) -> list[tuple]:
+        rows = []
+        for t in sorted(self.train_bands or self.val_bands):
+            train = self.train_bands.get(t, [])
+            val = self.val_bands.get(t, [])
+            at_best = dict(val).get(self.best_step) if val and self.best_step is not None \
+                else None
+            rows.append((t, _gain_of(train, train[-1][1] if train else None),
+                         _gain_of(val, at_best), _gain_of(val, val[-1][1] if val else None)))
+        return rows
 
     def verdict(self, status: str, headline: str, evidence: list[str],
                 remedies: list[Remedy]) -> Verdict:
-        return Verdict(status, headline, evidence, remedies, self.best_step, self.numbers)
+        return Verdict(status, headline, evidence, remedies, self.best_step, self.numbers,
+                       self.against_base(), self.band_table())
+
+
+def _gain(series: Series) -> Series:
+    """Improvement of each value over the first (the reference when none was logged)."""
+    if not series or not series[0][1] > 0:
+        return []
+    first = series[0][1]
+    return [(s, 1.0 - v / first) for s, v in series]
+
+
+def _gain_of(series: Series, value: float | None) -> float | None:
+    if value is None or not series or not series[0][1] > 0:
+        return None
+    return 1.0 - value / series[0][1]
+
+
+def _change(gain: float, what: str) -> str:
+    return f"lowers {what} by {gain:.0%}" if gain >= 0 else f"raises {what} by {-gain:.0%}"
+
+
+def _bands_named(ts: list[int]) -> str:
+    return ", ".join(f"t={t}" for t in ts)
+
+
+def rising_bands(r: Run) -> tuple[list[int], str, Remedy | None]:
+    """Which evaluation timesteps' validation loss rose since the best step (by more than
+    health.overfit_margin), what that means, and the remedy that follows from it."""
+    if not r.val_bands or r.best_step is None:
+        return [], "", None
+    rising = []
+    for t, series in sorted(r.val_bands.items()):
+        at = dict(series)
+        if r.best_step in at and series and series[-1][1] > at[r.best_step] * (
+                1 + r.t.overfit_margin):
+            rising.append(t)
+    if not rising:
+        return [], "", None
+    if len(rising) == len(r.val_bands):
+        return rising, "validation rising at every noise level: the images themselves are " \
+                       "being memorised", None
+    if max(rising) < LOW_NOISE_BELOW:
+        return rising, (f"validation rising at t <= {max(rising)} only ({_bands_named(rising)})"
+                        ": fine detail (texture, exact features) is being memorised"), Remedy(
+            "low-noise detail is memorised first: more varied images of the subject (other "
+            "backgrounds, lighting, crops), or a lower lora.rank")
+    if min(rising) >= HIGH_NOISE_FROM:
+        return rising, (f"validation rising at t >= {min(rising)} only ({_bands_named(rising)})"
+                        ": composition and colour are being memorised"), Remedy(
+            "high-noise composition is memorised: vary the framing and composition of the "
+            "images, and caption the layout and colours")
+    return rising, f"validation rising at {_bands_named(rising)}", None
 
 
 def non_finite(r: Run) -> Verdict | None:
@@ -228,18 +343,22 @@ def unstable(r: Run) -> Verdict | None:
 
 def not_learning(r: Run) -> Verdict | None:
     t, f, fixed = r.t, r.facts, r.train_fixed
-    if not fixed or fixed[-1][0] < t.min_steps:
+    if not fixed or fixed[-1][0] < t.min_steps or not r.train_gain:
         return None
-    first = fixed[0][1]
-    fall = (first - min(v for _, v in fixed)) / first if first > 0 else 0.0
+    best_step, fall = max(r.train_gain, key=lambda sg: sg[1])  # the best gain over the base
     if fall >= t.min_improvement:
         return None
     higher = _fmt(max(f.learning_rate * 2, 1e-4))
+    evidence = [f"fixed training loss {_fmt(fixed[0][1])} at step 0, at best "
+                f"{_fmt(min(v for _, v in fixed))}: at most {fall:.1%} below the base (step "
+                f"{best_step}); a learning run gets more than {t.min_improvement:.0%} below it"]
+    if r.train_bands:
+        evidence.append("training loss against the base per timestep: " + ", ".join(
+            f"t={band_t} {gain:+.1%}" for band_t, gain, _, _ in r.band_table()
+            if gain is not None))
     return r.verdict(
         "not_learning", f"the fixed training loss fell only {fall:.1%} in {fixed[-1][0]} steps",
-        [f"fixed training loss {_fmt(first)} at step 0, at best "
-         f"{_fmt(min(v for _, v in fixed))}; a learning run falls by more than "
-         f"{t.min_improvement:.0%}"],
+        evidence,
         [Remedy(f"raise train.learning_rate (now {_fmt(f.learning_rate)}, e.g. to {higher})",
                 {"train.learning_rate": higher}),
          Remedy(DATA_ADVICE[f.task]["check_data"]),
@@ -263,11 +382,21 @@ def overfitting(r: Run) -> Verdict | None:
     if f.rank > 4:
         remedies.insert(1, Remedy(f"lower lora.rank ({f.rank} -> {max(4, f.rank // 2)})",
                                   {"lora.rank": max(4, f.rank // 2)}))
+    evidence = [f"validation {_fmt(best)} at step {best_step}, {_fmt(tail[-1][1])} at step "
+                f"{tail[-1][0]}; training fixed loss {_fmt(train_at_best)} -> "
+                f"{_fmt(r.train_fixed[-1][1])}"]
+    if "gain_val_best" in r.numbers:
+        evidence.append(f"against the base: held-out {r.numbers['gain_val_best']:.0%} better "
+                        f"at step {best_step}, {r.numbers['gain_val_end']:.0%} at the end; "
+                        f"training {r.numbers['gain_train_end']:.0%} better")
+    _, reading, band_remedy = rising_bands(r)
+    if reading:
+        evidence.append(reading)
+    if band_remedy:
+        remedies.insert(1, band_remedy)
     return r.verdict(
         "overfitting", f"validation loss rising since step {best_step} while training loss falls",
-        [f"validation {_fmt(best)} at step {best_step}, {_fmt(tail[-1][1])} at step "
-         f"{tail[-1][0]}; training fixed loss {_fmt(train_at_best)} -> "
-         f"{_fmt(r.train_fixed[-1][1])}"], remedies)
+        evidence, remedies)
 
 
 # The verdicts, in the order they are checked: the first that applies is the run's. A new
@@ -276,10 +405,14 @@ CHECKS = (non_finite, exploded, unstable, not_learning, overfitting)
 
 
 def diagnose(train_fixed: Series, validation: Series, current: Series, facts: RunFacts,
-             t) -> Verdict:
-    """Classify a run from its series (`current`: the per-step loss); `t` holds the
-    thresholds (params.yaml `health`). The verdict carries the command to try next."""
-    run = Run.of(train_fixed, validation, current, facts, t)
+             t, train_gain: Series | None = None, val_gain: Series | None = None,
+             train_bands: dict[int, Series] | None = None,
+             val_bands: dict[int, Series] | None = None) -> Verdict:
+    """Classify a run from its series (`current`: the per-step loss; the gains over the base
+    and the per-timestep fixed losses where logged); `t` holds the thresholds (params.yaml
+    `health`). The verdict carries the command to try next."""
+    run = Run.of(train_fixed, validation, current, facts, t, train_gain, val_gain,
+                 train_bands, val_bands)
     for check in CHECKS:
         verdict = check(run)
         if verdict is not None:
@@ -291,10 +424,28 @@ def diagnose(train_fixed: Series, validation: Series, current: Series, facts: Ru
     return run.verdict("healthy", headline, [], [Remedy("nothing to change")])
 
 
-def to_markdown(v: Verdict, run: str) -> str:
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:+.1%}"
+
+
+def to_markdown(v: Verdict, run: str, sections: list[tuple[str, list[str]]] = ()) -> str:
+    """The report; `sections`: more (title, markdown lines), after the verdict's own."""
     lines = [f"# Training health: {v.status}", "", f"Run `{run}`: {v.headline}.", ""]
+    if v.against_base:
+        lines += ["## Against the base", "", *[f"- {e}" for e in v.against_base], ""]
     if v.evidence:
         lines += ["## Evidence", "", *[f"- {e}" for e in v.evidence], ""]
+    if v.bands:
+        lines += ["## Where in the schedule", "",
+                  "The fixed losses per evaluation timestep against the base's (positive = "
+                  "lower than the base). Low t (little noise) is fine detail, high t is "
+                  "composition and colour; detail is memorised first.", "",
+                  "| t | training, end | validation, best step | validation, end |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t} | {_pct(a)} | {_pct(b)} | {_pct(c)} |" for t, a, b, c in v.bands]
+        lines.append("")
+    for title, body in sections:
+        lines += [f"## {title}", "", *body, ""]
     if v.numbers:
         lines += ["## Numbers", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {_fmt(x) if isinstance(x, float) else x} |"

@@ -25,7 +25,8 @@ def train(params, args, argv: list[str] | None, recipe_class) -> int:
 
     try:
         run(params, Paths(Path(args.cache), Path(args.out), Path(args.live), Path(args.logs),
-                          Path(args.checkpoints), Path(args.health)), recipe_class())
+                          Path(args.checkpoints), Path(args.health),
+                          Path(args.examples) if args.examples else None), recipe_class())
     except Diverged as exc:
         print(f"train: diverged: {exc}", file=sys.stderr)
         return 1

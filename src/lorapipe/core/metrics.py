@@ -19,3 +19,33 @@ LR_TEXT = "lr/textencoder"  # of its text-encoder LoRA(s)
 LR_LORA = "lr/lora"  # of the LLM task's LoRA
 PERPLEXITY_TRAIN = "perplexity/train"  # exp of the LLM's fixed training loss
 PERPLEXITY_VALIDATION = "perplexity/validation"
+# the fixed losses against the base's (the LoRA at step 0, or switched off after lora.init):
+# 1 - loss / base loss, so 0.18 = the LoRA lowers that loss by 18%
+IMPROVEMENT_TRAIN = "improvement/train"
+IMPROVEMENT_VALIDATION = "improvement/validation"
+# the lowest validation loss so far: flat from the best step on, it marks that step in
+# TensorBoard's overlay chart (TensorBoard draws no vertical rules)
+VALIDATION_BEST = "loss/validation/best"
+
+# the image task's fixed losses per evaluation timestep (train.validation.timesteps): the
+# same names with /t<4 digits> appended, e.g. loss/validation/t0100, improvement/train/t0900
+BANDED = (TRAIN_FIXED, VALIDATION, IMPROVEMENT_TRAIN, IMPROVEMENT_VALIDATION)
+
+
+def band(name: str, t: int) -> str:
+    return f"{name}/t{t:04d}"
+
+
+def band_of(name: str) -> tuple[str, int] | None:
+    """(the banded name, t) of a per-timestep name, else None."""
+    head, _, tail = name.rpartition("/t")
+    if head in BANDED and len(tail) == 4 and tail.isdigit():
+        return head, int(tail)
+    return None
+
+
+def tensorboard_only(name: str) -> bool:
+    """Logged to TensorBoard but not as a dvclive series of its own: the per-timestep
+    curves (dvc plots draws them as one chart, dvclive/plots/custom/timesteps.json) and the
+    running best (the dvc plots overlay marks the best step itself)."""
+    return name == VALIDATION_BEST or band_of(name) is not None

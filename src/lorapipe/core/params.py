@@ -124,6 +124,7 @@ class ValidationParams:
     timesteps: list[int] = key("fixed timesteps of the evaluation losses")
     fixed_images: int = key("training images in the fixed training loss", minimum=1)
     max_images: int = key("held-out images in the validation loss, at most", minimum=1)
+    breakdown: bool = key("also log the fixed losses per timestep and per example")
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,13 @@ class HealthParams:
     overfit_evals: int = key("evaluations in a row validation stays above its best",
                              minimum=1)
     overfit_margin: float = key("how far above its best validation must be", minimum=0)
+    outlier_z: float = key("robust standard deviations from its set's median that make an "
+                           "example an outlier", above=0)
+    outlier_gap: float = key("how far short of its set's median improvement an outlier's "
+                             "must also be, as a fraction of that median", minimum=0,
+                             maximum=1)
+    outlier_loss: float = key("how many times its set's median loss an outlier's final loss "
+                              "must also be", above=1)
 
 
 @dataclass(frozen=True)

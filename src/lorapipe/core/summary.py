@@ -6,37 +6,63 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorapipe.core import health, outputs
-from lorapipe.core.metrics import STEP_LOSS, TRAIN_FIXED, VALIDATION
+from lorapipe.core.metrics import (
+    IMPROVEMENT_TRAIN,
+    IMPROVEMENT_VALIDATION,
+    STEP_LOSS,
+    TRAIN_FIXED,
+    VALIDATION,
+    band_of,
+)
 
 
 def series(history, name: str) -> health.Series:
     return [(step, m[name]) for step, m in history if name in m]
 
 
+def bands(history, name: str) -> dict[int, health.Series]:
+    """The per-timestep series of `name` (loss/validation/t0100, ...) by timestep."""
+    out: dict[int, health.Series] = {}
+    for step, metrics in history:
+        for key, value in metrics.items():
+            banded = band_of(key)
+            if banded and banded[0] == name:
+                out.setdefault(banded[1], []).append((step, value))
+    return out
+
+
 def diagnose(history, facts: health.RunFacts, thresholds) -> health.Verdict:
     return health.diagnose(series(history, TRAIN_FIXED), series(history, VALIDATION),
-                           series(history, STEP_LOSS), facts, thresholds)
+                           series(history, STEP_LOSS), facts, thresholds,
+                           series(history, IMPROVEMENT_TRAIN),
+                           series(history, IMPROVEMENT_VALIDATION),
+                           bands(history, TRAIN_FIXED), bands(history, VALIDATION))
 
 
 def summary(verdict: health.Verdict, history, step: int, family: str, rest: dict) -> dict:
     """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
     decides between runs (verdict, the last fixed-noise losses, the best validation step),
     then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
-    fixed-noise losses), so all four fit 120 columns beside DVC's own."""
-    last = {}
-    for key, name in ((TRAIN_FIXED, "train"), (VALIDATION, "val")):
+    fixed-noise losses; gain.train, gain.val: the same against the base's, 1 - loss / base
+    loss), so the verdict, losses and gains fit 120 columns beside DVC's own."""
+    last, gain = {}, {}
+    for key, name, into in ((TRAIN_FIXED, "train", last), (VALIDATION, "val", last),
+                            (IMPROVEMENT_TRAIN, "train", gain),
+                            (IMPROVEMENT_VALIDATION, "val", gain)):
         values = [m[key] for _, m in history if key in m]
         if values:
-            last[name] = values[-1]
+            into[name] = values[-1]
     best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
-    return {"health": verdict.summary(), "loss": last, **best, "model": {"family": family},
-            "step": step, **rest, "verdict_numbers": verdict.numbers}
+    return {"health": verdict.summary(), "loss": last, **({"gain": gain} if gain else {}),
+            **best, "model": {"family": family}, "step": step, **rest,
+            "verdict_numbers": verdict.numbers}
 
 
-def report_health(tracker, verdict: health.Verdict, path: Path | None, step: int) -> None:
-    """The verdict as reports/health.md, TensorBoard text at the run's last step, and the
-    stage's last line of output."""
-    text = health.to_markdown(verdict, tracker.name)
+def report_health(tracker, verdict: health.Verdict, path: Path | None, step: int,
+                  sections: list[tuple[str, list[str]]] = ()) -> None:
+    """The verdict (and more `sections`) as reports/health.md, TensorBoard text at the run's
+    last step, and the stage's last line of output."""
+    text = health.to_markdown(verdict, tracker.name, sections)
     if path is not None:
         outputs.write_text(path, text)
     tracker.tb.add_text("health", text, step)

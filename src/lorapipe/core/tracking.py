@@ -19,6 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from lorapipe.core.metrics import (
+    IMPROVEMENT_TRAIN,
+    IMPROVEMENT_VALIDATION,
     LR_DENOISER,
     LR_LORA,
     LR_TEXT,
@@ -26,18 +28,32 @@ from lorapipe.core.metrics import (
     STEP_LOSS,
     TRAIN_FIXED,
     VALIDATION,
+    VALIDATION_BEST,
+    band_of,
+    tensorboard_only,
 )
 
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
 # TensorBoard's Custom Scalars tab: the curves that are read together, in one chart each
+# (the tags are regular expressions: the per-timestep charts take every evaluation timestep)
 LAYOUT = {
     "lorapipe": {
-        "fixed-noise loss: training vs validation (overfitting: the lines part)": [
-            "Multiline", [TRAIN_FIXED, VALIDATION]],
+        "fixed-noise loss: training vs validation (overfitting: the lines part; the best "
+        "validation so far goes flat at the best step)": [
+            "Multiline", [TRAIN_FIXED, VALIDATION, VALIDATION_BEST]],
+        "improvement over the base (1 - loss / base loss): training vs validation": [
+            "Multiline", [IMPROVEMENT_TRAIN, IMPROVEMENT_VALIDATION]],
+        "validation improvement over the base per timestep (low t: detail, high t: "
+        "composition)": ["Multiline", [IMPROVEMENT_VALIDATION + r"/t\d+$"]],
+        "training improvement over the base per timestep": [
+            "Multiline", [IMPROVEMENT_TRAIN + r"/t\d+$"]],
+        "validation loss per timestep": ["Multiline", [VALIDATION + r"/t\d+$"]],
         "step loss and its moving average": ["Multiline", [STEP_LOSS, STEP_AVERAGE]],
         "learning rate": ["Multiline", [LR_DENOISER, LR_TEXT, LR_LORA]],
     },
 }
+# dvc plots' per-timestep chart (dvc.yaml: timesteps): one row per evaluation and timestep
+TIMESTEPS_PLOT = "timesteps"
 PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
 
 
@@ -83,6 +99,7 @@ class Tracker:
         self.name = name
         self._summary_at = 0.0
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.timesteps: list[dict] = []  # the rows of dvclive/plots/custom/timesteps.json
         # (step, file) of each dvclive sample: image, or markdown (text samples)
         self.images: list[tuple[int, Path]] = []
         self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
@@ -112,10 +129,29 @@ class Tracker:
         # step at 200 steps, and growing), so the summary is refreshed once a second instead.
         self.live.step = step
         for name, value in metrics.items():
-            self.live.log_metric(name, value)
+            if not tensorboard_only(name):
+                self.live.log_metric(name, value)
+        self._timestep_rows(step, metrics)
         if time.monotonic() - self._summary_at > SUMMARY_EVERY_S:
             self.live.make_summary()
             self._summary_at = time.monotonic()
+
+    def _timestep_rows(self, step: int, metrics: dict[str, float]) -> None:
+        """The per-timestep improvement over the base as one long table, for the one dvc
+        plots chart that draws a line per timestep (the validation's; the training subset's
+        when nothing is held out). Long rows, not a column per timestep: dvc.yaml names the
+        plot's fields, and the timesteps are a param."""
+        banded = {name: band_of(name) for name in metrics}
+        wanted = (IMPROVEMENT_VALIDATION if any(b and b[0] == IMPROVEMENT_VALIDATION
+                                                for b in banded.values())
+                  else IMPROVEMENT_TRAIN)
+        rows = [{"step": step, "timestep": f"t={banded[name][1]}", "improvement": value}
+                for name, value in metrics.items()
+                if banded[name] and banded[name][0] == wanted]
+        if rows:
+            self.timesteps += rows
+            self.live.log_plot(TIMESTEPS_PLOT, self.timesteps, x="step", y="improvement",
+                               title="improvement over the base per timestep")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._to_live(step, metrics)

@@ -30,15 +30,16 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe.core import adapters, checkpoints, health, outputs, summary, threads
+from lorapipe.core import adapters, checkpoints, examples, health, outputs, summary, threads
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.evaluation import EarlyStop, holdout
+from lorapipe.core.evaluation import EarlyStop, Evaluation, gains, holdout
 from lorapipe.core.metrics import (
     EPOCH_AVERAGE,
     STEP_AVERAGE,
     STEP_LOSS,
     TRAIN_FIXED,
     VALIDATION,
+    VALIDATION_BEST,
 )
 from lorapipe.core.plan import Plan
 from lorapipe.core.seeds import seeded_generator
@@ -85,6 +86,7 @@ class Paths:
     logs: Path
     checkpoints: Path
     health: Path | None
+    examples: Path | None = None  # reports/examples.csv: each evaluated example's losses
 
 
 def run(params, paths: Paths, recipe_class: type[Recipe]) -> TrainResult:
@@ -165,9 +167,15 @@ class Recipe:
         """Training positions per bucket (batches never mix buckets), or None."""
         return None
 
-    def after_prepare(self) -> Callable[[], dict[str, float]]:
+    def after_prepare(self) -> Callable[[], Evaluation]:
         """Move the data to the device (self.models now holds the prepared components);
-        return the evaluation: () -> the fixed losses by metric name (main process only)."""
+        return the evaluation: () -> the fixed losses by metric name, and with
+        train.validation.breakdown each example's own, in the order of the sets
+        self.train_idx[:fixed_images] and self.val_idx[:max_images] (main process only)."""
+        raise NotImplementedError
+
+    def describe(self, i: int) -> tuple[str, str]:
+        """Example i for the reports: where it is (file, or line) and its caption or prompt."""
         raise NotImplementedError
 
     def loss_step(self, micro: int) -> torch.Tensor:
@@ -263,6 +271,11 @@ class Recipe:
             self.stopper = EarlyStop(p.early_stop.patience, **state["early_stop"],
                                      best_state=checkpoints.read_tensors(found, BEST_LORA))
         self.state, self.start_step = state, state.get("step", 0)
+        # the base's evaluation (the reference of every gain) and each evaluation's
+        # per-example losses, as [step, {set: losses}]
+        self.reference = (Evaluation.from_state(state["reference"])
+                          if state.get("reference") else None)
+        self.example_history = [(s, e) for s, e in state.get("examples", [])]
         self.step_losses = [v[STEP_LOSS] for _, v in state["history"] if STEP_LOSS in v]
         self.epoch_losses = list(state.get("epoch_losses", []))
         self.t0 = time.perf_counter() - state["wall_time"]
@@ -363,10 +376,27 @@ class Recipe:
         """The fixed-noise losses before this step's update; True to stop early."""
         if not self.main:
             return False
-        metrics = self.evaluate()
-        self.tracker.log(step, metrics)
+        metrics = self._measure(step)
         return bool(self.val_idx) and self.stopper.update(step, metrics[VALIDATION],
                                                           self.unwrapped())
+
+    def _measure(self, step: int) -> dict[str, float]:
+        """One evaluation, logged with its gains over the base and the best validation so
+        far; the first is the base's own (at step 0 the LoRA is a no-op; after lora.init the
+        base is measured with the LoRA switched off)."""
+        ev = self.evaluate()
+        if self.reference is None:
+            self.reference = ev
+            if self.lp.init:
+                with adapters.switched_off(self.unwrapped()):
+                    self.reference = self.evaluate()
+        metrics = {**ev.metrics, **gains(ev.metrics, self.reference.metrics)}
+        if VALIDATION in metrics:
+            metrics[VALIDATION_BEST] = min([metrics[VALIDATION], *(
+                m[VALIDATION] for _, m in self.tracker.history if VALIDATION in m)])
+        self.tracker.log(step, metrics)
+        self.example_history.append((step, ev.examples))
+        return metrics
 
     def _log_samples(self, step: int) -> None:
         sample = self.samples(step)
@@ -406,6 +436,8 @@ class Recipe:
             "fingerprint": self.fp, "run_name": self.state["run_name"],
             "history": self.tracker.history, "epoch_losses": self.epoch_losses,
             "early_stop": self.stopper.to_state(),
+            "reference": self.reference.to_state() if self.reference else None,
+            "examples": self.example_history,
             "images": [(s, name) for s, name, _ in images],
             "wall_time": time.perf_counter() - self.t0, "cpu_threads": self.threads,
         }, tensors={BEST_LORA: self.stopper.best_state},
@@ -423,8 +455,7 @@ class Recipe:
         steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
         stopped_early = end_step < plan.max_steps
         if not stopped_early:
-            metrics = self.evaluate()
-            tracker.log(end_step, metrics)
+            metrics = self._measure(end_step)
             if self.val_idx:
                 stopper.update(end_step, metrics[VALIDATION], unwrapped)
         if p.sample_every:
@@ -459,11 +490,29 @@ class Recipe:
               f"({timing['steps_per_s']} steps/s); average loss {averages[-1]:.4f}; "
               f"{self.fixed_name} {fixed[0]:.4f} -> {fixed[-1]:.4f}; LoRA in {self.paths.out}")
         tracker.hparams(flat_params(self.params), {"health.status": verdict.status})
-        summary.report_health(tracker, verdict, self.paths.health, end_step)  # the last line
+        sections = self._examples_report(saved_step)
+        summary.report_health(tracker, verdict, self.paths.health, end_step,  # the last line
+                              sections)
         tracker.text(f"done: {values}")
         tracker.close()
         checkpoints.clear(self.paths.checkpoints)
         return TrainResult(values, timing, unwrapped)
+
+    def _examples_report(self, saved_step: int) -> list[tuple[str, list[str]]]:
+        """reports/examples.csv (each evaluated example: base and saved LoRA's loss,
+        improvement, rank, outlier) and the health report's section on them."""
+        p = self.p
+        sets = {"train": self.train_idx[:p.validation.fixed_images],
+                "validation": self.val_idx[:p.validation.max_images]}
+        final = Evaluation({}, dict(self.example_history[-1][1]))
+        for step, measured in self.example_history:  # the saved LoRA's (the best step's)
+            if step == saved_step:
+                final = Evaluation({}, dict(measured))
+        rows = examples.table(self.reference, final, sets, self.describe, self.params.health)
+        if self.paths.examples is not None:
+            outputs.write_text(self.paths.examples, examples.to_csv(rows))
+        what = health.DATA_ADVICE[self.params.task_type]["outlier"]
+        return [("Examples", examples.report(rows, sets, self.unit, what))]
 
     def _diverged(self, step: int, lr: float, what: str) -> Diverged:
         """Save the last good LoRA (the weights before this step), record the health, and

@@ -190,7 +190,9 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
     meta = {"scaling_factor": scale, **({"shift_factor": shift} if shift else {}),
             "image_size": [height, width], "truncated": truncated,
             "family": family.name, "buckets": latents.histogram(),
-            "layout": json.loads(layout.read_text()) if layout.exists() else {}}
+            "layout": json.loads(layout.read_text()) if layout.exists() else {},
+            # each image's file in data.dir, as metadata.csv names it: the reports name it
+            "sources": [r.get("source") or r["file_name"] for r in rows]}
     return Cache(latents, cond, {k: torch.cat([t[k] for t in tokens]) for k in tokens[0]},
                  files, captions, meta)
 

@@ -10,31 +10,33 @@ from dataclasses import dataclass
 
 import torch
 
-from lorapipe.core.evaluation import cuda_devices, evaluating
-from lorapipe.core.metrics import TRAIN_FIXED, VALIDATION, VALIDATION_DIVERGENCE
+from lorapipe.core.evaluation import Evaluation, cuda_devices, evaluating
+from lorapipe.core.metrics import TRAIN_FIXED, VALIDATION, VALIDATION_DIVERGENCE, band
 from lorapipe.core.seeds import seeded_generator
 from lorapipe.diffusion.objectives import Objective, Predict, diffusion_loss
 
 
 @torch.no_grad()
-def fixed_loss(predict: Predict, objective: Objective, latents, seed: int,
-               timesteps: list[int]) -> float:
-    """Loss on these images at these timesteps with noise fixed by the seed: no sampling
-    noise left, so it moves only when the model does. Run in eval mode (Evaluator).
-    timesteps: train.validation.timesteps, on the 1000-step scale (flow matching: sigma =
-    t / 1000)."""
-    total = 0.0
+def fixed_losses(predict: Predict, objective: Objective, latents, seed: int,
+                 timesteps: list[int]) -> torch.Tensor:
+    """Each image's loss at each of these timesteps, [images, timesteps], with noise fixed by
+    the seed: no sampling noise left, so it moves only when the model does. Run in eval mode
+    (Evaluator). timesteps: train.validation.timesteps, on the 1000-step scale (flow
+    matching: sigma = t / 1000)."""
+    columns = []
     for t in timesteps:
         gen = seeded_generator(seed, "fixed", t)
         ts = objective.fixed_timesteps(t, latents.shape[0])
-        total += diffusion_loss(predict, objective, latents, gen, timesteps=ts).item()
-    return total / len(timesteps)
+        columns.append(diffusion_loss(predict, objective, latents, gen, timesteps=ts,
+                                      per_sample=True).double().cpu())
+    return torch.stack(columns, dim=1)
 
 
 @dataclass
 class Evaluator:
     """The fixed-noise losses: on a fixed subset of the training images and on the held-out
-    images, same noise and timesteps every time, so they move only when the model does."""
+    images, same noise and timesteps every time, so they move only when the model does.
+    With `breakdown`, also per evaluation timestep and per image (from the same passes)."""
 
     denoiser: torch.nn.Module
     objective: Objective
@@ -46,26 +48,33 @@ class Evaluator:
     validation: list[int]
     seed: int
     timesteps: list[int]
+    breakdown: bool = True
 
-    def _loss(self, idx: list[int]) -> float:
-        """The fixed-noise loss over these images: per image size (bucket), weighted by
-        the images of each size."""
-        losses = []
+    def _losses(self, idx: list[int]) -> torch.Tensor:
+        """[len(idx), timesteps]: per image size (bucket) in one batch each, in idx order."""
+        rows = torch.empty((len(idx), len(self.timesteps)), dtype=torch.float64)
+        where = {i: k for k, i in enumerate(idx)}
         for group in self.latents.groups(idx):
-            losses.append((fixed_loss(self.predictor(group), self.objective,
-                                      self.latents[group], self.seed, self.timesteps),
-                           len(group)))
-        if len(losses) == 1:
-            return losses[0][0]
-        return sum(loss * n for loss, n in losses) / len(idx)
+            rows[[where[i] for i in group]] = fixed_losses(
+                self.predictor(group), self.objective, self.latents[group], self.seed,
+                self.timesteps)
+        return rows
 
-    def __call__(self) -> dict[str, float]:
+    def _measure(self, name: str, part: str, idx: list[int], ev: Evaluation) -> float:
+        losses = self._losses(idx)
+        ev.metrics[name] = loss = losses.mean().item()
+        if self.breakdown:
+            for j, t in enumerate(self.timesteps):
+                ev.metrics[band(name, t)] = losses[:, j].mean().item()
+            ev.examples[part] = losses.mean(dim=1).tolist()
+        return loss
+
+    def __call__(self) -> Evaluation:
+        ev = Evaluation({}, {})
         # evaluating never changes what training draws next (LoRA dropout uses this RNG)
         with torch.random.fork_rng(devices=cuda_devices()), evaluating(self.denoiser):
-            train = self._loss(self.train_subset)
-            out = {TRAIN_FIXED: train}
+            train = self._measure(TRAIN_FIXED, "train", self.train_subset, ev)
             if self.validation:
-                val = self._loss(self.validation)
-                out[VALIDATION] = val
-                out[VALIDATION_DIVERGENCE] = val - train  # kohya's name
-        return out
+                val = self._measure(VALIDATION, "validation", self.validation, ev)
+                ev.metrics[VALIDATION_DIVERGENCE] = val - train  # kohya's name
+        return ev

@@ -169,8 +169,10 @@ class FlowMatching(Objective):
 
 
 def diffusion_loss(predict: Predict, objective: Objective, latents, gen, noise_offset=0.0,
-                   min_snr_gamma=0.0, timesteps=None, shard: tuple[int, int] = (0, 1)):
-    """The training loss of one batch of latents under `objective`.
+                   min_snr_gamma=0.0, timesteps=None, shard: tuple[int, int] = (0, 1),
+                   per_sample: bool = False):
+    """The training loss of one batch of latents under `objective` (per_sample: each
+    image's own, weighted, loss instead of the batch mean).
 
     shard=(rank, world): these latents are part `rank` of a global batch split over `world`
     processes. Noise and timesteps are drawn for the whole global batch and sliced, so each
@@ -193,7 +195,9 @@ def diffusion_loss(predict: Predict, objective: Objective, latents, gen, noise_o
     target = objective.target(latents, noise, timesteps)
     pred = predict(noisy, timesteps)
     weights = objective.weights(timesteps, min_snr_gamma)
-    if weights is None:
+    if weights is None and not per_sample:
         return F.mse_loss(pred.float(), target.float())
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights.to(per_sample.device)).mean()
+    losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        losses = losses * weights.to(losses.device)
+    return losses if per_sample else losses.mean()

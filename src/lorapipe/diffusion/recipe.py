@@ -65,7 +65,11 @@ class DiffusionRecipe(Recipe):
             denoiser, self.objective, self.latents,
             lambda idx: self.family.predictor(denoiser, self._eval_cond(idx), self.objective),
             self.train_idx[:p.validation.fixed_images], self.val_idx[:p.validation.max_images],
-            p.seed, p.validation.timesteps)
+            p.seed, p.validation.timesteps, p.validation.breakdown)
+
+    def describe(self, i: int) -> tuple[str, str]:
+        """Image i's file (in data.dir, as metadata.csv names it) and its caption."""
+        return self.cache.meta.get("sources", self.cache.files)[i], self.cache.captions[i]
 
     def _load_base(self) -> tuple[dict, dict]:
         """The base model; returns the components that get a LoRA (the denoiser, and the

@@ -23,7 +23,7 @@ from peft import PeftModel
 
 from lorapipe.core import outputs
 from lorapipe.core.adapters import RUN_KEY
-from lorapipe.core.evaluation import evaluating
+from lorapipe.core.evaluation import Evaluation, evaluating
 from lorapipe.core.metrics import (
     LR_LORA,
     PERPLEXITY_TRAIN,
@@ -34,7 +34,7 @@ from lorapipe.core.metrics import (
 )
 from lorapipe.core.training import Data, Models, Recipe, half_precision
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, load_adapter
-from lorapipe.llm.data import CACHE_FILE, load_token_cache
+from lorapipe.llm.data import CACHE_FILE, Example, load_token_cache
 from lorapipe.llm.models import load_llm
 from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
 
@@ -110,13 +110,18 @@ class LlmRecipe(Recipe):
             mask[row, :n] = 1
         return ids.to(self.device), labels.to(self.device), mask.to(self.device)
 
-    def _summed_loss(self, model, idx: list[int]) -> torch.Tensor:
-        """Cross-entropy summed over the trained tokens of these examples."""
+    def _summed_loss(self, model, idx: list[int], per_example: bool = False) -> torch.Tensor:
+        """Cross-entropy summed over the trained tokens of these examples (per_example: one
+        sum per example)."""
         ids, labels, mask = self._collate(idx)
         logits = model(input_ids=ids, attention_mask=mask).logits
+        if not per_example:
+            return torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                ignore_index=IGNORE, reduction="sum")
         return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-            ignore_index=IGNORE, reduction="sum")
+            logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE,
+            reduction="none").sum(dim=1)
 
     def _step_tokens(self, micro: int) -> int:
         """Trained tokens in the whole optimizer step that micro-batch `micro` belongs to."""
@@ -134,25 +139,42 @@ class LlmRecipe(Recipe):
         return self._summed_loss(self.model, idx.tolist()) * scale
 
     @torch.no_grad()
-    def _fixed_losses(self) -> dict[str, float]:
-        """Mean token loss on the fixed training subset and on the held-out examples, and
-        their perplexities; eval mode (no dropout), the global RNG untouched."""
+    def _fixed_losses(self) -> Evaluation:
+        """Mean token loss on the fixed training subset and on the held-out examples, their
+        perplexities, and each example's own mean token loss; eval mode (no dropout), the
+        global RNG untouched."""
         model = self.unwrapped()["model"]
-        out = {}
+        ev = Evaluation({})
         with torch.random.fork_rng(devices=[]), evaluating(model), self.accelerator.autocast():
-            for (name, perplexity), idx in zip(((TRAIN_FIXED, PERPLEXITY_TRAIN),
-                                                (VALIDATION, PERPLEXITY_VALIDATION)),
-                                               self.fixed_sets, strict=True):
+            for (name, perplexity, part), idx in zip(
+                    ((TRAIN_FIXED, PERPLEXITY_TRAIN, "train"),
+                     (VALIDATION, PERPLEXITY_VALIDATION, "validation")),
+                    self.fixed_sets, strict=True):
                 if not idx:
                     continue
-                total = sum(self._summed_loss(model, idx[i:i + self.p.batch_size]).item()
-                            for i in range(0, len(idx), self.p.batch_size))
-                loss = total / max(sum(self.tokens_of[i] for i in idx), 1)
-                out[name] = loss
-                out[perplexity] = math.exp(min(loss, 50.0))
-        if VALIDATION in out:
-            out[VALIDATION_DIVERGENCE] = out[VALIDATION] - out[TRAIN_FIXED]
-        return out
+                sums = torch.cat([
+                    self._summed_loss(model, idx[i:i + self.p.batch_size], per_example=True)
+                    for i in range(0, len(idx), self.p.batch_size)]).double().cpu()
+                tokens = torch.tensor([max(self.tokens_of[i], 1) for i in idx],
+                                      dtype=torch.float64)
+                loss = (sums.sum() / max(sum(self.tokens_of[i] for i in idx), 1)).item()
+                ev.metrics[name] = loss
+                ev.metrics[perplexity] = math.exp(min(loss, 50.0))
+                if self.p.validation.breakdown:
+                    ev.examples[part] = (sums / tokens).tolist()
+        if VALIDATION in ev.metrics:
+            ev.metrics[VALIDATION_DIVERGENCE] = ev.metrics[VALIDATION] - ev.metrics[TRAIN_FIXED]
+        return ev
+
+    def describe(self, i: int) -> tuple[str, str]:
+        """Where example i is (its line in the data file) and its prompt, for the reports."""
+        example = Example.from_json(self.cache.lines[i], self.cache.keys[i])
+        if example.messages:
+            text = next((m["content"] for m in example.messages if m["role"] == "user"),
+                        example.messages[0]["content"])
+        else:
+            text = example.text or ""
+        return f"line {example.line}", text
 
     # -- samples and export ---------------------------------------------------------------
     def samples(self, step: int) -> str:
