@@ -78,11 +78,11 @@ def test_per_timestep_curves_in_tensorboard_and_dvc_plots(clean_sd):
     # the running best marks the best step in TensorBoard's overlay chart
     best = [e.value for e in events.Scalars("loss/validation/best")]
     assert best == [min(list(val.values())[:i + 1]) for i in range(len(best))]
-    # dvc plots: one chart, a line per timestep (dvc.yaml: timesteps.json), not a file each
-    rows = json.loads((root / "dvclive/plots/custom/timesteps.json").read_text())
-    assert {r["timestep"] for r in rows} == {f"t={t}" for t in timesteps}
+    # dvc plots: one chart, a line per timestep (dvc.yaml: improvement.json), not a file each
+    rows = json.loads((root / "dvclive/plots/custom/improvement.json").read_text())
+    assert {r["part"] for r in rows} == {f"t={t}" for t in timesteps}
     assert len(rows) == 5 * 7
-    last = {r["timestep"]: r["improvement"] for r in rows if r["step"] == 150}
+    last = {r["part"]: r["improvement"] for r in rows if r["step"] == 150}
     improvement = {e.step: e.value for e in events.Scalars("improvement/validation/t0100")}
     assert last["t=100"] == pytest.approx(improvement[150])
     assert not list((root / "dvclive/plots/metrics").rglob("t0100.tsv"))
@@ -174,7 +174,10 @@ def test_the_breakdown_does_not_change_the_training(tmp_path, example_cache):
     b = load_file(str(off / "lora/pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert tsv(on, "loss/train/fixed") == pytest.approx(tsv(off, "loss/train/fixed"), rel=1e-12)
-    assert not (off / "dvclive/plots/custom/timesteps.json").exists()
+    # without the breakdown the chart has the two sets' gains
+    assert {r["part"] for r in json.loads(
+        (off / "dvclive/plots/custom/improvement.json").read_text())} == {"training",
+                                                                           "validation"}
     assert [r["set"] for r in examples_csv(on)] == ["train"] * 8 + ["validation"] * 4
     assert examples_csv(off) == []
 

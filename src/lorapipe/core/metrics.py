@@ -46,6 +46,6 @@ def band_of(name: str) -> tuple[str, int] | None:
 
 def tensorboard_only(name: str) -> bool:
     """Logged to TensorBoard but not as a dvclive series of its own: the per-timestep
-    curves (dvc plots draws them as one chart, dvclive/plots/custom/timesteps.json) and the
+    curves (dvc plots draws them as one chart, dvclive/plots/custom/improvement.json) and the
     running best (the dvc plots overlay marks the best step itself)."""
     return name == VALIDATION_BEST or band_of(name) is not None

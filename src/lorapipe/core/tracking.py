@@ -52,8 +52,8 @@ LAYOUT = {
         "learning rate": ["Multiline", [LR_DENOISER, LR_TEXT, LR_LORA]],
     },
 }
-# dvc plots' per-timestep chart (dvc.yaml: timesteps): one row per evaluation and timestep
-TIMESTEPS_PLOT = "timesteps"
+# dvc plots' improvement chart, a line per timestep (dvc.yaml: improvement.json)
+BREAKDOWN_PLOT = "improvement"
 PARTIAL = ".partial"  # in a TensorBoard run folder while its run has not finished
 
 
@@ -99,7 +99,7 @@ class Tracker:
         self.name = name
         self._summary_at = 0.0
         self.history: list[tuple[int, dict[str, float]]] = []
-        self.timesteps: list[dict] = []  # the rows of dvclive/plots/custom/timesteps.json
+        self.breakdown: list[dict] = []  # the rows of dvclive/plots/custom/improvement.json
         # (step, file) of each dvclive sample: image, or markdown (text samples)
         self.images: list[tuple[int, Path]] = []
         self.live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
@@ -131,27 +131,34 @@ class Tracker:
         for name, value in metrics.items():
             if not tensorboard_only(name):
                 self.live.log_metric(name, value)
-        self._timestep_rows(step, metrics)
+        self._breakdown_rows(step, metrics)
         if time.monotonic() - self._summary_at > SUMMARY_EVERY_S:
             self.live.make_summary()
             self._summary_at = time.monotonic()
 
-    def _timestep_rows(self, step: int, metrics: dict[str, float]) -> None:
-        """The per-timestep improvement over the base as one long table, for the one dvc
-        plots chart that draws a line per timestep (the validation's; the training subset's
-        when nothing is held out). Long rows, not a column per timestep: dvc.yaml names the
-        plot's fields, and the timesteps are a param."""
+    def _breakdown_rows(self, step: int, metrics: dict[str, float]) -> None:
+        """The improvement over the base as one long table for the one dvc plots chart that
+        draws a line per part (dvc.yaml: improvement.json): per evaluation timestep for the
+        image task (the validation's; the training subset's when nothing is held out),
+        training and validation for the LLM task (and with train.validation.breakdown off).
+        Long rows, not a column per part: dvc.yaml names a plot's fields, and the timesteps
+        are a param."""
         banded = {name: band_of(name) for name in metrics}
         wanted = (IMPROVEMENT_VALIDATION if any(b and b[0] == IMPROVEMENT_VALIDATION
                                                 for b in banded.values())
                   else IMPROVEMENT_TRAIN)
-        rows = [{"step": step, "timestep": f"t={banded[name][1]}", "improvement": value}
+        rows = [{"step": step, "part": f"t={banded[name][1]}", "improvement": value}
                 for name, value in metrics.items()
                 if banded[name] and banded[name][0] == wanted]
+        if not rows:
+            rows = [{"step": step, "part": part, "improvement": metrics[name]}
+                    for name, part in ((IMPROVEMENT_TRAIN, "training"),
+                                       (IMPROVEMENT_VALIDATION, "validation"))
+                    if name in metrics]
         if rows:
-            self.timesteps += rows
-            self.live.log_plot(TIMESTEPS_PLOT, self.timesteps, x="step", y="improvement",
-                               title="improvement over the base per timestep")
+            self.breakdown += rows
+            self.live.log_plot(BREAKDOWN_PLOT, self.breakdown, x="step", y="improvement",
+                               title="improvement over the base")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._to_live(step, metrics)
