@@ -149,6 +149,58 @@ def test_overfitting_records_the_best_step():
     assert md.startswith("# Training health: overfitting") and "step 125" in md
 
 
+OVERFIT_TRAIN = falling(1.0, 0.5)
+OVERFIT_VAL = [1.0, 0.95, 0.9, 0.86, 0.84, 0.83, 0.84, 0.86, 0.88, 0.9, 0.93, 0.95, 0.98]
+
+
+def banded(rising: set[int]) -> dict[int, list]:
+    """Validation per timestep: the bands in `rising` turn up after step 125 as the whole
+    validation loss does, the others keep falling."""
+    return {t: curve(OVERFIT_VAL if t in rising else falling(1.0, 0.8))
+            for t in (100, 300, 500, 700, 900)}
+
+
+@pytest.mark.parametrize("rising, reading, remedy", [
+    ({100, 300}, "validation rising at t <= 300 only (t=100, t=300): fine detail",
+     "low-noise detail is memorised first"),
+    ({700, 900}, "validation rising at t >= 700 only (t=700, t=900): composition and colour",
+     "vary the framing and composition"),
+    ({100, 300, 500, 700, 900}, "validation rising at every noise level", None),
+])
+def test_overfitting_says_which_band_moved_and_advises_from_it(rising, reading, remedy):
+    v = diagnose(curve(OVERFIT_TRAIN), curve(OVERFIT_VAL), noisy_average(), FACTS, T,
+                 val_bands=banded(rising))
+    assert v.status == "overfitting"
+    assert any(e.startswith(reading) for e in v.evidence), v.evidence
+    if remedy:
+        assert remedy in v.advice[1]  # right after "stop earlier"
+    else:
+        assert not any("memorised first" in a or "framing" in a for a in v.advice)
+    md = to_markdown(v, "run-x")
+    assert "## Where in the schedule" in md and "| 100 |" in md
+
+
+def test_the_report_states_the_gain_against_the_base_and_the_best():
+    v = verdict(OVERFIT_TRAIN, OVERFIT_VAL)
+    md = to_markdown(v, "run-x")
+    # validation 1.0 -> best 0.83 at step 125 -> 0.98 at the end
+    assert ("the LoRA lowers the held-out loss by 2% against the base (step 300); the best "
+            "was 17% at step 125") in md
+    assert "the LoRA lowers the fixed training loss by 50% against the base" in md
+    assert v.numbers["gain_val_best"] == pytest.approx(0.17)
+
+
+def test_not_learning_reads_the_gain_over_the_base():
+    # after lora.init the first evaluation is not the base: the logged gains say how far
+    # below the base the LoRA is, and a LoRA already 20% below it is learning
+    flat = [0.8] * len(STEPS)
+    gains = curve([0.2] * len(STEPS))
+    assert verdict(flat).status == "not_learning"
+    v = diagnose(curve(flat), [], noisy_average(), FACTS, T, train_gain=gains)
+    assert v.status == "healthy" and "lowers the fixed training loss by 20%" in \
+        to_markdown(v, "run-x")
+
+
 def test_validation_settling_is_not_overfitting():
     val = falling(1.0, 0.8)[:9] + [0.8, 0.801, 0.8, 0.802]  # within overfit_margin
     assert verdict(falling(1.0, 0.6), val).status == "healthy"

@@ -191,3 +191,32 @@ def test_after_lora_init_the_gains_are_against_the_base_not_the_init(tmp_path, e
     start = tsv(second, "improvement/train")[0]
     end_first = tsv(first, "improvement/train")[40]
     assert start == pytest.approx(end_first, rel=1e-5) and start > 0.01
+
+
+@pytest.mark.parametrize("gains, named", [
+    ([0.30, 0.31, 0.29, 0.32, 0.30, 0.31, 0.30, 0.29], []),  # alike: none
+    ([0.30, 0.31, 0.29, 0.32, 0.30, 0.31, 0.30, 0.05], [7]),  # one learned far less
+    ([0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.28], []),  # no spread, a small shortfall
+    ([0.30, 0.31, 0.29, 0.32, 0.05], [4]),  # 5 examples are enough to call one
+    ([0.31, 0.29, 0.32, 0.05], []),  # 4: too few to call
+    ([-0.02, -0.01, 0.0, -0.03, -0.02, -0.5], []),  # a set that learned nothing has none
+])
+def test_the_outlier_rule(gains, named):
+    from lorapipe.core.examples import outliers
+    from lorapipe.tasks import load_params
+
+    t = load_params(Path(__file__).parents[1] / "params.yaml").health
+    base = [1.0] * len(gains)
+    why = outliers(base, [1 - g for g in gains], t)
+    assert [i for i, w in enumerate(why) if w] == named
+
+
+def test_a_loss_far_above_the_rest_is_named():
+    from lorapipe.core.examples import outliers
+    from lorapipe.tasks import load_params
+
+    t = load_params(Path(__file__).parents[1] / "params.yaml").health
+    # every example improved alike, but one stays at 4x the others' loss
+    base, final = [1.0] * 5 + [4.0], [0.7] * 5 + [2.8]
+    why = outliers(base, final, t)
+    assert [bool(w) for w in why] == [False] * 5 + [True] and "4.0x" in why[5]
