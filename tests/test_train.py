@@ -69,8 +69,9 @@ def test_logs_one_set_of_names_in_dvclive_and_tensorboard(tmp_path, example_cach
     [config] = events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert ["loss/train/fixed", "loss/validation/step_average",
-            "loss/validation/best"] in charts.values()
+    # (tags are regular expressions: anchored, or the per-timestep curves would join in)
+    assert ["^loss/train/fixed$", "^loss/validation/step_average$",
+            "^loss/validation/best$"] in charts.values()
     # the HParams tab: this run's params and verdict, and the metrics to compare by
     content = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(

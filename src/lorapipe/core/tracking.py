@@ -10,6 +10,7 @@ loss/epoch_average, lr/unet. Each TensorBoard run gets its own folder under logs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,22 +35,29 @@ from lorapipe.core.metrics import (
 )
 
 SUMMARY_EVERY_S = 1.0  # how often dvclive's metrics.json is rewritten during training
-# TensorBoard's Custom Scalars tab: the curves that are read together, in one chart each
-# (the tags are regular expressions: the per-timestep charts take every evaluation timestep)
+# TensorBoard's Custom Scalars tab: the curves that are read together, in one chart each.
+# Its tags are regular expressions: a plain name is anchored (`^name$`), or
+# loss/train/fixed would also draw loss/train/fixed/t0100 and every other timestep's curve.
+
+
+def _exactly(*names: str) -> list[str]:
+    return [f"^{re.escape(name)}$" for name in names]
+
+
 LAYOUT = {
     "lorapipe": {
         "fixed-noise loss: training vs validation (overfitting: the lines part; the best "
         "validation so far goes flat at the best step)": [
-            "Multiline", [TRAIN_FIXED, VALIDATION, VALIDATION_BEST]],
+            "Multiline", _exactly(TRAIN_FIXED, VALIDATION, VALIDATION_BEST)],
         "improvement over the base (1 - loss / base loss): training vs validation": [
-            "Multiline", [IMPROVEMENT_TRAIN, IMPROVEMENT_VALIDATION]],
+            "Multiline", _exactly(IMPROVEMENT_TRAIN, IMPROVEMENT_VALIDATION)],
         "validation improvement over the base per timestep (low t: detail, high t: "
-        "composition)": ["Multiline", [IMPROVEMENT_VALIDATION + r"/t\d+$"]],
+        "composition)": ["Multiline", [f"^{re.escape(IMPROVEMENT_VALIDATION)}/t\\d+$"]],
         "training improvement over the base per timestep": [
-            "Multiline", [IMPROVEMENT_TRAIN + r"/t\d+$"]],
-        "validation loss per timestep": ["Multiline", [VALIDATION + r"/t\d+$"]],
-        "step loss and its moving average": ["Multiline", [STEP_LOSS, STEP_AVERAGE]],
-        "learning rate": ["Multiline", [LR_DENOISER, LR_TEXT, LR_LORA]],
+            "Multiline", [f"^{re.escape(IMPROVEMENT_TRAIN)}/t\\d+$"]],
+        "validation loss per timestep": ["Multiline", [f"^{re.escape(VALIDATION)}/t\\d+$"]],
+        "step loss and its moving average": ["Multiline", _exactly(STEP_LOSS, STEP_AVERAGE)],
+        "learning rate": ["Multiline", _exactly(LR_DENOISER, LR_TEXT, LR_LORA)],
     },
 }
 # dvc plots' improvement chart, a line per timestep (dvc.yaml: improvement.json)
