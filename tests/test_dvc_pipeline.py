@@ -236,7 +236,7 @@ def test_experiment_workflow(repo, tmp_path):
     # the verdict and both fixed-noise losses, with values, for every experiment
     screen = exp_show_screen(root, sh, columns=120)
     header = next(line for line in screen if "Experiment" in line)
-    for column in ("health.status", "loss.train", "loss.val", "best_step"):
+    for column in ("health.status", "loss.train", "loss.val", "gain", "best_step"):
         assert column in header, header
     for name, exp in exps.items():
         [row] = [line for line in screen if f"[{name}]" in line]

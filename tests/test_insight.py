@@ -51,10 +51,13 @@ def test_gains_are_logged_against_the_base_and_shown_in_exp_show(clean_sd):
         assert gain_val[step] == pytest.approx(1 - val[step] / val[0])
     assert gain_train[0] == 0 and gain_train[150] > 0.1
     metrics = json.loads((root / "dvclive/metrics.json").read_text())
-    # dvc exp show's columns: the gains right after the losses
+    # dvc exp show's columns: the held-out gain right after the losses, then best_step, then
+    # the training gain
     keys = list(metrics)
-    assert keys[keys.index("loss") + 1] == "gain"
-    assert metrics["gain"] == pytest.approx({"train": gain_train[150], "val": gain_val[150]})
+    assert keys[keys.index("loss"):keys.index("loss") + 4] == [
+        "loss", "gain", "best_step", "gain_train"]
+    assert metrics["gain"] == round(gain_val[150], 4)
+    assert metrics["gain_train"] == round(gain_train[150], 4)
     report = (root / "health.md").read_text()
     assert (f"the LoRA lowers the fixed training loss by {gain_train[150]:.0%} against the "
             "base (step 150)") in report

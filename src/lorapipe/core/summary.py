@@ -43,18 +43,28 @@ def summary(verdict: health.Verdict, history, step: int, family: str, rest: dict
     """dvclive's metrics.json, in the order `dvc exp show` shows its columns: first what
     decides between runs (verdict, the last fixed-noise losses, the best validation step),
     then the rest; the verdict's evidence last. Short names (loss.train, loss.val: the
-    fixed-noise losses; gain.train, gain.val: the same against the base's, 1 - loss / base
-    loss), so the verdict, losses and gains fit 120 columns beside DVC's own."""
-    last, gain = {}, {}
-    for key, name, into in ((TRAIN_FIXED, "train", last), (VALIDATION, "val", last),
-                            (IMPROVEMENT_TRAIN, "train", gain),
-                            (IMPROVEMENT_VALIDATION, "val", gain)):
+    fixed-noise losses; gain: the held-out loss against the base's, 1 - loss / base loss, or
+    the training one's without validation; gain_train after best_step), so the verdict, the
+    losses, the gain and the best step fit 120 columns beside DVC's own, State and Executor
+    included (gain.train and gain.val both there would push best_step off by one column)."""
+    def last(key):
         values = [m[key] for _, m in history if key in m]
-        if values:
-            into[name] = values[-1]
-    best = {} if verdict.best_step is None else {"best_step": verdict.best_step}
-    return {"health": verdict.summary(), "loss": last, **({"gain": gain} if gain else {}),
-            **best, "model": {"family": family}, "step": step, **rest,
+        return values[-1] if values else None
+
+    losses = {name: v for name, key in (("train", TRAIN_FIXED), ("val", VALIDATION))
+              if (v := last(key)) is not None}
+    gain_train, gain_val = last(IMPROVEMENT_TRAIN), last(IMPROVEMENT_VALIDATION)
+    gain = gain_val if gain_val is not None else gain_train
+    out = {"health": verdict.summary(), "loss": losses}
+    # 4 decimals (0.01%): a tiny gain such as -0.00012345 would widen its column by 4
+    gain, gain_train = (None if g is None else round(g, 4) for g in (gain, gain_train))
+    if gain is not None:
+        out["gain"] = gain
+    if verdict.best_step is not None:
+        out["best_step"] = verdict.best_step
+    if gain_train is not None:
+        out["gain_train"] = gain_train
+    return {**out, "model": {"family": family}, "step": step, **rest,
             "verdict_numbers": verdict.numbers}
 
 
