@@ -391,9 +391,8 @@ class Recipe:
                 with adapters.switched_off(self.unwrapped()):
                     self.reference = self.evaluate()
         metrics = {**ev.metrics, **gains(ev.metrics, self.reference.metrics)}
-        if VALIDATION in metrics:
-            metrics[VALIDATION_BEST] = min([metrics[VALIDATION], *(
-                m[VALIDATION] for _, m in self.tracker.history if VALIDATION in m)])
+        if VALIDATION in metrics:  # the stopper holds the best before this evaluation
+            metrics[VALIDATION_BEST] = min(metrics[VALIDATION], self.stopper.best)
         self.tracker.log(step, metrics)
         self.example_history.append((step, ev.examples))
         return metrics
@@ -504,10 +503,9 @@ class Recipe:
         p = self.p
         sets = {"train": self.train_idx[:p.validation.fixed_images],
                 "validation": self.val_idx[:p.validation.max_images]}
-        final = Evaluation({}, dict(self.example_history[-1][1]))
-        for step, measured in self.example_history:  # the saved LoRA's (the best step's)
-            if step == saved_step:
-                final = Evaluation({}, dict(measured))
+        # the saved LoRA's (the best step's after an early stop)
+        measured = dict(self.example_history)
+        final = Evaluation({}, measured.get(saved_step, self.example_history[-1][1]))
         rows = examples.table(self.reference, final, sets, self.describe, self.params.health)
         if self.paths.examples is not None:
             outputs.write_text(self.paths.examples, examples.to_csv(rows))
