@@ -67,6 +67,7 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
     """Runs in a child process: one setting at one block count."""
     from diffusers.training_utils import cast_training_params
 
+    from lorapipe.core import adapters
     from lorapipe.diffusion import lora
     from lorapipe.diffusion.families.flux import FAMILY, FLUX_1_DEV_SCHEDULER
     from lorapipe.diffusion.objectives import FlowMatching, FlowSettings, diffusion_loss
@@ -77,7 +78,7 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
     start = time.perf_counter()
     transformer = _transformer(double, single, torch.bfloat16 if bf16 else torch.float32)
     lora.attach({"transformer": transformer}, {"transformer": lora.lora_config(
-        16, 16, 0.0, FAMILY.targets("attn")["transformer"])}, FAMILY)
+        adapters.Shape(rank=16, alpha=16), FAMILY.targets("attn")["transformer"])}, FAMILY)
     if bf16:  # frozen base in bf16, trainable LoRA in fp32, as train.mixed_precision: bf16
         cast_training_params(transformer, dtype=torch.float32)
     if setting.endswith("+ckpt"):

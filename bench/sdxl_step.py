@@ -40,6 +40,7 @@ def step(setting: str, steps: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
+    from lorapipe.core import adapters
     from lorapipe.diffusion import lora
     from lorapipe.diffusion.families.sdxl import SDXL_1_0_UNET
     from lorapipe.diffusion.objectives import DDPM, diffusion_loss
@@ -54,7 +55,7 @@ def step(setting: str, steps: int) -> dict:
     torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
     unet = UNet2DConditionModel(**SDXL_1_0_UNET)
     torch.set_default_dtype(torch.float32)
-    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(adapters.Shape(), TARGETS)})
     if bf16:  # frozen base in bf16, trainable LoRA in fp32, as train.mixed_precision: bf16
         cast_training_params(unet, dtype=torch.float32)
     if setting.endswith("+ckpt"):

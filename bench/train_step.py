@@ -80,6 +80,7 @@ def example_cache(root: Path) -> Path:
 def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> float:
     """s/step of the minimal LoRA step on the tiny model; optionally encoding images and
     captions every step like diffusers' train_text_to_image_lora.py."""
+    from lorapipe.core import adapters
     from lorapipe.diffusion import lora
     from lorapipe.diffusion.cache import image_tensor, load_cache
     from lorapipe.diffusion.families.sd import build_tiny_sd
@@ -89,7 +90,7 @@ def bare_loop(steps: int, batch: int, encode_every_step: bool, root: Path) -> fl
     pipe = build_tiny_sd()
     unet, sched = pipe.unet, training_scheduler(pipe)
     torch.manual_seed(0)
-    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(adapters.Shape(), TARGETS)})
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     cache = load_cache(root / "cache")
@@ -152,6 +153,7 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from lorapipe.core import adapters
     from lorapipe.diffusion import lora
     from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
@@ -159,7 +161,7 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
-    lora.attach({"unet": unet}, {"unet": lora.lora_config(4, 4, 0.0, TARGETS)})
+    lora.attach({"unet": unet}, {"unet": lora.lora_config(adapters.Shape(), TARGETS)})
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.to(device).train()
@@ -169,7 +171,7 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
     if text_encoder:
         encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         lora.attach({"text_encoder": encoder}, {"text_encoder": lora.lora_config(
-            4, 4, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"])})
+            adapters.Shape(), ["q_proj", "k_proj", "v_proj", "out_proj"])})
         encoder.to(device).train()
         params += [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -153,10 +153,10 @@ def test_webui_names_are_the_real_sdxl_unet_modules(preset, modules):
     assert all(back[k].shape == weights[k].shape for k in weights)
 
     sdxl = families.by_name("sdxl")
-    config = lora.lora_config(4, 4, 0.0, sdxl.targets(preset)["unet"])
+    config = lora.lora_config(adapters.Shape(), sdxl.targets(preset)["unet"])
     assert lora.attach({"unet": unet}, {"unet": config}) == {"unet": modules}
     state = adapters.adapter_state({"unet": unet})
-    tensors = lora.to_kohya(state, 4, sdxl, unet.config)
+    tensors = lora.to_kohya(state, {"unet": config}, sdxl, unet.config)
     linear = {k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(
         ".", "_"): v.shape for k, v in original.items() if v.ndim == 2}
     for key, tensor in tensors.items():

@@ -225,11 +225,11 @@ def test_webui_names_cover_the_real_text_encoders(family_name, encoders):
             if isinstance(layer, torch.nn.Linear):
                 shapes[(name, lora.portable_text_name(module).replace(".", "_"))] = (
                     layer.out_features, layer.in_features)
-    lp = SimpleNamespace(targets="kohya", text_encoder=True, rank=4, alpha=4, dropout=0.0)
+    lp = adapters.Shape(targets="kohya", text_encoder=True)
     configs = lora.configs_for(lp, family, {"unet": None, **models})
     del configs["unet"]
     lora.attach(models, configs)
-    tensors = lora.to_kohya(adapters.adapter_state(models), 4, family, None)
+    tensors = lora.to_kohya(adapters.adapter_state(models), configs, family, None)
     for name, (prefix, _, layers) in encoders.items():
         expected = {f"{prefix}text_model_encoder_layers_{i}_{m}"
                     for i in range(layers) for m in CLIP_MODULES}
@@ -262,7 +262,7 @@ def test_kohya_unet_preset_is_every_linear_and_1x1_conv_of_the_transformer_block
                   for sub, m in block.named_modules()
                   if isinstance(m, torch.nn.Linear)
                   or (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))}
-        config = lora.lora_config(4, 4, 0.0, sd.targets(preset)["unet"])
+        config = lora.lora_config(adapters.Shape(), sd.targets(preset)["unet"])
         counts[preset] = lora.attach({"unet": unet}, {"unet": config})["unet"]
         wrapped = {k.removeprefix("unet.").rsplit(".", 2)[0]
                    for k in adapters.adapter_state({"unet": unet})}
@@ -279,7 +279,7 @@ def test_init_continues_a_text_encoder_lora_or_says_which_key_to_set(runs):
         # text encoder on: every part continues exactly where the run ended
         pipe = sd.build_builtin()
         models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-        lp = SimpleNamespace(targets="attn", text_encoder=True, rank=4, alpha=4, dropout=0.0)
+        lp = adapters.Shape(targets="attn", text_encoder=True)
         configs = lora.configs_for(lp, sd, models)
         lora.attach(models, configs)
         assert lora.load_init(models, str(source), configs, sd) == []
@@ -290,7 +290,7 @@ def test_init_continues_a_text_encoder_lora_or_says_which_key_to_set(runs):
         # text encoder off: a clear error, never a silent drop of half the LoRA
         pipe = sd.build_builtin()
         unet_only = {"unet": pipe.unet}
-        configs = lora.configs_for(SimpleNamespace(**{**vars(lp), "text_encoder": False}), sd,
+        configs = lora.configs_for(dataclasses.replace(lp, text_encoder=False), sd,
                                    unet_only)
         lora.attach(unet_only, configs)
         with pytest.raises(LorapipeError, match=r"also holds a text-encoder LoRA \(16 tensors: "

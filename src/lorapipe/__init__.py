@@ -28,3 +28,8 @@ class _TorchvisionNote(logging.Filter):
 
 # the logger transformers' lazy-import module logs through (transformers.utils.import_utils)
 logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNote())
+# peft imports bitsandbytes (train.optimizer adamw8bit) at its own import; on a CPU with
+# AVX512-BF16, bitsandbytes then warns that its optional 4-bit CPU kernel (the `kernels`
+# package, fetched from the Hub) is missing. lorapipe runs no 4-bit CPU matmul: that one
+# logger's warnings are dropped, its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -20,17 +21,61 @@ RUN_KEY = "lorapipe.run"  # metadata: the TensorBoard run that trained it (sampl
 
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets, layers: list[int] | None = None,
-                init: str | bool = "gaussian", **task: object) -> LoraConfig:
-    """The peft LoraConfig of one component. layers: for a text encoder, the encoder layers
-    that get a LoRA (None = all); init: peft's init_lora_weights (the image task: "gaussian"
-    A, as diffusers' and kohya's trainers; the LLM task: peft's default, Kaiming-uniform A);
-    B is zero either way (Hu et al., 2021), so the LoRA starts as a no-op on the base model.
-    task: the task's own LoraConfig fields (task_type, base_model_name_or_path)."""
+@dataclass(frozen=True)
+class Shape:
+    """The lora.* fields lora_config and configs_for read, for code that builds an adapter
+    without a params.yaml (the benches, the tests); the pipeline passes params.lora."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    method: str = "lora"
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    lokr_factor: int = -1
+    decompose_both: bool = False
+    rslora: bool = False
+    init_weights: str = "default"
+    targets: str | tuple[str, ...] = "attn"
+    text_encoder: bool = False
+
+
+# the tensor-name prefix of each lora.method's weights in peft (get_peft_model_state_dict)
+PREFIXES = {"lora": "lora_", "dora": "lora_", "loha": "hada_", "lokr": "lokr_"}
+
+
+def lora_config(lp, targets, layers: list[int] | None = None, init: str | bool = "gaussian",
+                patterns: tuple[dict, dict] | None = None, **task: object) -> PeftConfig:
+    """The peft config of one component for lora.method (lp: the lora params): a LoraConfig
+    (use_dora for dora), LoHaConfig or LoKrConfig. peft rather than the LyCORIS library: one
+    adapter framework for both tasks, so diffusers' add_adapter, peft's state helpers (the
+    checkpoints, early stopping's best state, lora.init), the LLM's PeftModel and vLLM's and
+    peft's loaders all take every method as they take LoRA; the WebUI file gets LyCORIS's key
+    names at export (lorapipe.diffusion.lycoris).
+
+    layers: for a text encoder, the encoder layers that get an adapter (None = all); init:
+    peft's init_lora_weights for lora/dora (the image task: "gaussian" A, as diffusers' and
+    kohya's trainers; the LLM task: True, peft's Kaiming-uniform A, or "pissa"/"olora"); B
+    (LoHa: w2_b, LoKr: w2) starts at zero for every method, so the adapter starts as a no-op
+    on the base. patterns: per-module (ranks, alphas), LoCon's convolutions. task: the task's
+    own config fields (task_type, base_model_name_or_path)."""
     where = {"layers_to_transform": layers, "layers_pattern": "layers"} if layers else {}
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init,
-                      target_modules=targets if isinstance(targets, str) else list(targets),
-                      **where, **task)
+    ranks, alphas = patterns or ({}, {})
+    common = {"r": lp.rank, "target_modules": targets if isinstance(targets, str)
+              else list(targets), "rank_pattern": ranks, "alpha_pattern": alphas,
+              **where, **task}
+    if lp.method in ("lora", "dora"):
+        return LoraConfig(lora_alpha=lp.alpha, lora_dropout=lp.dropout, init_lora_weights=init,
+                          use_dora=lp.method == "dora", use_rslora=lp.rslora, **common)
+    if lp.method == "loha":
+        return LoHaConfig(alpha=lp.alpha, init_weights=True, **common)
+    return LoKrConfig(alpha=lp.alpha, init_weights=True, decompose_both=lp.decompose_both,
+                      decompose_factor=lp.lokr_factor, **common)
+
+
+def config_alpha(config: PeftConfig) -> float:
+    """A config's alpha, whatever its method calls it."""
+    return config.lora_alpha if isinstance(config, LoraConfig) else config.alpha
 
 
 def peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

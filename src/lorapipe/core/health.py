@@ -91,13 +91,39 @@ class RunFacts:
     lr_warmup_steps: int = 0
     mixed_precision: str = "no"
     task: str = "sd"  # task_type: the advice speaks of images and captions, or examples
+    optimizer: str = "adamw"  # train.optimizer: what a step-size change means
+    d_coef: float = 1.0  # train.prodigy.d_coef
+    relative_step: bool = False  # train.adafactor.relative_step
 
     @classmethod
     def from_params(cls, params, images: int) -> RunFacts:
         p = params.train
         return cls(p.learning_rate, p.batch_size, params.lora.rank, images, p.grad_accum,
                    p.max_grad_norm, p.lr_scheduler, p.lr_warmup_steps, p.mixed_precision,
-                   params.task_type)
+                   params.task_type, p.optimizer, p.prodigy.d_coef, p.adafactor.relative_step)
+
+
+def step_size(f: RunFacts, factor: float, or_less: bool = False) -> Remedy:
+    """The remedy that scales the step size by `factor`, in the optimizer's own terms:
+    Prodigy estimates its step size (learning_rate stays 1.0; d_coef scales the estimate),
+    Adafactor's relative step has no rate to change, the others take train.learning_rate."""
+    verb = "lower" if factor < 1 else "raise"
+    if f.optimizer == "prodigy":
+        d = _fmt(f.d_coef * factor)
+        return Remedy(f"{verb} train.prodigy.d_coef ({_fmt(f.d_coef)} -> {d}): Prodigy sets "
+                      "its own step size, which d_coef scales (keep train.learning_rate 1.0)",
+                      {"train.prodigy.d_coef": d})
+    if f.optimizer == "adafactor" and f.relative_step:
+        rate = "1e-4" if factor < 1 else "1e-3"
+        return Remedy(f"replace Adafactor's relative step by a fixed rate: "
+                      f"train.adafactor.relative_step false, train.learning_rate {rate}",
+                      {"train.adafactor.relative_step": "false", "train.learning_rate": rate})
+    new = _fmt(f.learning_rate * factor if factor < 1 else max(f.learning_rate * factor, 1e-4))
+    if factor < 1:
+        return Remedy(f"lower train.learning_rate ({_fmt(f.learning_rate)} -> {new}"
+                      f"{' or less' if or_less else ''})", {"train.learning_rate": new})
+    return Remedy(f"raise train.learning_rate (now {_fmt(f.learning_rate)}, e.g. to {new})",
+                  {"train.learning_rate": new})
 
 
 # advice that depends on what the data is, per task_type
@@ -121,9 +147,7 @@ HIGH_NOISE_FROM = 600
 
 def diverged_remedies(f: RunFacts) -> list[Remedy]:
     """What to change after a blow-up, leaving out what this run already does."""
-    remedies = [Remedy(f"lower train.learning_rate ({_fmt(f.learning_rate)} -> "
-                       f"{_fmt(f.learning_rate / 2)} or less)",
-                       {"train.learning_rate": _fmt(f.learning_rate / 2)})]
+    remedies = [step_size(f, 0.5, or_less=True)]
     if not f.max_grad_norm or f.max_grad_norm > 1.0:
         remedies.append(Remedy(f"clip gradients: train.max_grad_norm: 1.0 (now "
                                f"{_fmt(f.max_grad_norm)})", {"train.max_grad_norm": 1.0}))
@@ -329,9 +353,7 @@ def unstable(r: Run) -> Verdict | None:
     if len(jumps) < t.swing_count:
         return None
     step, rise = max(jumps, key=lambda sr: sr[1])
-    lower = _fmt(f.learning_rate / 2)
-    remedies = [Remedy(f"lower train.learning_rate ({_fmt(f.learning_rate)} -> {lower})",
-                       {"train.learning_rate": lower})]
+    remedies = [step_size(f, 0.5)]
     if f.batch_size * f.grad_accum < 4:
         remedies.append(Remedy(f"raise train.batch_size to at least 4 (now {f.batch_size}), "
                                "or train.grad_accum", {"train.batch_size": 4}))
@@ -348,7 +370,6 @@ def not_learning(r: Run) -> Verdict | None:
     best_step, fall = max(r.train_gain, key=lambda sg: sg[1])  # the best gain over the base
     if fall >= t.min_improvement:
         return None
-    higher = _fmt(max(f.learning_rate * 2, 1e-4))
     evidence = [f"fixed training loss {_fmt(fixed[0][1])} at step 0, at best "
                 f"{_fmt(min(v for _, v in fixed))}: at most {fall:.1%} below the base (step "
                 f"{best_step}); a learning run gets more than {t.min_improvement:.0%} below it"]
@@ -359,8 +380,7 @@ def not_learning(r: Run) -> Verdict | None:
     return r.verdict(
         "not_learning", f"the fixed training loss fell only {fall:.1%} in {fixed[-1][0]} steps",
         evidence,
-        [Remedy(f"raise train.learning_rate (now {_fmt(f.learning_rate)}, e.g. to {higher})",
-                {"train.learning_rate": higher}),
+        [step_size(f, 2),
          Remedy(DATA_ADVICE[f.task]["check_data"]),
          Remedy("train longer (train.max_steps) or raise lora.rank")])
 

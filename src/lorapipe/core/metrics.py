@@ -17,6 +17,8 @@ VALIDATION_DIVERGENCE = "loss/validation/step_divergence"  # validation - traini
 LR_DENOISER = "lr/unet"  # the learning rate of the image task's denoiser LoRA (kohya's name)
 LR_TEXT = "lr/textencoder"  # of its text-encoder LoRA(s)
 LR_LORA = "lr/lora"  # of the LLM task's LoRA
+# every lr/ name logs the step size taken (Prodigy: d x lr); Prodigy's estimate d itself
+PRODIGY_D = "optimizer/prodigy_d"
 PERPLEXITY_TRAIN = "perplexity/train"  # exp of the LLM's fixed training loss
 PERPLEXITY_VALIDATION = "perplexity/validation"
 # the fixed losses against the base's (the LoRA at step 0, or switched off after lora.init):

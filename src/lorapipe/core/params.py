@@ -32,6 +32,9 @@ from ruamel.yaml import YAML, YAMLError
 from lorapipe.core.errors import LorapipeError
 
 BUILTIN_PREFIX = "builtin:"
+METHODS = ("lora", "dora", "loha", "lokr")  # lora.method
+INIT_WEIGHTS = ("default", "pissa", "olora")  # lora.init_weights
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")  # train.optimizer
 TASKS = ("sd", "llm")  # task_type's values; lorapipe.tasks names each one's package
 
 
@@ -115,6 +118,18 @@ class LoraParams:
                                    presets=True)
     text_encoder: bool = key("also train a LoRA on the text encoder(s)")
     init: str = key("existing LoRA to continue from", path="any", optional=True)
+    method: str = key("the adapter: lora, dora (weight-decomposed), loha (LyCORIS Hadamard), "
+                      "lokr (LyCORIS Kronecker)", choices=METHODS)
+    conv_rank: int = key("LoCon: also adapt the UNet's 3x3 convolutions at this rank (kohya's "
+                         "conv_dim); 0 = off", minimum=0)
+    conv_alpha: float = key("alpha of those convolutions (kohya's conv_alpha)", above=0)
+    lokr_factor: int = key("LoKr: the Kronecker factor's size (LyCORIS's factor); -1 = as "
+                           "square as possible", minimum=-1)
+    decompose_both: bool = key("LoKr: also low-rank the smaller Kronecker factor (LyCORIS's "
+                               "decompose_both)")
+    rslora: bool = key("llm: scale the update by alpha / sqrt(rank) (rank-stabilised LoRA)")
+    init_weights: str = key("llm: how the LoRA starts: default (B = 0), pissa or olora "
+                            "(from the base's SVD / QR)", choices=INIT_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,26 @@ class FlowParams:
                           "training", minimum=0)
 
 
+@dataclass(frozen=True)
+class ProdigyParams:
+    d_coef: float = key("Prodigy's d_coef: multiplies its step-size estimate", above=0)
+    use_bias_correction: bool = key("Adam's bias correction in Prodigy's estimate")
+    safeguard_warmup: bool = key("keep the estimate from growing during a warm-up")
+
+
+@dataclass(frozen=True)
+class AdafactorParams:
+    relative_step: bool = key("Adafactor's own time-dependent rate in the place of "
+                              "train.learning_rate")
+    scale_parameter: bool = key("scale the step by each weight's root mean square")
+    warmup_init: bool = key("with relative_step: warm the rate up from 0")
+
+
+@dataclass(frozen=True)
+class ScheduleFreeParams:
+    warmup_steps: int = key("schedule-free AdamW's own linear warm-up in steps", minimum=0)
+
+
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++_2m")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -171,6 +206,8 @@ class TrainParams:
     lr_scheduler: str = key("learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = key("steps of linear warm-up", minimum=0)
     adam_weight_decay: float = key("AdamW weight decay", minimum=0)
+    optimizer: str = key("the optimizer: adamw, adamw8bit, prodigy, adafactor or "
+                         "schedulefree", choices=OPTIMIZERS)
     batch_size: int = key("images per micro-batch", minimum=1)
     grad_accum: int = key("micro-batches per optimizer step", minimum=1)
     max_steps: int = key("optimizer steps; 0 = use train.epochs", minimum=0)
@@ -192,6 +229,9 @@ class TrainParams:
     sample_steps: int = key("denoising steps of those images", minimum=1)
     sample_scheduler: str = key("sampler of those images", choices=SAMPLERS)
     sample_guidance_scale: float = key("guidance scale of those images", minimum=0)
+    prodigy: ProdigyParams
+    adafactor: AdafactorParams
+    schedulefree: ScheduleFreeParams
     captions: CaptionParams
     flow: FlowParams
     validation: ValidationParams
@@ -332,6 +372,7 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
+    problems += _method_checks(v) + _optimizer_checks(v)
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
@@ -346,6 +387,62 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             if side % step:
                 problems.append(f"preprocess.{name} {side} is not a multiple of "
                                 f"preprocess.bucket_step {step}")
+    return problems
+
+
+def _method_checks(v: dict[str, object]) -> list[str]:
+    """lora.method against the keys only some methods have (peft's LoHa and LoKr have no
+    input dropout and no rsLoRA scale; PiSSA and OLoRA start a plain LoRA from the base)."""
+    method = v.get("lora.method")
+    problems = []
+    if method in ("loha", "lokr"):
+        if v.get("lora.dropout"):
+            problems.append(f"lora.dropout is LoRA's input dropout, which lora.method {method} "
+                            "does not have; set lora.dropout to 0")
+        if v.get("lora.rslora"):
+            problems.append(f"lora.rslora scales a LoRA or DoRA update, not lora.method "
+                            f"{method}; set lora.rslora to false")
+    init = v.get("lora.init_weights")
+    if init not in (None, "default"):
+        if method != "lora":
+            problems.append(f"lora.init_weights {init} starts a plain LoRA; set lora.method to "
+                            "lora or lora.init_weights to default")
+        if v.get("lora.init"):
+            problems.append(f"lora.init continues an existing LoRA, which lora.init_weights "
+                            f"{init} would replace; set lora.init_weights to default")
+    return problems
+
+
+def _optimizer_checks(v: dict[str, object]) -> list[str]:
+    """train.optimizer against the rate and schedule keys it reads differently."""
+    optimizer = v.get("train.optimizer")
+    problems = []
+    if optimizer == "prodigy":
+        for dotted in ("train.learning_rate", "train.text_encoder_lr"):
+            lr = v.get(dotted)
+            if dotted == "train.text_encoder_lr" and not v.get("lora.text_encoder"):
+                continue
+            if isinstance(lr, float) and not 0.1 <= lr <= 10:
+                problems.append(
+                    f"{dotted} is {lr:g} with train.optimizer prodigy: Prodigy estimates the "
+                    f"step size itself and {dotted} multiplies that estimate; set it to 1.0 "
+                    "(0.5-2 to scale it)")
+    if optimizer == "schedulefree":
+        if v.get("train.lr_scheduler") not in (None, "constant"):
+            problems.append(f"train.lr_scheduler {v['train.lr_scheduler']} with train.optimizer "
+                            "schedulefree: schedule-free AdamW replaces the schedule; set "
+                            "train.lr_scheduler to constant (its warm-up: "
+                            "train.schedulefree.warmup_steps)")
+    elif v.get("train.schedulefree.warmup_steps"):
+        problems.append("train.schedulefree.warmup_steps is for train.optimizer schedulefree; "
+                        "set it to 0 or use train.lr_warmup_steps")
+    if optimizer == "adafactor" and v.get("train.adafactor.relative_step") \
+            and v.get("train.lr_scheduler") not in (None, "constant"):
+        problems.append("train.adafactor.relative_step is Adafactor's own schedule; set "
+                        "train.lr_scheduler to constant or relative_step to false")
+    if v.get("train.adafactor.warmup_init") and not v.get("train.adafactor.relative_step"):
+        problems.append("train.adafactor.warmup_init warms up Adafactor's relative step; set "
+                        "train.adafactor.relative_step to true or warmup_init to false")
     return problems
 
 

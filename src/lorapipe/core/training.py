@@ -30,7 +30,16 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lorapipe.core import adapters, checkpoints, examples, health, outputs, summary, threads
+from lorapipe.core import (
+    adapters,
+    checkpoints,
+    examples,
+    health,
+    optimizers,
+    outputs,
+    summary,
+    threads,
+)
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import EarlyStop, Evaluation, gains, holdout
 from lorapipe.core.metrics import (
@@ -235,8 +244,7 @@ class Recipe:
         self.n_trainable = sum(q.numel() for q in self.trainable)
         self.plan = Plan.from_params(p, len(self.train_idx), self.world, self.plan_groups())
         self.facts = health.RunFacts.from_params(self.params, len(self.train_idx))
-        optimizer = torch.optim.AdamW(built.groups, lr=p.learning_rate,
-                                      weight_decay=p.adam_weight_decay)
+        optimizer = optimizers.build(p, built.groups)
         lr_scheduler = get_scheduler(
             p.lr_scheduler, optimizer=optimizer,
             num_warmup_steps=p.lr_warmup_steps * self.world,
@@ -329,18 +337,20 @@ class Recipe:
             model.train()
         try:
             for step in range(self.start_step, plan.max_steps):
-                lrs = self.lr_scheduler.get_last_lr()
+                lrs = optimizers.rates_before(self.optimizer, self.lr_scheduler.get_last_lr())
                 lr = lrs[0]
-                if step % p.validation.every == 0 and self._evaluate(step):
-                    acc.set_trigger()  # every process stops at this step
-                if p.early_stop.patience and acc.check_trigger():
-                    return step
-                if self.main and p.sample_every and step % p.sample_every == 0:
-                    self._log_samples(step)
+                with optimizers.eval_weights(self.optimizer):  # schedule-free: its average
+                    if step % p.validation.every == 0 and self._evaluate(step):
+                        acc.set_trigger()  # every process stops at this step
+                    if p.early_stop.patience and acc.check_trigger():
+                        return step
+                    if self.main and p.sample_every and step % p.sample_every == 0:
+                        self._log_samples(step)
                 # micro-steps: forward, backward; accelerate syncs and steps on the last one
                 losses = [self.optimizer_micro_step(micro, step, lr)
                           for micro in range(step * p.grad_accum, (step + 1) * p.grad_accum)]
-                self._log_step(step, sum(losses) / len(losses), lrs)
+                self._log_step(step, sum(losses) / len(losses),
+                               optimizers.rates_after(self.optimizer, lrs))
                 bar.set_postfix(loss=f"{self.step_losses[-1]:.4f}", lr=f"{lr:.1e}")
                 bar.update()
                 if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 \
@@ -414,7 +424,8 @@ class Recipe:
         if not self.main:
             return
         lr = lrs[0]
-        metrics = {STEP_LOSS: step_loss, STEP_AVERAGE: average, self.lr_names[0]: lr}
+        metrics = {STEP_LOSS: step_loss, STEP_AVERAGE: average, self.lr_names[0]: lr,
+                   **optimizers.extra_metrics(self.optimizer)}
         if len(lrs) > 1:  # kohya's name; every text encoder shares this rate
             metrics[self.lr_names[1]] = lrs[1]
         if plan.epoch_of(step) != plan.epoch_of(step + 1) or step + 1 == plan.max_steps:
@@ -447,6 +458,7 @@ class Recipe:
         validation step's after an early stop)."""
         p, plan, acc = self.p, self.plan, self.accelerator
         acc.wait_for_everyone()
+        optimizers.to_eval(self.optimizer)  # schedule-free: evaluate and save its average
         unwrapped = self.unwrapped()
         if not self.main:
             return TrainResult({}, {}, unwrapped)
@@ -523,6 +535,7 @@ class Recipe:
         error = Diverged(step, lr, what, verdict.advice, verdict.command)
         if self.main:
             tracker = self.tracker
+            optimizers.to_eval(self.optimizer)  # schedule-free: its averaged weights
             state = adapters.adapter_state(self.unwrapped())
             if all(torch.isfinite(t).all() for t in state.values()):
                 with outputs.atomic_dir(self.paths.out) as tmp:

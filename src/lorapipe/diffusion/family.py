@@ -48,6 +48,8 @@ class Family:
     reader_bakes_alpha = False
     # image sides must be multiples of this (the VAE's 8x; Flux packs latents 2x2: 16)
     size_multiple = 8
+    # its WebUI names fuse several diffusers modules into one (Flux's BFL qkv): to_webui
+    fuses_webui_modules = False
     # whether sample.scheduler / train.sample_scheduler choose its sampler (else sampler()
     # keeps the family's own)
     uses_sample_scheduler = True
@@ -133,6 +135,11 @@ class Family:
     def network_args(self, lp) -> dict[str, str]:
         """lora.targets in kohya's network_args vocabulary (webui.network_args)."""
         return network_args(lp)
+
+    def conv_targets(self, denoiser) -> tuple[list[str], list[str]]:
+        """LoCon (lora.conv_rank): the denoiser's extra modules at (lora.rank, conv_rank).
+        A family without convolutions has none (its rules refuse lora.conv_rank)."""
+        return [], []
 
     def targets(self, preset: str | list[str]) -> dict[str, list[str]]:
         """lora.targets -> peft target module names per component (the denoiser and every

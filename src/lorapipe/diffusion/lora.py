@@ -17,6 +17,8 @@ Two files are written to the output folder:
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,39 +27,60 @@ from diffusers.utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
 )
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorapipe.core import outputs
 from lorapipe.core.adapters import (  # noqa: F401  (lora_config: the image task's builder too)
     RUN_KEY,
     adapter_metadata,
     adapter_state,
+    config_alpha,
     lora_config,
     split_state,
 )
 from lorapipe.core.errors import LorapipeError
-from lorapipe.diffusion import webui
+from lorapipe.diffusion import compat, lycoris, webui
 from lorapipe.diffusion.families.unet import UNetFamily
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "adapter_model.safetensors"  # peft's own names (save_peft)
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # how PeftModel names its base's modules in that file
 
 
-def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, LoraConfig]:
-    """The peft config of every component that gets a LoRA: the denoiser, and with
-    lora.text_encoder each text encoder (all its layers the conditioning uses)."""
+def configs_for(lp, family, models: dict[str, torch.nn.Module]) -> dict[str, PeftConfig]:
+    """The peft config (lora.method's) of every component that gets an adapter: the
+    denoiser, with LoCon (lora.conv_rank) its convolutions too, and with lora.text_encoder
+    each text encoder (all its layers the conditioning uses)."""
     targets = family.targets(lp.targets)
-    out = {family.denoiser: lora_config(lp.rank, lp.alpha, lp.dropout, targets[family.denoiser])}
+    denoiser, patterns = targets[family.denoiser], None
+    if lp.conv_rank:
+        main, conv = family.conv_targets(models[family.denoiser])
+        denoiser = [*denoiser, *main, *conv]
+        # full names, escaped: peft matches these keys as regular expressions
+        patterns = ({re.escape(name): lp.conv_rank for name in conv},
+                    {re.escape(name): lp.conv_alpha for name in conv})
+    out = {family.denoiser: lora_config(lp, denoiser, patterns=patterns)}
     if lp.text_encoder:
         for name in family.trained_text_encoders():
             unused = family.unused_text_layers.get(name, 0)
             layers = list(range(models[name].config.num_hidden_layers - unused)) if unused \
                 else None
-            out[name] = lora_config(lp.rank, lp.alpha, lp.dropout, targets[name], layers)
+            out[name] = lora_config(lp, targets[name], layers)
     return out
+
+
+def module_rank_alpha(config: PeftConfig, module: str) -> tuple[int, float]:
+    """A module's rank and alpha under its config (LoCon's convolutions have their own)."""
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, module),
+                                     config_alpha(config))
+    return rank, float(alpha)
 
 
 def attach(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig],
@@ -108,33 +131,93 @@ def portable_text_name(name: str) -> str:
     return name if name.startswith("text_model.") else "text_model." + name
 
 
+def save_peft(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], folder: Path,
+              run: str) -> list[Path]:
+    """Each component's adapter as peft saves one, for the methods diffusers'
+    load_lora_weights does not read (LoHa, LoKr): `<component>/adapter_config.json` and
+    `adapter_model.safetensors`, which `PeftModel.from_pretrained(pipe.unet, folder / "unet")`
+    loads (load_into does the same in place)."""
+    written = []
+    for name, part in split_state(state).items():
+        sub = folder / name
+        sub.mkdir()
+        (sub / PEFT_CONFIG).write_text(json.dumps(adapter_metadata(configs[name]), indent=2,
+                                                  sort_keys=True) + "\n", encoding="utf-8")
+        save_file({PEFT_PREFIX + k: v for k, v in part.items()}, str(sub / PEFT_FILE))
+        outputs.canonical_safetensors(sub / PEFT_FILE, {RUN_KEY: run})
+        written.append(sub)
+    return written
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapter files of a LoRA folder: the diffusers file, or the per-component peft
+    files (LoHa, LoKr)."""
+    folder = Path(folder)
+    if (folder / DIFFUSERS_FILE).exists():
+        return [folder / DIFFUSERS_FILE]
+    return sorted(folder.glob(f"*/{PEFT_FILE}"))
+
+
 def training_run(folder: Path) -> str | None:
-    """The training run recorded in a LoRA folder's diffusers file, if any."""
-    with safe_open(str(Path(folder) / DIFFUSERS_FILE), "pt") as f:
+    """The training run recorded in a LoRA folder's adapter files, if any."""
+    files = adapter_files(folder)
+    if not files:
+        return None
+    with safe_open(str(files[0]), "pt") as f:
         return (f.metadata() or {}).get(RUN_KEY)
 
 
-def to_kohya(state: dict[str, torch.Tensor], alpha: float, family, denoiser_config
-             ) -> dict[str, torch.Tensor]:
+def load_into(pipe, family, folder: str) -> None:
+    """A lorapipe LoRA folder into a pipeline, as its users load it: the diffusers file
+    through `pipe.load_lora_weights`; per-component peft folders (LoHa, LoKr) through each
+    component's `add_adapter` and peft's state loader, so the pipeline's LoRA switches and
+    scale (enable_lora, cross_attention_kwargs) reach them as they reach a LoRA."""
+    path = Path(folder)
+    if (path / DIFFUSERS_FILE).exists():
+        pipe.load_lora_weights(str(path))
+        return
+    for sub in sorted(p.parent for p in path.glob(f"*/{PEFT_FILE}")):
+        component = getattr(pipe, sub.name, None)
+        if component is None:
+            raise LorapipeError(f"{sub} is an adapter for {sub.name!r}, which "
+                                f"{type(pipe).__name__} does not have")
+        config = PeftConfig.from_pretrained(str(sub))
+        component.add_adapter(config)
+        state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(sub / PEFT_FILE)).items()}
+        set_peft_model_state_dict(component, state, adapter_name="default")
+
+
+def to_kohya(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], family,
+             denoiser_config) -> dict[str, torch.Tensor]:
     """adapter_state() names -> kohya/WebUI names: 'unet.a.b.lora_A.weight' ->
-    'lora_unet_a_b.lora_down.weight' (SD) or the module's original name (SDXL's SGM names,
-    Flux's BFL names with fused projections: families.Family.to_webui);
+    'lora_unet_a_b.lora_down.weight' (SD) or the module's original name (SDXL's SGM names),
+    LoHa's, LoKr's and DoRA's tensors under LyCORIS's names (lorapipe.diffusion.lycoris),
+    each module with its own alpha (LoCon's convolutions have conv_alpha);
     'text_encoder.text_model.encoder.layers.0.self_attn.q_proj' ->
-    'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_)."""
-    out, denoiser = {}, {}
+    'lora_te_text_model_encoder_layers_0_self_attn_q_proj' (SDXL: lora_te1_, lora_te2_).
+    A family whose WebUI names fuse modules (Flux's BFL names) writes its LoRA through
+    Family.to_webui."""
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
-        module, kind, _ = rest.rsplit(".", 2)
-        if component == family.denoiser:
-            pair = denoiser.setdefault(module, [None, None])
-            pair[0 if kind == "lora_A" else 1] = tensor
+        module, kind = lycoris.split_name(rest)
+        modules.setdefault((component, module), {})[kind] = tensor
+    out, fused = {}, {}
+    for (component, module), parts in modules.items():
+        if component == family.denoiser and family.fuses_webui_modules:
+            fused[module] = (parts["lora_A.weight"], parts["lora_B.weight"])
             continue
-        name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
-            ".", "_")
-        out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = tensor
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    out.update(family.to_webui({m: tuple(pair) for m, pair in denoiser.items()}, alpha,
-                               denoiser_config))
+        if component == family.denoiser:
+            name = family.kohya_prefix + family.webui_module(module, denoiser_config)
+        else:
+            name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
+                ".", "_")
+        rank, alpha = module_rank_alpha(configs[component], module)
+        for kind, tensor in lycoris.module_tensors(parts, rank, alpha).items():
+            out[f"{name}.{kind}"] = tensor
+    if fused:
+        out.update(family.to_webui(fused, config_alpha(configs[family.denoiser]),
+                                   denoiser_config))
     return dict(sorted(out.items()))
 
 
@@ -174,10 +257,16 @@ def save_lora(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]
         raise LorapipeError(f"refusing to save non-finite LoRA weights ({bad[0]})")
     name = webui.output_name(params.lora.name)
     metadata = webui.build_metadata(params, name, record)
-    tensors = to_kohya(state, params.lora.alpha, family, models[family.denoiser].config)
+    method = params.lora.method
+    tensors = (None if compat.webui_refusal(family.name, method)
+               else to_kohya(state, configs, family, models[family.denoiser].config))
     with outputs.atomic_dir(out_dir) as tmp:
-        save_diffusers(state, configs, family, tmp, record.run)
-        save_webui(tensors, metadata, tmp / webui.file_name(name))
+        if method in compat.DIFFUSERS_METHODS:
+            save_diffusers(state, configs, family, tmp, record.run)
+        else:
+            save_peft(state, configs, tmp, record.run)
+        if tensors is not None:
+            save_webui(tensors, metadata, tmp / webui.file_name(name))
 
 
 def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, LoraConfig],

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from lorapipe.core import compat as core_compat
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import evaluating
 from lorapipe.core.metrics import LR_DENOISER, LR_TEXT
 from lorapipe.core.seeds import seeded_generator
 from lorapipe.core.training import Data, Models, Recipe, half_precision
-from lorapipe.diffusion import captions, lora
+from lorapipe.diffusion import captions, compat, lora, webui
 from lorapipe.diffusion.cache import CACHE_FILE, load_cache
 from lorapipe.diffusion.evaluation import Evaluator
 from lorapipe.diffusion.models import load_base
@@ -131,7 +132,8 @@ class DiffusionRecipe(Recipe):
         return groups
 
     def setup_lines(self) -> list[str]:
-        lines = [self._targets_line(), *self.init_notes]
+        self.compat_rows = compat.rows(compat.from_params(self.params, Path.cwd()))
+        lines = [self._targets_line(), core_compat.line(self.compat_rows), *self.init_notes]
         histogram = self._train_histogram()
         if len(histogram) > 1:
             lines.append(f"train: {len(histogram)} buckets (training images per size): "
@@ -215,9 +217,16 @@ class DiffusionRecipe(Recipe):
                                    saved_step, tracker.name, layout,
                                    self._train_histogram(),
                                    self.family.network_args(self.lp)))
+        found = compat.rows(compat.from_files(
+            self.paths.out, compat.family_of(self.params.model.base, Path.cwd()),
+            webui.file_name(webui.output_name(self.lp.name))))
+        print(core_compat.checked(self.compat_rows, found))
 
     def save_partial(self, state: dict, folder: Path) -> None:
-        lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)
+        if self.lp.method in compat.DIFFUSERS_METHODS:
+            lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)
+        else:
+            lora.save_peft(state, self.configs, folder, self.tracker.name)
 
     def _train_histogram(self) -> dict[str, int]:
         """Training images per bucket, largest count first."""

@@ -43,10 +43,23 @@ def _flow_matching_base(base: object) -> bool:
         return False
 
 
+# the LLM task's adapter switches (peft's, for causal LMs): refused here, not ignored
+LLM_ONLY = {
+    "lora.rslora": ("rank-stabilised scaling is the LLM task's (kohya's image LoRAs scale by "
+                    "alpha / rank)", "false"),
+    "lora.init_weights": ("PiSSA and OLoRA are the LLM task's", "default"),
+}
+
+
 def checks(v: dict[str, object]) -> list[str]:
-    problems = []
+    problems = [f"{dotted} is for task_type llm ({why}); set it to {value} for task_type sd"
+                for dotted, (why, value) in LLM_ONLY.items()
+                if v.get(dotted) not in (None, False, "default")]
     if _flow_matching_base(v.get("model.base")):
         problems += refusals(FLOW_MATCHING_REFUSED, v, "Flux.1")
+        if v.get("lora.conv_rank"):
+            problems.append("lora.conv_rank is LoCon, LoRA on a UNet's convolutions, and "
+                            "Flux.1's transformer has none; set lora.conv_rank to 0")
     if v.get("train.flow.resolution_shift") and v.get("train.flow.shift", 1.0) != 1.0:
         problems.append("train.flow.shift and train.flow.resolution_shift both shift the noise "
                         "levels; set shift to 1.0 or resolution_shift to false")
@@ -57,6 +70,6 @@ RULES = TaskRules(
     base_hint="set task_type: llm, or model.base to builtin:tiny-sd",
     # lora.targets presets (lorapipe.diffusion.families.unet.UNetFamily.targets)
     presets=("attn", "kohya"),
-    unused=("llm",),
+    unused=("llm", "lora.rslora", "lora.init_weights"),
     checks=checks,
 )

@@ -46,15 +46,35 @@ def tag_frequency(captions: list[str], dirs: list[str]) -> dict[str, dict[str, i
             for folder, counts in sorted(out.items())}
 
 
+# ss_optimizer as kohya writes it (the optimizer class's module path)
+OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                   "prodigy": "prodigyopt.Prodigy",
+                   "adafactor": "transformers.optimization.Adafactor",
+                   "schedulefree": "schedulefree.AdamWScheduleFree"}
+LYCORIS_MODULE = "lycoris.kohya"  # kohya's --network_module for LyCORIS's methods
+
+
 def network_args(lp) -> dict[str, str]:
-    """lora.targets in kohya's network_args vocabulary (strings, as `--network_args k=v`
-    gives them): `kohya` is networks.lora's default and needs none; `attn` leaves out what
-    kohya's default also wraps; a list of UNet names is kept under lorapipe's own key."""
+    """lora.targets and lora.method in kohya's network_args vocabulary (strings, as
+    `--network_args k=v` gives them): `kohya` is networks.lora's default and needs none;
+    `attn` leaves out what kohya's default also wraps; a list of UNet names is kept under
+    lorapipe's own key. LoCon adds conv_dim/conv_alpha; LyCORIS's methods their `algo`
+    (DoRA: LyCORIS's LoRA with dora_wd), as lycoris.kohya reads them."""
     if lp.targets == "kohya":
-        return {}
-    if lp.targets == "attn":
-        return {"exclude_patterns": r"['.*(proj_in|proj_out|ff[._]net|mlp[._]fc).*']"}
-    return {"lorapipe_targets": ",".join(lp.targets)}
+        out = {}
+    elif lp.targets == "attn":
+        out = {"exclude_patterns": r"['.*(proj_in|proj_out|ff[._]net|mlp[._]fc).*']"}
+    else:
+        out = {"lorapipe_targets": ",".join(lp.targets)}
+    if lp.conv_rank:
+        out.update(conv_dim=str(lp.conv_rank), conv_alpha=f"{lp.conv_alpha:g}")
+    if lp.method in ("loha", "lokr"):
+        out["algo"] = lp.method
+        if lp.method == "lokr":
+            out.update(factor=str(lp.lokr_factor), decompose_both=str(lp.decompose_both))
+    elif lp.method == "dora":
+        out.update(algo="lora", dora_wd="True", wd_on_output="True")
+    return out
 
 
 def build_metadata(params, name: str, record) -> dict:
@@ -66,7 +86,8 @@ def build_metadata(params, name: str, record) -> dict:
     images: dict[str, int] = Counter(record.dirs)
     meta = {
         "ss_output_name": name,
-        "ss_network_module": base.get("network_module", "networks.lora"),
+        "ss_network_module": (LYCORIS_MODULE if lp.method != "lora"
+                              else base.get("network_module", "networks.lora")),
         "ss_network_dim": lp.rank, "ss_network_alpha": lp.alpha,
         "ss_network_dropout": lp.dropout,
         "ss_network_args": (record.network_args if record.network_args is not None
@@ -90,7 +111,7 @@ def build_metadata(params, name: str, record) -> dict:
         "ss_mixed_precision": p.mixed_precision,
         "ss_gradient_checkpointing": p.gradient_checkpointing,
         "ss_noise_offset": p.noise_offset, "ss_min_snr_gamma": p.min_snr_gamma,
-        "ss_max_grad_norm": p.max_grad_norm, "ss_optimizer": "torch.optim.AdamW",
+        "ss_max_grad_norm": p.max_grad_norm, "ss_optimizer": OPTIMIZER_NAMES[p.optimizer],
         "ss_training_comment": "trained with lorapipe",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{base['architecture']}/lora",

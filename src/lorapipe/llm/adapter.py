@@ -6,9 +6,11 @@ what PeftModel.from_pretrained, vLLM's LoRA loader and LLaMA-Factory read.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import PeftConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -26,10 +28,13 @@ def targets_of(targets: str | list[str]) -> str | list[str]:
     return TARGETS[targets] if isinstance(targets, str) else list(targets)
 
 
-def lora_config(lp, base: str) -> LoraConfig:
-    # peft's default init (Kaiming-uniform A, zero B), as peft's and TRL's LLM recipes
-    return build_lora_config(lp.rank, lp.alpha, lp.dropout, targets_of(lp.targets), init=True,
-                             task_type="CAUSAL_LM", base_model_name_or_path=base)
+def lora_config(lp, base: str) -> PeftConfig:
+    """lora.method's peft config for a causal LM. init: peft's default (Kaiming-uniform A,
+    zero B), as peft's and TRL's LLM recipes, or lora.init_weights' PiSSA / OLoRA (from the
+    base's SVD / QR; full decompositions, so a rebuilt run starts identically)."""
+    init = True if lp.init_weights == "default" else lp.init_weights
+    return build_lora_config(lp, targets_of(lp.targets), init=init, task_type="CAUSAL_LM",
+                             base_model_name_or_path=base)
 
 
 def attach(model, lp, base: str):
@@ -73,9 +78,19 @@ def training_run(folder: Path) -> str | None:
 
 
 def scale_lora(model, scale: float) -> None:
-    """The LoRA's strength at generation (sample.lora_scale): 0 = the base, 1 = as trained."""
-    from peft.tuners.lora import LoraLayer
-
+    """The adapter's strength at generation (sample.lora_scale): 0 = the base, 1 = as
+    trained; every method's layers (LoRA, DoRA, LoHa, LoKr) take peft's set_scale."""
     for module in model.modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "set_scale"):
             module.set_scale("default", scale)
+
+
+def bake_rslora(config: dict) -> dict:
+    """adapter_config.json with rsLoRA's scale alpha / sqrt(r) written as a plain
+    lora_alpha = scale x r: llama.cpp's convert_lora_to_gguf.py reads lora_alpha and ignores
+    use_rslora, and peft's set_scale (sample.lora_scale) rescales by lora_alpha / r; the
+    update is the same in every loader."""
+    if not config.get("use_rslora"):
+        return config
+    scale = config["lora_alpha"] / math.sqrt(config["r"])
+    return {**config, "use_rslora": False, "lora_alpha": scale * config["r"]}

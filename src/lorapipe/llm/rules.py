@@ -11,6 +11,7 @@ BUILTINS = ("builtin:tiny-llm",)
 # Switches of the image task that the LLM cannot honour: set under llm, they are refused.
 SD_ONLY_SWITCHES = {
     "lora.text_encoder": "the LLM has no separate text encoder",
+    "lora.conv_rank": "LoCon adapts a UNet's convolutions; a language model has none",
     "preprocess.buckets": "buckets are for images",
     "train.captions.shuffle": "caption handling is for image captions",
     "train.captions.dropout": "caption handling is for image captions",
@@ -38,6 +39,7 @@ RULES = TaskRules(
     # lora.targets presets (lorapipe.llm.adapter.TARGETS)
     presets=("attn", "all-linear"),
     unused=("validate.min_side", "validate.max_pixels", "preprocess", "encode", "model.config",
+            "lora.conv_rank", "lora.conv_alpha",
             "train.text_encoder_lr", "train.noise_offset", "train.min_snr_gamma",
             "train.captions", "train.flow", "train.sample_steps", "train.sample_scheduler",
             "train.sample_guidance_scale", "train.validation.timesteps",

@@ -53,6 +53,13 @@ def generate(model, tokenizer, prompt: str, settings: GenerationSettings, mode: 
     return tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def base_only(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[dict]:
+    """For a model without an adapter: each prompt's base answers (base_and_lora's base_*)."""
+    with evaluating(model):
+        return [{f"base_{mode}": generate(model, tokenizer, prompt, settings, mode)
+                 for mode in settings.modes} for prompt in prompts]
+
+
 def base_and_lora(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                   progress=None) -> list[dict]:
     """For a peft model: each prompt's answers with the adapter off (base) and on (LoRA)."""

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lorapipe.core import compat as core_compat
 from lorapipe.core import outputs
 from lorapipe.core.adapters import RUN_KEY
 from lorapipe.core.evaluation import Evaluation, evaluating
@@ -33,10 +36,11 @@ from lorapipe.core.metrics import (
     VALIDATION_DIVERGENCE,
 )
 from lorapipe.core.training import Data, Models, Recipe, half_precision
-from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, load_adapter
+from lorapipe.llm import compat
+from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, bake_rslora, load_adapter
 from lorapipe.llm.data import CACHE_FILE, Example, load_token_cache
 from lorapipe.llm.models import load_llm
-from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_markdown
+from lorapipe.llm.sampling import GenerationSettings, base_and_lora, base_only, to_markdown
 
 MERGED_DIR = "merged"
 IGNORE = -100  # the label of a token outside the loss (torch's cross_entropy default)
@@ -59,15 +63,27 @@ class LlmRecipe(Recipe):
         model.config.use_cache = False  # training: no key/value cache
         # what adapter_config.json's base_model_name_or_path says: model.base as written
         model.name_or_path = self.params.model.base
+        self.base_answers = None
+        if lp.init_weights != "default" and p.sample_every:
+            # PiSSA / OLoRA change the base's weights: with the adapter off the model is the
+            # residual, not the base, so the base's answers are taken before attaching
+            self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
+            self.base_answers = base_only(model, self.tokenizer, p.sample_prompts, self.settings)
         torch.manual_seed(p.seed)  # the LoRA's init
         model = attach(model, lp, self.params.model.base)
+        self.initial = None
+        if lp.init_weights != "default":  # what the export converts against
+            self.initial = tempfile.TemporaryDirectory(prefix="lorapipe-initial-")
+            model.peft_config["default"].init_lora_weights = True  # as peft's docs say
+            model.save_pretrained(self.initial.name, safe_serialization=True)
+            model.peft_config["default"].init_lora_weights = lp.init_weights
         self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
         half_precision([model], self.accelerator.mixed_precision)
         if p.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [q for q in model.parameters() if q.requires_grad]
-        self.n_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        self.n_modules = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
         self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
         return Models({"model": model}, [{"params": trainable, "lr": p.learning_rate}],
                       f"llm:{self.base_config.model_type}")
@@ -84,6 +100,7 @@ class LlmRecipe(Recipe):
 
     def setup_lines(self) -> list[str]:
         lp, meta = self.lp, self.cache.meta
+        self.compat_rows = compat.rows(compat.from_params(self.params, Path.cwd()))
         where = (f"preset {lp.targets}" if isinstance(lp.targets, str)
                  else "list " + ",".join(lp.targets))
         lengths = (self.cache.offsets[1:] - self.cache.offsets[:-1]).tolist()
@@ -91,7 +108,7 @@ class LlmRecipe(Recipe):
                  f"{min(lengths)}-{max(lengths)} tokens, {int(self.cache.trained.sum())} of "
                  f"{len(self.cache.ids)} trained ("
                  + ("prompts too" if meta["train_on_prompt"] else "answers only")
-                 + ")", *self.init_notes]
+                 + ")", core_compat.line(self.compat_rows), *self.init_notes]
         return lines
 
     # -- batches and the loss -------------------------------------------------------------
@@ -180,19 +197,28 @@ class LlmRecipe(Recipe):
     def samples(self, step: int) -> str:
         rows = base_and_lora(self.unwrapped()["model"], self.tokenizer, self.p.sample_prompts,
                              self.settings)
+        if self.base_answers is not None:  # PiSSA / OLoRA: the base's own answers
+            rows = [{**row, **base} for row, base in zip(rows, self.base_answers, strict=True)]
         return to_markdown(rows, self.settings, f"samples at step {step}")
 
     def _save_adapter(self, folder: Path) -> None:
         """The peft adapter folder (adapter_config.json, adapter_model.safetensors), the
         layout PeftModel.from_pretrained and vLLM's LoRA loader read."""
         model = self.unwrapped()["model"]
-        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+        # PiSSA / OLoRA: converted by peft into a LoRA of twice the rank on the unchanged base
+        convert = {"path_initial_model_for_weight_conversion": self.initial.name} \
+            if self.initial else {}
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False,
+                              **convert)
         (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub
         # target_modules is a set, written in the process's hash order: sorted, the same
         # run writes the same bytes
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
+        if convert:  # the converted adapter starts from zero like any other LoRA
+            config["init_lora_weights"] = True
+        config = bake_rslora(config)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
         outputs.canonical_safetensors(folder / ADAPTER_FILE, {RUN_KEY: self.tracker.name})
@@ -202,6 +228,9 @@ class LlmRecipe(Recipe):
             self._save_adapter(tmp)
             if self.params.llm.merge:
                 merge(self.params.model.base, tmp, tmp / MERGED_DIR)
+        trained = compat.from_params(self.params, Path.cwd())
+        print(core_compat.checked(self.compat_rows,
+                                  compat.rows(compat.from_files(self.paths.out, trained))))
 
     def save_partial(self, state: dict, folder: Path) -> None:
         self._save_adapter(folder)

@@ -142,6 +142,7 @@ class Flux(Family):
     diffusers_classes = ("FluxPipeline",)
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"
+    fuses_webui_modules = True  # BFL's fused qkv and linear1 (to_webui)
     target_example = ("transformer module names such as attn.to_q, attn.to_k, attn.to_v, "
                       "attn.to_out.0")
     cond_keys = ("text_states", "pooled")

@@ -4,6 +4,9 @@ kohya's `lora_unet_` names, and the lora.targets presets over diffusers' UNet mo
 
 from __future__ import annotations
 
+import re
+
+import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
 
 from lorapipe.diffusion.family import Family
@@ -37,6 +40,21 @@ class UNetFamily(Family):
 
     def denoiser_lora_to_peft(self, state):
         return convert_unet_state_dict_to_peft(state)
+
+    def conv_targets(self, denoiser) -> tuple[list[str], list[str]]:
+        """LoCon's extra modules, as kohya's networks.lora with conv_dim: every Linear and
+        Conv2d inside the ResNet blocks and the down/upsamplers. Returns (those at lora.rank:
+        the 1x1 shortcuts and the time-embedding projections; the 3x3 convolutions, at
+        lora.conv_rank), as full module names."""
+        main, conv = [], []
+        for name, module in denoiser.named_modules():
+            if not re.search(r"\.(resnets|downsamplers|upsamplers)\.\d+\.[^.]+$", name):
+                continue
+            if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1):
+                conv.append(name)
+            elif isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                main.append(name)
+        return main, conv
 
     def targets(self, preset):
         """Presets: `attn`, the attention projections; `kohya`, what kohya's networks.lora

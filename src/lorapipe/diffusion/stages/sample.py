@@ -1,5 +1,6 @@
 """sample, image task: images from the trained LoRA beside the base model's, and a grid of
-them, loaded the way users load the LoRA (pipe.load_lora_weights)."""
+them, loaded the way users load the LoRA (pipe.load_lora_weights; LoHa and LoKr through
+peft)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ def run(params, args) -> int:
 
     from lorapipe.core import outputs
     from lorapipe.core.tracking import sample_run_name
-    from lorapipe.diffusion.lora import DIFFUSERS_FILE, training_run
+    from lorapipe.diffusion.lora import adapter_files, load_into, training_run
     from lorapipe.diffusion.models import load_base
     from lorapipe.diffusion.sampling import SampleSettings, sample_grid, seeds_for
 
     p = params.sample
-    if not (Path(args.lora) / DIFFUSERS_FILE).exists():
-        raise LorapipeError(f"{args.lora} holds no {DIFFUSERS_FILE}; run the train stage first")
+    if not adapter_files(Path(args.lora)):
+        raise LorapipeError(f"{args.lora} holds no LoRA (pytorch_lora_weights.safetensors, or "
+                            "per-component peft folders); run the train stage first")
     if not torch.cuda.is_available():
         # always automatic here: sample.* has no thread key, and images are not compared
         # across machines byte for byte the way the trained LoRA is
@@ -41,7 +43,7 @@ def run(params, args) -> int:
             f"multiples of {family.size_multiple}")
     pipe.scheduler = family.sampler(p.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(args.lora)  # exactly as a user loads it
+    load_into(pipe, family, args.lora)  # exactly as a user loads it
     settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
                               p.lora_scale)
     seeds = seeds_for(p.seed, p.images_per_prompt)
