@@ -23,17 +23,19 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """60 noisy 1024 px JPEGs and the usable.csv validate would write: preprocess takes a
-    few seconds on them, long enough to be interrupted."""
+    """150 noisy 1024 px JPEGs and the usable.csv validate would write: preprocess takes a
+    few seconds on them, long enough to be interrupted (with 60 it took about a second on
+    this machine, and under a loaded test run it sometimes finished between the test's
+    check and its Ctrl-C)."""
     root = tmp_path_factory.mktemp("photos")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(60):
+    for i in range(150):
         pixels = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"p{i:02d}.jpg", quality=90)
-        rows.append([f"p{i:02d}.jpg", f"photo {i}"])
+        Image.fromarray(pixels).save(images / f"p{i:03d}.jpg", quality=90)
+        rows.append([f"p{i:03d}.jpg", f"photo {i}"])
     write_csv(images / "metadata.csv", rows)
     write_csv(root / "usable.csv", rows)
     return root
