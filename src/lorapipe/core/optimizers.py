@@ -39,9 +39,8 @@ def build(p, groups: list[dict]) -> torch.optim.Optimizer:
         from transformers.optimization import Adafactor
 
         a = p.adafactor
-        if a.relative_step:  # its own rate: no lr may be given
-            for group in groups:
-                group.pop("lr", None)
+        # with relative_step its default lr must be None; the groups keep theirs (the
+        # schedule reads them), which its relative step then ignores
         return Adafactor(groups, lr=None if a.relative_step else p.learning_rate,
                          relative_step=a.relative_step, scale_parameter=a.scale_parameter,
                          warmup_init=a.warmup_init)

@@ -280,6 +280,8 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
     rescaled (up weights * file_alpha / alpha) so the model starts out computing exactly
     what that LoRA computed.
     """
+    if not isinstance(configs[family.denoiser], LoraConfig):  # LoHa, LoKr
+        return _load_lycoris_init(models, Path(path), configs, family)
     try:
         loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
             path, local_files_only=True, return_lora_metadata=True,
@@ -317,6 +319,65 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
                     incoming[key] = incoming[key] * (file_alpha / configs[name].lora_alpha)
         set_peft_model_state_dict(model, incoming, adapter_name="default")
     return notes
+
+
+def _load_lycoris_init(models: dict[str, torch.nn.Module], path: Path,
+                       configs: dict[str, PeftConfig], family) -> list[str]:
+    """lora.init for LoHa and LoKr (diffusers reads neither): a lorapipe LoRA folder (the
+    per-component peft folders) or a WebUI file in LyCORIS's names, mapped back through the
+    names the export gives every module; the file's scale is carried into the weights, so
+    the model starts out computing what that file computes."""
+    if path.is_dir():
+        parts = {sub.parent.name: {k.removeprefix(PEFT_PREFIX): v
+                                   for k, v in load_file(str(sub)).items()}
+                 for sub in path.glob(f"*/{PEFT_FILE}")}
+        if not parts:
+            raise LorapipeError(f"lora.init: {str(path)!r} holds no {PEFT_FILE} in a "
+                                "component folder (unet/, text_encoder/): give the models/lora "
+                                "folder of a LoHa or LoKr run, or its WebUI file")
+    else:
+        parts = _from_webui(models, load_file(str(path)), configs, family)
+    notes = []
+    for name, model in models.items():
+        if name not in parts:
+            notes.append(f"lora.init: {path} has no {name} LoRA; the {name} LoRA starts fresh")
+            continue
+        _check_init(str(path), name, parts[name], get_peft_model_state_dict(model),
+                    configs[name])
+        set_peft_model_state_dict(model, parts[name], adapter_name="default")
+    extra = sorted(set(parts) - set(models))
+    if extra:
+        raise LorapipeError(f"lora.init: {str(path)!r} also holds a {', '.join(extra)} "
+                            "adapter, which this run does not train; set lora.text_encoder: true")
+    return notes
+
+
+def _from_webui(models, weights: dict[str, torch.Tensor], configs, family
+                ) -> dict[str, dict[str, torch.Tensor]]:
+    """A LyCORIS WebUI file -> {component: peft-named tensors} at this run's scale."""
+    names = {}
+    for component, model in models.items():
+        for module, _ in model.named_modules():
+            if component == family.denoiser:
+                webui_name = family.kohya_prefix + family.webui_module(module, model.config)
+            else:
+                webui_name = family.kohya_text_prefixes[component] + portable_text_name(
+                    module).replace(".", "_")
+            names.setdefault(webui_name, (component, module))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        webui_name, _, kind = key.partition(".")
+        grouped.setdefault(webui_name, {})[kind] = tensor
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for webui_name, tensors in grouped.items():
+        if webui_name not in names:
+            raise LorapipeError(f"lora.init: {webui_name} names no module of this base; was "
+                                "the file trained on another model family?")
+        component, module = names[webui_name]
+        rank, alpha = module_rank_alpha(configs[component], module)
+        for kind, tensor in lycoris.to_peft(tensors, rank, alpha).items():
+            out.setdefault(component, {})[f"{module}.{kind}"] = tensor
+    return out
 
 
 def _title(component: str) -> str:

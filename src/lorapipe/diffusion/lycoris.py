@@ -53,3 +53,25 @@ def split_name(key: str) -> tuple[str, str]:
         if part.startswith(("lora_", "hada_", "lokr_")):
             return ".".join(parts[:i]), ".".join(parts[i:])
     raise ValueError(f"{key!r} is not an adapter tensor")
+
+
+def to_peft(tensors: dict[str, torch.Tensor], rank: int, alpha: float
+            ) -> dict[str, torch.Tensor]:
+    """One module's LoHa or LoKr tensors in LyCORIS's names (module_tensors' output, or
+    another trainer's) -> peft's, rescaled from the file's scale to peft's alpha / rank
+    for this run (LyCORIS: alpha / rank, or 1 for a LoKr whose factors are both full)."""
+    kinds = LOHA if "hada_w1_a" in tensors else LOKR
+    out = {k: tensors[k].float() for k in kinds if k in tensors}
+    if not out:
+        raise ValueError(f"no LoHa or LoKr tensors among {sorted(tensors)}")
+    file_alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+    if "hada_w1_b" in out:
+        file_rank = out["hada_w1_b"].shape[0]
+    else:
+        factor = out.get("lokr_w1_b", out.get("lokr_w2_b"))
+        file_rank = factor.shape[0] if factor is not None else None
+    file_scale = 1.0 if file_rank is None or file_alpha is None else file_alpha / file_rank
+    first = "hada_w1_a" if "hada_w1_a" in out else ("lokr_w2" if "lokr_w2" in out
+                                                   else "lokr_w2_a")
+    out[first] = out[first] * (file_scale / (alpha / rank))
+    return out
