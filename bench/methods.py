@@ -68,9 +68,12 @@ def optimizer_state_bytes(shapes: list[tuple[int, ...]], name: str) -> int:
 
 
 def _train_params(optimizer: str):
+    from ruamel.yaml import YAML
+
     from lorapipe.tasks import parse_params
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # YAML 1.2, as params.yaml is read (PyYAML would read 1e-3 as a string)
+    params = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())
     params["data"]["dir"] = str(REPO / "data/example")
     params["train"]["optimizer"] = optimizer
     if optimizer == "prodigy":
