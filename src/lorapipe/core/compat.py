@@ -32,6 +32,14 @@ def render(title: str, facts: list[tuple[str, str]], rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(rules, params, root) -> tuple[str, list[Row]]:
+    """reports/compatibility.md for these params and its rows; rules: a task's compat
+    module (from_params, facts, rows); root: params.yaml's folder, for model.base."""
+    adapter = rules.from_params(params, root)
+    rows = rules.rows(adapter)
+    return render(f"{adapter.method} on {params.model.base}", rules.facts(adapter), rows), rows
+
+
 def line(rows: list[Row]) -> str:
     """The one line train prints at its start."""
     return ("train: loads in: " + ", ".join(f"{r.client} {MARKS[r.status]}" for r in rows)
