@@ -28,7 +28,8 @@ SD = families.by_name("sd")
 # short runs that still pass health's 50 steps and 5% fall; every method learns in them
 HEALTHY = {"train__max_steps": 60, "train__validation__every": 20,
            "train__learning_rate": 5e-3}
-METHODS = {"dora": {"lora__method": "dora"}, "loha": {"lora__method": "loha"},
+METHODS = {"dora": {"lora__method": "dora"},
+           "loha": {"lora__method": "loha", "lora__text_encoder": True},
            "lokr": {"lora__method": "lokr", "lora__lokr_factor": 4},
            "locon": {"lora__conv_rank": 4, "lora__conv_alpha": 2}}
 
@@ -96,8 +97,11 @@ def test_each_webui_file_rebuilds_the_trained_output_in_lycoris(method_run):
                      "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
                      "lokr": {"lokr_w1", "alpha"},
                      "locon": {"lora_down.weight", "lora_up.weight", "alpha"}}[name]
-    unet = SD.build_builtin().unet
+    pipe = SD.build_builtin()
+    unet = pipe.unet
     modules = {f"lora_unet_{n}".replace(".", "_"): m for n, m in unet.named_modules()}
+    modules.update({"lora_te_" + lora.portable_text_name(n).replace(".", "_"): m
+                    for n, m in pipe.text_encoder.named_modules()})
     names = sorted({k.split(".")[0] for k in weights})
     assert set(names) <= set(modules)
     if name == "locon":
@@ -112,6 +116,13 @@ def test_each_webui_file_rebuilds_the_trained_output_in_lycoris(method_run):
         module.apply_to()
     torch.testing.assert_close(unet_output(unet), unet_output(result.models["unet"]),
                                rtol=1e-4, atol=1e-5)
+    if "text_encoder" in result.models:  # LoHa's text-encoder part, under lora_te_ names
+        assert any(n.startswith("lora_te_") for n in names)
+        ids = torch.arange(1, 20)[None]
+        trained = result.models["text_encoder"].eval()
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.text_encoder.eval()(ids)[0], trained(ids)[0],
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_lora_init_continues_each_method_exactly(method_run):
@@ -123,11 +134,18 @@ def test_lora_init_continues_each_method_exactly(method_run):
     sources = [root / "lora"] + ([root / "lora" / WEBUI_FILE] if name in ("loha", "lokr")
                                  else [])
     for source in sources:
-        unet = SD.build_builtin().unet
-        configs = lora.configs_for(params.lora, SD, {"unet": unet})
-        lora.attach({"unet": unet}, configs, SD)
-        assert lora.load_init({"unet": unet}, str(source), configs, SD) == []
-        torch.testing.assert_close(unet_output(unet), trained, rtol=1e-5, atol=1e-6)
+        pipe = SD.build_builtin()
+        models = {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder}
+                                        if params.lora.text_encoder else {})}
+        configs = lora.configs_for(params.lora, SD, models)
+        lora.attach(models, configs, SD)
+        assert lora.load_init(models, str(source), configs, SD) == []
+        torch.testing.assert_close(unet_output(pipe.unet), trained, rtol=1e-5, atol=1e-6)
+        if params.lora.text_encoder:  # the text encoder's part came back too
+            state = adapters.adapter_state({"text_encoder": pipe.text_encoder})
+            for key, value in adapters.adapter_state(
+                    {"text_encoder": result.models["text_encoder"]}).items():
+                torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_a_webui_metadata_names_the_network_lycoris_reads(method_run):
@@ -476,6 +494,9 @@ def test_each_image_rule(facts, client, status, words):
     (("lokr", 4, False, "default"), "llama.cpp/Ollama", "no", "lora_A/lora_B tensors only"),
     (("lora", 8, True, "default"), "llama.cpp/Ollama", "ok", "bakes rsLoRA's scale"),
     (("loha", 4, False, "default"), "transformers merge", "ok", "merge_and_unload"),
+    (("lora", 4, False, "default", ("modules_to_save",)), "vLLM", "no",
+     "vLLM only supports modules_to_save being None."),
+    (("lora", 4, False, "default", ("bias",)), "llama.cpp/Ollama", "no", "stops at bias"),
 ])
 def test_each_llm_rule(facts, client, status, words):
     from lorapipe.llm import compat as llm_compat

@@ -23,6 +23,10 @@ class LlmAdapter:
     rank: int  # as exported (PiSSA/OLoRA: 2 x lora.rank)
     rslora: bool  # trained with rsLoRA (exported with its scale in lora_alpha)
     init_weights: str
+    # what the saved adapter_config.json adds that some clients refuse: "bias" (a trained
+    # bias), "modules_to_save" (whole modules); lorapipe sets neither, so the end-of-train
+    # check would catch a peft that wrote them
+    extras: tuple[str, ...] = ()
 
 
 def exported_rank(rank: int, init_weights: str) -> int:
@@ -45,8 +49,11 @@ def from_files(folder: Path, trained: LlmAdapter) -> LlmAdapter:
     kind = config.get("peft_type", "LORA")
     method = kind.lower() if kind in ("LOHA", "LOKR") else (
         "dora" if config.get("use_dora") else "lora")
+    extras = tuple(name for name, present in (
+        ("bias", config.get("bias", "none") != "none"),
+        ("modules_to_save", bool(config.get("modules_to_save")))) if present)
     return LlmAdapter(method, int(config["r"]), trained.rslora and not config.get("use_rslora"),
-                      trained.init_weights)
+                      trained.init_weights, extras)
 
 
 def facts(a: LlmAdapter) -> list[tuple[str, str]]:
@@ -73,6 +80,11 @@ def _peft(a: LlmAdapter) -> Row:
 def _vllm(a: LlmAdapter) -> Row:
     # vllm/lora/peft_helper.py PEFTHelper: reads r and lora_alpha (LoRA only), and
     # _validate_features refuses use_dora, modules_to_save and a bias
+    if a.extras:
+        return Row("vLLM", "no", f"the adapter has {' and '.join(a.extras)}, which "
+                   "vllm/lora/peft_helper.py refuses (\"vLLM only supports modules_to_save being "
+                   "None.\", \"Adapter bias is not supported.\")",
+                   "train without them (lorapipe's defaults)")
     if a.method in ("loha", "lokr"):
         return Row("vLLM", "no", f"vLLM serves LoRA adapters only (vllm/lora/peft_helper.py "
                    f"reads r and lora_alpha); {a.method} has neither",
@@ -95,8 +107,9 @@ def _llama_cpp(a: LlmAdapter) -> Row:
     # llama.cpp convert_lora_to_gguf.py: every tensor must be lora_A or lora_B ("Not a lora_A
     # or lora_B tensor"), and the scale comes from adapter_config.json's lora_alpha (it reads
     # no use_rslora)
-    if a.method != "lora":
-        kind = "lora_magnitude_vector (DoRA)" if a.method == "dora" else f"{a.method}'s tensors"
+    if a.method != "lora" or a.extras:
+        kind = ("lora_magnitude_vector (DoRA)" if a.method == "dora" else
+                f"{a.method}'s tensors" if a.method != "lora" else " and ".join(a.extras))
         return Row("llama.cpp/Ollama", "no", f"convert_lora_to_gguf.py takes lora_A/lora_B "
                    f"tensors only and stops at {kind}",
                    "lora.method lora, or llm.merge: true and convert the merged model "
