@@ -148,6 +148,19 @@ def test_lora_init_continues_each_method_exactly(method_run):
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method_run", ["dora"], indirect=True)
+def test_a_dora_webui_file_is_refused_as_lora_init_not_continued_wrong(method_run):
+    from lorapipe.core.errors import LorapipeError
+
+    name, root, _ = method_run
+    params = make_params(root, **HEALTHY, **METHODS[name], **SAME_DATA_DIR)
+    unet = SD.build_builtin().unet
+    configs = lora.configs_for(params.lora, SD, {"unet": unet})
+    lora.attach({"unet": unet}, configs, SD)
+    with pytest.raises(LorapipeError, match="holds no DoRA magnitudes.*models/lora folder"):
+        lora.load_init({"unet": unet}, str(root / "lora" / WEBUI_FILE), configs, SD)
+
+
 def test_a_webui_metadata_names_the_network_lycoris_reads(method_run):
     from safetensors import safe_open
 

@@ -290,6 +290,12 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
         raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None
     parts = split_state(loaded)
     denoiser = family.denoiser
+    if getattr(configs[denoiser], "use_dora", False) and not any(
+            "lora_magnitude_vector" in k for k in loaded):
+        raise LorapipeError(
+            f"lora.init: {path!r} holds no DoRA magnitudes: a plain LoRA, or a WebUI file, "
+            "whose dora_scale diffusers' reader drops; continue a DoRA from its run's "
+            "models/lora folder, or set lora.method: lora")
     if denoiser not in parts:
         raise LorapipeError(f"lora.init: {path!r} holds no {_title(denoiser)} LoRA weights")
     unused = [name for name in parts if name not in models]
@@ -418,8 +424,9 @@ def _file_alpha(path: str, alphas: dict | None, metadata: dict | None, config: L
         values = {float(v) for v in alphas.values()}
         if len(values) > 1:
             raise LorapipeError(
-                f"lora.init: {path!r} uses different alphas per layer {sorted(values)}; "
-                "continuing such a LoRA is not supported"
+                f"lora.init: {path!r} uses different alphas per layer {sorted(values)} (a "
+                "LoCon's conv_alpha, or another trainer's per-block alphas); continuing such a "
+                "file is not supported: continue a lorapipe LoCon from its models/lora folder"
             )
         return values.pop()
     if metadata and f"{denoiser}.lora_alpha" in metadata:
