@@ -54,6 +54,19 @@ def build(p, groups: list[dict]) -> torch.optim.Optimizer:
     raise ValueError(f"unknown train.optimizer {name!r}")
 
 
+def describe(p) -> str:
+    """train.optimizer for the run's first line: which, and what sets its step size."""
+    if p.optimizer == "prodigy":
+        return (f"prodigy (its own step-size estimate d x learning_rate {p.learning_rate:g}, "
+                f"d_coef {p.prodigy.d_coef:g})")
+    if p.optimizer == "adafactor" and p.adafactor.relative_step:
+        return "adafactor (its relative step, not learning_rate)"
+    if p.optimizer == "schedulefree":
+        return (f"schedulefree (warm-up {p.schedulefree.warmup_steps} steps; evaluated and "
+                "saved with its averaged weights)")
+    return p.optimizer
+
+
 def _inner(optimizer) -> torch.optim.Optimizer:
     """The optimizer inside accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)

@@ -55,6 +55,7 @@ from lorapipe.core.seeds import seeded_generator
 from lorapipe.core.tracking import Tracker, remove_partial_runs, run_name
 
 BEST_LORA = "best_lora.safetensors"
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 CHECKPOINT_LORA = "lora.safetensors"
 
 
@@ -320,8 +321,11 @@ class Recipe:
             f"grad_accum {p.grad_accum} x {self.world} process(es) = global batch "
             f"{p.batch_size * p.grad_accum * self.world}; {plan.max_steps} steps "
             f"({plan.steps_per_epoch} per epoch, ~{plan.max_steps / plan.steps_per_epoch:.1f} "
-            f"epochs); {self.n_trainable:,} trainable LoRA parameters (rank {lp.rank}, alpha "
-            f"{lp.alpha:g}); TensorBoard run {self.state['run_name']}"
+            f"epochs); {self.n_trainable:,} trainable {METHOD_NAMES[lp.method]} parameters (rank "
+            f"{lp.rank}, alpha {lp.alpha:g}"
+            + (f"; LoCon convolutions at rank {lp.conv_rank}, alpha {lp.conv_alpha:g}"
+               if lp.conv_rank and self.params.task_type == "sd" else "")
+            + f"); optimizer {optimizers.describe(p)}; TensorBoard run {self.state['run_name']}"
             + (f"; {self.threads} CPU thread{'s' if self.threads > 1 else ''} per process "
                f"({self.threads_why})" if self.threads else "")
         )
