@@ -78,7 +78,7 @@ def from_files(folder: Path, family: str, webui_file: str) -> ImageAdapter:
     read): the method from the tensor names or the peft config, ranks from the shapes."""
     folder = Path(folder)
     shapes: dict[str, list[int]] = {}
-    peft_type = None
+    peft_type, peft_rank = None, None
     diffusers = folder / "pytorch_lora_weights.safetensors"
     files = ([diffusers] if diffusers.exists()
              else sorted(folder.glob("*/adapter_model.safetensors")))
@@ -86,7 +86,8 @@ def from_files(folder: Path, family: str, webui_file: str) -> ImageAdapter:
         shapes.update(_header_shapes(file))
         config = file.parent / "adapter_config.json"
         if file != diffusers and config.exists():
-            peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type")
+            settings = json.loads(config.read_text(encoding="utf-8"))
+            peft_type, peft_rank = settings.get("peft_type"), settings.get("r")
     names = list(shapes)
     if peft_type in ("LOHA", "LOKR"):
         method = peft_type.lower()
@@ -97,8 +98,8 @@ def from_files(folder: Path, family: str, webui_file: str) -> ImageAdapter:
             and v[2:] != [1, 1]]
     ranks = [v[0] for k, v in shapes.items() if k.endswith(("lora_A.weight", "hada_w1_b"))
              and not (len(v) == 4 and v[2:] != [1, 1])]
-    if peft_type == "LOKR" and config.exists():
-        ranks = [json.loads(config.read_text(encoding="utf-8"))["r"]]
+    if peft_type == "LOKR":  # its factors' shapes do not show the rank: the config does
+        ranks = [peft_rank]
         conv = [1] if any(len(v) == 4 and v[2:] != [1, 1] for v in shapes.values()) else []
     text = any(k.split(".")[0].startswith("text_encoder") for k in names) or any(
         f.parent.name.startswith("text_encoder") for f in files)
