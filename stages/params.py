@@ -37,7 +37,7 @@ def main(argv: list[str] | None) -> int:
     if args.compat:
         report, rows = stage(params, "params").report(params, Path(args.params).resolve().parent)
         outputs.write_text(args.compat, report)
-        print("params: " + compat_line(rows).removeprefix("train: ") + "")
+        print(compat_line(rows, "params"))
     print(f"params: task_type {params.task_type}: not read: "
           + ", ".join(RULES[params.task_type].unused))
     if warm.enabled():  # importing torch & co. now, so encode, train and sample start warm

@@ -49,4 +49,3 @@ def stage(params, name: str) -> ModuleType:
     """Stage `name`'s module of params.task_type's task (lorapipe.<task>.stages.<name>).
     tests/test_dvc_yaml.py follows this call into both tasks' modules of each stage."""
     return importlib.import_module(f"{PACKAGES[params.task_type]}.stages.{name}")
-

@@ -40,10 +40,6 @@ class Shape:
     text_encoder: bool = False
 
 
-# the tensor-name prefix of each lora.method's weights in peft (get_peft_model_state_dict)
-PREFIXES = {"lora": "lora_", "dora": "lora_", "loha": "hada_", "lokr": "lokr_"}
-
-
 def lora_config(lp, targets, layers: list[int] | None = None, init: str | bool = "gaussian",
                 patterns: tuple[dict, dict] | None = None, **task: object) -> PeftConfig:
     """The peft config of one component for lora.method (lp: the lora params): a LoraConfig

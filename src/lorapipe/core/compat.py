@@ -40,9 +40,9 @@ def report(rules, params, root) -> tuple[str, list[Row]]:
     return render(f"{adapter.method} on {params.model.base}", rules.facts(adapter), rows), rows
 
 
-def line(rows: list[Row]) -> str:
-    """The one line train prints at its start."""
-    return ("train: loads in: " + ", ".join(f"{r.client} {MARKS[r.status]}" for r in rows)
+def line(rows: list[Row], stage: str = "train") -> str:
+    """The one line the params stage prints, and train at its start."""
+    return (f"{stage}: loads in: " + ", ".join(f"{r.client} {MARKS[r.status]}" for r in rows)
             + " (reports/compatibility.md)")
 
 

@@ -72,6 +72,12 @@ def _inner(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _in_train_mode(inner) -> bool:
+    """A schedule-free optimizer holding its training weights (`train_mode`, its own flag);
+    False for every other optimizer."""
+    return bool(inner.param_groups[0].get("train_mode"))
+
+
 def rates_before(optimizer, scheduled: list[float]) -> list[float]:
     """Each group's step size for the coming step, as known before it: the schedule's rate,
     times Prodigy's estimate d (its step uses the d it starts with)."""
@@ -107,8 +113,7 @@ def eval_weights(optimizer) -> Iterator[None]:
     .eval() before evaluating or saving, .train() before training); other optimizers'
     weights are the parameters themselves."""
     inner = _inner(optimizer)
-    switch = callable(getattr(inner, "eval", None)) and "train_mode" in inner.param_groups[0]
-    if switch and inner.param_groups[0]["train_mode"]:
+    if _in_train_mode(inner):
         inner.eval()
         try:
             yield
@@ -121,5 +126,5 @@ def eval_weights(optimizer) -> Iterator[None]:
 def to_eval(optimizer) -> None:
     """Schedule-free: the averaged weights from now on (training is over)."""
     inner = _inner(optimizer)
-    if "train_mode" in inner.param_groups[0] and inner.param_groups[0]["train_mode"]:
+    if _in_train_mode(inner):
         inner.eval()

@@ -15,6 +15,11 @@ from lorapipe.core.compat import Row
 # diffusers/utils/peft_utils.py get_peft_kwargs: use_dora from `lora_magnitude_vector`);
 # LoHa and LoKr are written as per-component peft folders instead
 DIFFUSERS_METHODS = ("lora", "dora")
+# a saved LoRA folder's files (lorapipe.diffusion.lora writes them): the diffusers file, or
+# per component a peft folder with these two
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1"}
 # the markers families.detect reads, without importing diffusers (families.flux.BFL_MARKER,
 # families.sdxl.SDXL.owns_single_file)
@@ -56,9 +61,7 @@ def family_of(base: str, root: Path) -> str:
         if path.is_dir():
             index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
             return PIPELINES.get(index.get("_class_name"), "sd")
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            keys = json.loads(f.read(size)) if size < 100_000_000 else {}
+        keys = _header(path)
     except (OSError, ValueError):
         return "sd"
     if any(k == FLUX_MARKER or k.endswith("." + FLUX_MARKER) for k in keys):
@@ -73,45 +76,51 @@ def from_params(params, root: Path) -> ImageAdapter:
                         webui_refusal(family, lp.method) is None)
 
 
+def adapter_files(folder: Path) -> list[Path]:
+    """The adapter files of a LoRA folder: the diffusers file, or the per-component peft
+    files (LoHa, LoKr)."""
+    folder = Path(folder)
+    if (folder / DIFFUSERS_FILE).exists():
+        return [folder / DIFFUSERS_FILE]
+    return sorted(folder.glob(f"*/{PEFT_FILE}"))
+
+
 def from_files(folder: Path, family: str, webui_file: str) -> ImageAdapter:
     """The same facts read back from a saved LoRA folder (its file headers: no weights
     read): the method from the tensor names or the peft config, ranks from the shapes."""
     folder = Path(folder)
-    shapes: dict[str, list[int]] = {}
-    peft_type, peft_rank = None, None
-    diffusers = folder / "pytorch_lora_weights.safetensors"
-    files = ([diffusers] if diffusers.exists()
-             else sorted(folder.glob("*/adapter_model.safetensors")))
-    for file in files:
-        shapes.update(_header_shapes(file))
-        config = file.parent / "adapter_config.json"
-        if file != diffusers and config.exists():
-            settings = json.loads(config.read_text(encoding="utf-8"))
-            peft_type, peft_rank = settings.get("peft_type"), settings.get("r")
-    names = list(shapes)
-    if peft_type in ("LOHA", "LOKR"):
-        method = peft_type.lower()
-    else:
-        method = "dora" if any("lora_magnitude_vector" in k for k in names) else "lora"
-    conv = [v[0] for k, v in shapes.items()
-            if (k.endswith("lora_A.weight") or k.endswith("hada_w1_b")) and len(v) == 4
-            and v[2:] != [1, 1]]
-    ranks = [v[0] for k, v in shapes.items() if k.endswith(("lora_A.weight", "hada_w1_b"))
-             and not (len(v) == 4 and v[2:] != [1, 1])]
-    if peft_type == "LOKR":  # its factors' shapes do not show the rank: the config does
-        ranks = [peft_rank]
-        conv = [1] if any(len(v) == 4 and v[2:] != [1, 1] for v in shapes.values()) else []
-    text = any(k.split(".")[0].startswith("text_encoder") for k in names) or any(
+    files = adapter_files(folder)
+    shapes = {k: v["shape"] for file in files for k, v in _header(file).items()
+              if k != "__metadata__"}
+    config = {} if not files or files[0].name == DIFFUSERS_FILE else json.loads(
+        (files[0].parent / PEFT_CONFIG).read_text(encoding="utf-8"))
+    method = config.get("peft_type", "").lower()
+    if method not in ("loha", "lokr"):
+        method = "dora" if any("lora_magnitude_vector" in k for k in shapes) else "lora"
+    # the rank is the first dimension of LoRA's down (A) and LoHa's w1_b; a 3x3 one is LoCon's
+    ranked = [v for k, v in shapes.items() if k.endswith(("lora_A.weight", "hada_w1_b"))]
+    ranks = [v[0] for v in ranked if not _spatial(v)]
+    conv = [v[0] for v in ranked if _spatial(v)]
+    if method == "lokr":  # its factors' shapes do not show the rank: the config does
+        ranks, conv = [config["r"]], [1] if any(map(_spatial, shapes.values())) else []
+    text = any(k.startswith("text_encoder") for k in shapes) or any(
         f.parent.name.startswith("text_encoder") for f in files)
     return ImageAdapter(family, method, max(ranks, default=0), max(conv, default=0), text,
                         (folder / webui_file).exists())
 
 
-def _header_shapes(file: Path) -> dict[str, list[int]]:
+def _spatial(shape: list[int]) -> bool:
+    """A convolution weight with a kernel larger than 1x1."""
+    return len(shape) == 4 and shape[2:] != [1, 1]
+
+
+def _header(file: Path) -> dict:
+    """A .safetensors file's header (tensor names, shapes; no weights read)."""
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        if size > 100_000_000:
+            raise ValueError(f"{file}: not a safetensors header")
+        return json.loads(f.read(size))
 
 
 def facts(a: ImageAdapter) -> list[tuple[str, str]]:

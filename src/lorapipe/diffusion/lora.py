@@ -45,11 +45,9 @@ from lorapipe.core.adapters import (  # noqa: F401  (lora_config: the image task
 )
 from lorapipe.core.errors import LorapipeError
 from lorapipe.diffusion import compat, lycoris, webui
+from lorapipe.diffusion.compat import DIFFUSERS_FILE, PEFT_CONFIG, PEFT_FILE, adapter_files
 from lorapipe.diffusion.families.unet import UNetFamily
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-PEFT_FILE = "adapter_model.safetensors"  # peft's own names (save_peft)
-PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # how PeftModel names its base's modules in that file
 
 
@@ -132,12 +130,11 @@ def portable_text_name(name: str) -> str:
 
 
 def save_peft(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], folder: Path,
-              run: str) -> list[Path]:
+              run: str) -> None:
     """Each component's adapter as peft saves one, for the methods diffusers'
     load_lora_weights does not read (LoHa, LoKr): `<component>/adapter_config.json` and
     `adapter_model.safetensors`, which `PeftModel.from_pretrained(pipe.unet, folder / "unet")`
     loads (load_into does the same in place)."""
-    written = []
     for name, part in split_state(state).items():
         sub = folder / name
         sub.mkdir()
@@ -145,17 +142,24 @@ def save_peft(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], fo
                                                   sort_keys=True) + "\n", encoding="utf-8")
         save_file({PEFT_PREFIX + k: v for k, v in part.items()}, str(sub / PEFT_FILE))
         outputs.canonical_safetensors(sub / PEFT_FILE, {RUN_KEY: run})
-        written.append(sub)
-    return written
 
 
-def adapter_files(folder: Path) -> list[Path]:
-    """The adapter files of a LoRA folder: the diffusers file, or the per-component peft
-    files (LoHa, LoKr)."""
-    folder = Path(folder)
-    if (folder / DIFFUSERS_FILE).exists():
-        return [folder / DIFFUSERS_FILE]
-    return sorted(folder.glob(f"*/{PEFT_FILE}"))
+def save_adapters(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], family,
+                  folder: Path, run: str, method: str) -> None:
+    """The adapter in the format its loaders read: the diffusers file (LoRA, DoRA) or the
+    per-component peft folders (LoHa, LoKr)."""
+    if method in compat.DIFFUSERS_METHODS:
+        save_diffusers(state, configs, family, folder, run)
+    else:
+        save_peft(state, configs, folder, run)
+
+
+def _peft_parts(folder: Path) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """A LoRA folder's per-component peft folders: component -> (its folder, its tensors
+    under the component's own module names)."""
+    return {file.parent.name: (file.parent, {k.removeprefix(PEFT_PREFIX): v
+                                             for k, v in load_file(str(file)).items()})
+            for file in sorted(Path(folder).glob(f"*/{PEFT_FILE}"))}
 
 
 def training_run(folder: Path) -> str | None:
@@ -167,7 +171,7 @@ def training_run(folder: Path) -> str | None:
         return (f.metadata() or {}).get(RUN_KEY)
 
 
-def load_into(pipe, family, folder: str) -> None:
+def load_into(pipe, folder: str) -> None:
     """A lorapipe LoRA folder into a pipeline, as its users load it: the diffusers file
     through `pipe.load_lora_weights`; per-component peft folders (LoHa, LoKr) through each
     component's `add_adapter` and peft's state loader, so the pipeline's LoRA switches and
@@ -176,14 +180,12 @@ def load_into(pipe, family, folder: str) -> None:
     if (path / DIFFUSERS_FILE).exists():
         pipe.load_lora_weights(str(path))
         return
-    for sub in sorted(p.parent for p in path.glob(f"*/{PEFT_FILE}")):
-        component = getattr(pipe, sub.name, None)
+    for name, (sub, state) in _peft_parts(path).items():
+        component = getattr(pipe, name, None)
         if component is None:
-            raise LorapipeError(f"{sub} is an adapter for {sub.name!r}, which "
+            raise LorapipeError(f"{sub} is an adapter for {name!r}, which "
                                 f"{type(pipe).__name__} does not have")
-        config = PeftConfig.from_pretrained(str(sub))
-        component.add_adapter(config)
-        state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(sub / PEFT_FILE)).items()}
+        component.add_adapter(PeftConfig.from_pretrained(str(sub)))
         set_peft_model_state_dict(component, state, adapter_name="default")
 
 
@@ -207,11 +209,7 @@ def to_kohya(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], fam
         if component == family.denoiser and family.fuses_webui_modules:
             fused[module] = (parts["lora_A.weight"], parts["lora_B.weight"])
             continue
-        if component == family.denoiser:
-            name = family.kohya_prefix + family.webui_module(module, denoiser_config)
-        else:
-            name = family.kohya_text_prefixes[component] + portable_text_name(module).replace(
-                ".", "_")
+        name = webui_name(family, component, module, denoiser_config)
         rank, alpha = module_rank_alpha(configs[component], module)
         for kind, tensor in lycoris.module_tensors(parts, rank, alpha).items():
             out[f"{name}.{kind}"] = tensor
@@ -219,6 +217,13 @@ def to_kohya(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], fam
         out.update(family.to_webui(fused, config_alpha(configs[family.denoiser]),
                                    denoiser_config))
     return dict(sorted(out.items()))
+
+
+def webui_name(family, component: str, module: str, denoiser_config) -> str:
+    """The WebUI name of a component's module, one module each (not Flux's fused ones)."""
+    if component == family.denoiser:
+        return family.kohya_prefix + family.webui_module(module, denoiser_config)
+    return family.kohya_text_prefixes[component] + portable_text_name(module).replace(".", "_")
 
 
 def save_webui(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Path:
@@ -261,10 +266,7 @@ def save_lora(models: dict[str, torch.nn.Module], configs: dict[str, LoraConfig]
     tensors = (None if compat.webui_refusal(family.name, method)
                else to_kohya(state, configs, family, models[family.denoiser].config))
     with outputs.atomic_dir(out_dir) as tmp:
-        if method in compat.DIFFUSERS_METHODS:
-            save_diffusers(state, configs, family, tmp, record.run)
-        else:
-            save_peft(state, configs, tmp, record.run)
+        save_adapters(state, configs, family, tmp, record.run, method)
         if tensors is not None:
             save_webui(tensors, metadata, tmp / webui.file_name(name))
 
@@ -334,9 +336,7 @@ def _load_lycoris_init(models: dict[str, torch.nn.Module], path: Path,
     names the export gives every module; the file's scale is carried into the weights, so
     the model starts out computing what that file computes."""
     if path.is_dir():
-        parts = {sub.parent.name: {k.removeprefix(PEFT_PREFIX): v
-                                   for k, v in load_file(str(sub)).items()}
-                 for sub in path.glob(f"*/{PEFT_FILE}")}
+        parts = {name: state for name, (_, state) in _peft_parts(path).items()}
         if not parts:
             raise LorapipeError(f"lora.init: {str(path)!r} holds no {PEFT_FILE} in a "
                                 "component folder (unet/, text_encoder/): give the models/lora "
@@ -361,25 +361,21 @@ def _load_lycoris_init(models: dict[str, torch.nn.Module], path: Path,
 def _from_webui(models, weights: dict[str, torch.Tensor], configs, family
                 ) -> dict[str, dict[str, torch.Tensor]]:
     """A LyCORIS WebUI file -> {component: peft-named tensors} at this run's scale."""
+    config = models[family.denoiser].config
     names = {}
     for component, model in models.items():
         for module, _ in model.named_modules():
-            if component == family.denoiser:
-                webui_name = family.kohya_prefix + family.webui_module(module, model.config)
-            else:
-                webui_name = family.kohya_text_prefixes[component] + portable_text_name(
-                    module).replace(".", "_")
-            names.setdefault(webui_name, (component, module))
+            names.setdefault(webui_name(family, component, module, config), (component, module))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        webui_name, _, kind = key.partition(".")
-        grouped.setdefault(webui_name, {})[kind] = tensor
+        name, _, kind = key.partition(".")
+        grouped.setdefault(name, {})[kind] = tensor
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for webui_name, tensors in grouped.items():
-        if webui_name not in names:
-            raise LorapipeError(f"lora.init: {webui_name} names no module of this base; was "
+    for name, tensors in grouped.items():
+        if name not in names:
+            raise LorapipeError(f"lora.init: {name} names no module of this base; was "
                                 "the file trained on another model family?")
-        component, module = names[webui_name]
+        component, module = names[name]
         rank, alpha = module_rank_alpha(configs[component], module)
         for kind, tensor in lycoris.to_peft(tensors, rank, alpha).items():
             out.setdefault(component, {})[f"{module}.{kind}"] = tensor

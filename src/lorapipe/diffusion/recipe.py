@@ -132,7 +132,8 @@ class DiffusionRecipe(Recipe):
         return groups
 
     def setup_lines(self) -> list[str]:
-        self.compat_rows = compat.rows(compat.from_params(self.params, Path.cwd()))
+        self.compat_facts = compat.from_params(self.params, Path.cwd())
+        self.compat_rows = compat.rows(self.compat_facts)
         lines = [self._targets_line(), core_compat.line(self.compat_rows), *self.init_notes]
         histogram = self._train_histogram()
         if len(histogram) > 1:
@@ -217,16 +218,13 @@ class DiffusionRecipe(Recipe):
                                    saved_step, tracker.name, layout,
                                    self._train_histogram(),
                                    self.family.network_args(self.lp)))
-        found = compat.rows(compat.from_files(
-            self.paths.out, compat.family_of(self.params.model.base, Path.cwd()),
-            webui.file_name(webui.output_name(self.lp.name))))
-        print(core_compat.checked(self.compat_rows, found))
+        saved = compat.from_files(self.paths.out, self.compat_facts.family,
+                                  webui.file_name(webui.output_name(self.lp.name)))
+        print(core_compat.checked(self.compat_rows, compat.rows(saved)))
 
     def save_partial(self, state: dict, folder: Path) -> None:
-        if self.lp.method in compat.DIFFUSERS_METHODS:
-            lora.save_diffusers(state, self.configs, self.family, folder, self.tracker.name)
-        else:
-            lora.save_peft(state, self.configs, folder, self.tracker.name)
+        lora.save_adapters(state, self.configs, self.family, folder, self.tracker.name,
+                           self.lp.method)
 
     def _train_histogram(self) -> dict[str, int]:
         """Training images per bucket, largest count first."""

@@ -63,11 +63,11 @@ class LlmRecipe(Recipe):
         model.config.use_cache = False  # training: no key/value cache
         # what adapter_config.json's base_model_name_or_path says: model.base as written
         model.name_or_path = self.params.model.base
+        self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
         self.base_answers = None
         if lp.init_weights != "default" and p.sample_every:
             # PiSSA / OLoRA change the base's weights: with the adapter off the model is the
             # residual, not the base, so the base's answers are taken before attaching
-            self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
             self.base_answers = base_only(model, self.tokenizer, p.sample_prompts, self.settings)
         torch.manual_seed(p.seed)  # the LoRA's init
         model = attach(model, lp, self.params.model.base)
@@ -84,7 +84,6 @@ class LlmRecipe(Recipe):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [q for q in model.parameters() if q.requires_grad]
         self.n_modules = sum(isinstance(m, BaseTunerLayer) for m in model.modules())
-        self.settings = GenerationSettings.from_params(self.params.llm, p.seed)
         return Models({"model": model}, [{"params": trainable, "lr": p.learning_rate}],
                       f"llm:{self.base_config.model_type}")
 
@@ -100,7 +99,8 @@ class LlmRecipe(Recipe):
 
     def setup_lines(self) -> list[str]:
         lp, meta = self.lp, self.cache.meta
-        self.compat_rows = compat.rows(compat.from_params(self.params, Path.cwd()))
+        self.compat_facts = compat.from_params(self.params, Path.cwd())
+        self.compat_rows = compat.rows(self.compat_facts)
         where = (f"preset {lp.targets}" if isinstance(lp.targets, str)
                  else "list " + ",".join(lp.targets))
         lengths = (self.cache.offsets[1:] - self.cache.offsets[:-1]).tolist()
@@ -228,9 +228,8 @@ class LlmRecipe(Recipe):
             self._save_adapter(tmp)
             if self.params.llm.merge:
                 merge(self.params.model.base, tmp, tmp / MERGED_DIR)
-        trained = compat.from_params(self.params, Path.cwd())
-        print(core_compat.checked(self.compat_rows,
-                                  compat.rows(compat.from_files(self.paths.out, trained))))
+        saved = compat.from_files(self.paths.out, self.compat_facts)
+        print(core_compat.checked(self.compat_rows, compat.rows(saved)))
 
     def save_partial(self, state: dict, folder: Path) -> None:
         self._save_adapter(folder)

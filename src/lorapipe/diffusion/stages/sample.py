@@ -43,7 +43,7 @@ def run(params, args) -> int:
             f"multiples of {family.size_multiple}")
     pipe.scheduler = family.sampler(p.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    load_into(pipe, family, args.lora)  # exactly as a user loads it
+    load_into(pipe, args.lora)  # exactly as a user loads it
     settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
                               p.lora_scale)
     seeds = seeds_for(p.seed, p.images_per_prompt)
