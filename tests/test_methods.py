@@ -30,7 +30,8 @@ HEALTHY = {"train__max_steps": 60, "train__validation__every": 20,
            "train__learning_rate": 5e-3}
 METHODS = {"dora": {"lora__method": "dora"},
            "loha": {"lora__method": "loha", "lora__text_encoder": True},
-           "lokr": {"lora__method": "lokr", "lora__lokr_factor": 4},
+           # alpha != rank: LoKr's full factors carry peft's scale (2) into the WebUI file
+           "lokr": {"lora__method": "lokr", "lora__lokr_factor": 4, "lora__alpha": 8},
            "locon": {"lora__conv_rank": 4, "lora__conv_alpha": 2}}
 
 
@@ -77,7 +78,7 @@ def test_each_method_reloads_with_the_trained_output(method_run):
         pipe.load_lora_weights(str(root / "lora"))
         torch.testing.assert_close(unet_output(pipe.unet), trained, rtol=1e-5, atol=1e-6)
         pipe = SD.build_builtin()
-    lora.load_into(pipe, SD, str(root / "lora"))
+    lora.load_into(pipe, str(root / "lora"))
     torch.testing.assert_close(unet_output(pipe.unet), trained, rtol=1e-5, atol=1e-6)
     pipe.disable_lora()  # the sample stage's base image: the switch reaches every method
     torch.testing.assert_close(unet_output(pipe.unet), base, rtol=0, atol=0)
@@ -256,6 +257,10 @@ def _rebuilt_shape(parts: dict) -> tuple[int, int]:
      "schedule-free AdamW replaces the schedule"),
     ({"train__schedulefree__warmup_steps": 10}, "train.schedulefree.warmup_steps is for"),
     ({"train__adafactor__warmup_init": True}, "warmup_init warms up Adafactor's relative step"),
+    ({"train__optimizer": "adafactor", "train__adafactor__relative_step": True,
+      "train__lr_scheduler": "cosine"}, "relative_step is Adafactor's own schedule"),
+    ({"task_type": "llm", "model__base": "builtin:tiny-llm", "lora__init_weights": "olora",
+      "lora__init": "."}, "lora.init continues an existing LoRA, which lora.init_weights olora"),
     ({"train__optimizer": "adamw9bit"}, "did you mean adamw8bit"),
 ])
 def test_params_refuse_what_a_method_or_optimizer_cannot_do(tmp_path, overrides, message):
@@ -273,6 +278,60 @@ def test_advice_speaks_each_optimizers_language():
     assert "relative_step false" in health.step_size(adafactor, 0.5).text
     adamw = health.RunFacts(1e-3, 4, 4, 16)
     assert health.step_size(adamw, 2).changes == {"train.learning_rate": "0.002"}
+
+
+def test_a_schedule_free_run_evaluates_samples_and_saves_its_averaged_weights(
+        tmp_path, example_cache):
+    """Every evaluation (early stopping's best state with it), every sample grid and the
+    export happen with schedule-free's eval-mode weights, training steps with its others."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from lorapipe.core.training import Paths
+    from lorapipe.tasks import stage
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    params = make_params(tmp_path, train__optimizer="schedulefree", train__max_steps=12,
+                         train__validation__every=4, train__sample_every=6,
+                         train__sample_steps=2, train__checkpoint_every=0, **SAME_DATA_DIR)
+    recipe = stage(params, "train").recipe_class()(params, Paths(
+        example_cache, tmp_path / "lora", tmp_path / "dvclive", tmp_path / "logs",
+        tmp_path / "ckpt", None))
+    recipe.setup()
+    inner, seen = recipe.optimizer.optimizer, []
+
+    def watch(what, call):
+        def watched(*args):
+            seen.append((what, inner.param_groups[0]["train_mode"]))
+            return call(*args)
+        return watched
+
+    recipe.evaluate = watch("evaluate", recipe.evaluate)
+    recipe.samples = watch("samples", recipe.samples)
+    recipe.export = watch("export", recipe.export)
+    recipe.loss_step = watch("step", recipe.loss_step)
+    recipe.finish(recipe.train())
+    assert {w for w, _ in seen} == {"evaluate", "samples", "export", "step"}
+    assert all(mode == (what == "step") for what, mode in seen), seen
+
+
+@pytest.mark.parametrize("method_run", ["loha"], indirect=True)
+def test_the_sample_stage_loads_peft_folders_and_names_their_run(method_run, tmp_path):
+    from argparse import Namespace
+
+    from lorapipe.diffusion.stages import sample
+
+    name, root, _ = method_run
+    [trained_run] = [p.name for p in (root / "logs/tensorboard").iterdir()]
+    assert lora.training_run(root / "lora") == trained_run  # read from unet/'s file
+    params = make_params(root, **HEALTHY, **METHODS[name], **SAME_DATA_DIR, sample__steps=2,
+                         sample__prompts=["a red circle, lpstyle"], sample__images_per_prompt=1)
+    out = tmp_path / "samples"
+    assert sample.run(params, Namespace(lora=str(root / "lora"), out=str(out),
+                                        logs=str(tmp_path / "logs"))) == 0
+    [base] = out.glob("*_base.png")
+    with_lora = out / base.name.replace("_base", "")
+    assert base.read_bytes() != with_lora.read_bytes()  # the LoHa (and its text part) loaded
 
 
 def test_schedule_free_evaluates_with_its_averaged_weights():
@@ -359,6 +418,15 @@ def test_each_optimizer_resumes_to_the_same_bytes(tmp_path, example_cache, name)
         make_params(root, **settings)
     out, _ = _start(straight).communicate(timeout=300)
     assert "train: health:" in out, out
+    # the first lines say which optimizer and where the file will load
+    assert f"; optimizer {name}" in out and "train: loads in: diffusers" in out, out
+    from safetensors import safe_open
+
+    with safe_open(str(straight / "lora" / WEBUI_FILE), "pt") as f:
+        assert f.metadata()["ss_optimizer"] == {
+            "prodigy": "prodigyopt.Prodigy", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+            "schedulefree": "schedulefree.AdamWScheduleFree",
+            "adafactor": "transformers.optimization.Adafactor"}[name]
     proc, deadline = _start(killed), time.time() + 120
     while not (killed / "ckpt" / f"step_{EVERY:07d}").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
@@ -436,7 +504,6 @@ def test_each_llm_method_trains_healthy_and_reloads_in_peft(llm_method_run):
     """peft loads the adapter folder onto a fresh base with the trained logits: PiSSA's and
     OLoRA's converted to a LoRA of twice the rank on the unchanged base, rsLoRA's scale in a
     plain lora_alpha (so llama.cpp's converter, which reads no use_rslora, gets it right)."""
-    from conftest import LLM
     from lorapipe.llm import compat as llm_compat
     from lorapipe.llm.models import load_llm
 
@@ -459,11 +526,50 @@ def test_each_llm_method_trains_healthy_and_reloads_in_peft(llm_method_run):
         assert config["r"] == 8 and config["init_lora_weights"] is True
     if name == "rslora":
         assert config["use_rslora"] is False and config["lora_alpha"] == pytest.approx(16)
-    params = make_params(root, **LLM, train__max_steps=60, train__validation__every=20,
-                         **LLM_METHODS[name])
+    params = params_of(root, name)
     trained_facts = llm_compat.from_params(params, REPO)
     found = llm_compat.rows(llm_compat.from_files(root / "lora", trained_facts))
     assert compat.disagreements(llm_compat.rows(trained_facts), found) == []
+
+
+def test_pissa_samples_show_the_bases_answers_not_its_residuals(tmp_path, llm_cache,
+                                                               monkeypatch):
+    """With PiSSA the adapter-off model is the residual base (W - B0 A0), not the base: the
+    samples' base column comes from the model before the adapter was attached. (The tiny
+    LLM answers every prompt alike, base or residual, so the answers are marked here.)"""
+    from conftest import LLM
+    from lorapipe.llm import training
+    from lorapipe.llm.adapter import attach
+    from lorapipe.llm.models import load_llm
+
+    ids = torch.arange(3, 30)[None]
+    base, _ = load_llm("builtin:tiny-llm")
+    torch.manual_seed(0)
+    residual = attach(load_llm("builtin:tiny-llm")[0], params_of(tmp_path, "pissa").lora,
+                      "builtin:tiny-llm")
+    with torch.no_grad(), residual.disable_adapter():
+        assert (residual(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-3
+    seen = []
+
+    def marked(model, tokenizer, prompts, settings):
+        seen.append(any("lora_" in n for n, _ in model.named_parameters()))
+        return [{"base_greedy": f"BASE-{i}", "base_sampled": f"BASE-{i}"}
+                for i in range(len(prompts))]
+
+    monkeypatch.setattr(training, "base_only", marked)
+    train_in(tmp_path, llm_cache, **LLM, lora__init_weights="pissa", train__max_steps=6,
+             train__validation__every=3, train__sample_every=3)
+    assert seen == [False]  # taken once, from the model without an adapter
+    for step in (0, 3, 6):
+        markdown = (tmp_path / f"dvclive/samples/step_{step:06d}.md").read_text()
+        assert "| greedy | BASE-0 |" in markdown and "| greedy | BASE-1 |" in markdown
+
+
+def params_of(root, name):
+    from conftest import LLM
+
+    return make_params(root, **LLM, train__max_steps=60, train__validation__every=20,
+                       **LLM_METHODS[name])
 
 
 # -- reports/compatibility.md, as the params stage writes it ---------------------------------
