@@ -99,6 +99,12 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo, tmp_path):
     assert changed(sh) == set()
     assert ran(sh("dvc", "repro")) == []
 
+    # model.quantize changes how train and sample hold the base, never the encode cache
+    set_param(root, "model.quantize", "nf4")
+    assert changed(sh) == {"params", "train", "sample"}
+    set_param(root, "model.quantize", "none")
+    assert changed(sh) == set()
+
     # preprocess.workers: preprocess reruns, writes the same bytes, so nothing after it does
     set_param(root, "preprocess.workers", 1)
     assert changed(sh) == {"params", "preprocess"}

@@ -406,18 +406,38 @@ def _lora_files(root) -> dict[str, bytes]:
             for p in sorted((root / "lora").rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", sorted(PAIRS))
-def test_each_optimizer_resumes_to_the_same_bytes(tmp_path, example_cache, name):
-    (tmp_path / "cache").symlink_to(example_cache)
+def resumed_like_straight(tmp_path, cache, overrides: dict) -> str:
+    """A straight run and one SIGKILLed after its first checkpoint and resumed: the same
+    LoRA bytes and curves. Returns the straight run's output."""
+    (tmp_path / "cache").symlink_to(cache)
     settings = {"train__max_steps": STEPS, "train__checkpoint_every": EVERY,
                 "train__validation__every": EVERY, "train__sample_every": 0,
-                "train__cpu_threads": 1, **SAME_DATA_DIR, **PAIRS[name]}
+                "train__cpu_threads": 1, **SAME_DATA_DIR, **overrides}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for root in (straight, killed):
         root.mkdir()
         make_params(root, **settings)
     out, _ = _start(straight).communicate(timeout=300)
     assert "train: health:" in out, out
+    proc, deadline = _start(killed), time.time() + 120
+    while not (killed / "ckpt" / f"step_{EVERY:07d}").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed, _ = _start(killed).communicate(timeout=300)
+    assert "resumed from" in resumed, resumed
+    assert "train: compatibility: the saved files load as" in resumed, resumed
+    assert _lora_files(killed) == _lora_files(straight)
+    for file in FILES:
+        assert (killed / file).read_bytes() == (straight / file).read_bytes(), file
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_each_optimizer_resumes_to_the_same_bytes(tmp_path, example_cache, name):
+    out = resumed_like_straight(tmp_path, example_cache, PAIRS[name])
+    straight = tmp_path / "straight"
     # the first lines say which optimizer and where the file will load
     assert f"; optimizer {name}" in out and "train: loads in: diffusers" in out, out
     from safetensors import safe_open
@@ -427,17 +447,6 @@ def test_each_optimizer_resumes_to_the_same_bytes(tmp_path, example_cache, name)
             "prodigy": "prodigyopt.Prodigy", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
             "schedulefree": "schedulefree.AdamWScheduleFree",
             "adafactor": "transformers.optimization.Adafactor"}[name]
-    proc, deadline = _start(killed), time.time() + 120
-    while not (killed / "ckpt" / f"step_{EVERY:07d}").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    out, _ = _start(killed).communicate(timeout=300)
-    assert "resumed from" in out and "train: compatibility: the saved files load as" in out, out
-    assert _lora_files(killed) == _lora_files(straight)
-    for file in FILES:
-        assert (killed / file).read_bytes() == (straight / file).read_bytes(), file
     rates = [float(line.split("\t")[-1]) for line in
              (straight / FILES[1]).read_text().splitlines()[1:]]
     if name == "prodigy":  # the logged rate is d x lr, d its own estimate (logged too)

@@ -30,6 +30,10 @@ class _TorchvisionNote(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNote())
 # peft imports bitsandbytes (train.optimizer adamw8bit) at its own import; on a CPU with
 # AVX512-BF16, bitsandbytes then warns that its optional 4-bit CPU kernel (the `kernels`
-# package, fetched from the Hub) is missing. lorapipe runs no 4-bit CPU matmul: that one
-# logger's warnings are dropped, its errors still show.
+# package, fetched from the Hub) is missing; model.quantize nf4 then takes bitsandbytes'
+# own 4-bit path on the CPU, which computes the same (slower), and nothing can be fetched
+# offline. And LLM.int8() (model.quantize int8) says on every matmul that it casts its
+# fp32 inputs to fp16, which is how it works (README "Low-memory bases"). Those two
+# loggers' warnings are dropped, their errors still show.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -34,6 +34,7 @@ from lorapipe.core.errors import LorapipeError
 BUILTIN_PREFIX = "builtin:"
 METHODS = ("lora", "dora", "loha", "lokr")  # lora.method
 INIT_WEIGHTS = ("default", "pissa", "olora")  # lora.init_weights
+QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")  # model.quantize (lorapipe.core.quantize)
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")  # train.optimizer
 TASKS = ("sd", "llm")  # task_type's values; lorapipe.tasks names each one's package
 
@@ -98,6 +99,8 @@ class ModelParams:
                     path="model")
     config: str = key("diffusers folder with configs for a single-file base", path="dir",
                       optional=True)
+    quantize: str = key("the frozen base's weights while training and sampling: none, int8, "
+                        "fp8 or nf4 (the LoRA stays fp32)", choices=QUANTIZE_MODES)
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
-    problems += _method_checks(v) + _optimizer_checks(v)
+    problems += _method_checks(v) + _optimizer_checks(v) + _quantize_checks(v)
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
@@ -410,6 +413,30 @@ def _method_checks(v: dict[str, object]) -> list[str]:
         if v.get("lora.init"):
             problems.append(f"lora.init continues an existing LoRA, which lora.init_weights "
                             f"{init} would replace; set lora.init_weights to default")
+    return problems
+
+
+def _quantize_checks(v: dict[str, object]) -> list[str]:
+    """model.quantize against the methods peft cannot train on such a base (each refusal was
+    seen failing in peft 0.21: DoRA's weight norm on a float8 weight or on bitsandbytes' CPU
+    int8 state, LoHa/LoKr's delta on a packed 4-bit weight), and PiSSA/OLoRA, which rewrite
+    the base's weights."""
+    mode, method = v.get("model.quantize"), v.get("lora.method")
+    if mode in (None, "none"):
+        return []
+    problems = []
+    if method == "dora" and mode in ("int8", "fp8"):
+        problems.append(f"lora.method dora needs the base's weights in full for its weight norm, "
+                        f"which peft cannot take from a model.quantize {mode} base; use "
+                        "model.quantize nf4 (peft dequantizes it) or lora.method lora")
+    if method in ("loha", "lokr") and mode == "nf4":
+        problems.append(f"lora.method {method} has no layer for a 4-bit base in peft; use "
+                        "model.quantize int8 or fp8, or lora.method lora")
+    init = v.get("lora.init_weights")
+    if init not in (None, "default"):
+        problems.append(f"lora.init_weights {init} rewrites the base's weights from their SVD/QR, "
+                        f"which a model.quantize {mode} base does not hold in full; set "
+                        "lora.init_weights to default or model.quantize to none")
     return problems
 
 

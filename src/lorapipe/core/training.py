@@ -132,10 +132,19 @@ class Models:
 Sample = object  # what a task's samples() returns: a PIL image (a grid) or markdown text
 
 
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """What the frozen base computes in: train.mixed_precision's half type, else fp32."""
+    return HALF.get(mixed_precision, torch.float32)
+
+
 def half_precision(modules, mixed_precision: str) -> None:
     """With bf16/fp16 mixed precision: the frozen base in half precision, the trainable LoRA
-    weights kept in fp32 (as diffusers' training examples)."""
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
+    weights kept in fp32 (as diffusers' training examples). bitsandbytes' 8- and 4-bit
+    weights are integers, which module.to(dtype) leaves as they are."""
+    half = HALF.get(mixed_precision)
     if half is None:
         return
     for model in modules:

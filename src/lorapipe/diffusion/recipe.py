@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from lorapipe.core import compat as core_compat
+from lorapipe.core import quantize
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import evaluating
 from lorapipe.core.metrics import LR_DENOISER, LR_TEXT
 from lorapipe.core.seeds import seeded_generator
-from lorapipe.core.training import Data, Models, Recipe, half_precision
+from lorapipe.core.training import Data, Models, Recipe, compute_dtype, half_precision
 from lorapipe.diffusion import captions, compat, lora, webui
 from lorapipe.diffusion.cache import CACHE_FILE, load_cache
 from lorapipe.diffusion.evaluation import Evaluator
@@ -107,6 +108,11 @@ class DiffusionRecipe(Recipe):
         """LoRA on every component in `models` (continued from lora.init), precision and
         checkpointing; returns the optimizer's parameter groups, the denoiser's first."""
         p, lp, family = self.p, self.lp, self.family
+        denoiser = models[family.denoiser]
+        mode = self.params.model.quantize
+        compute = compute_dtype(self.accelerator.mixed_precision)
+        self.n_quantized = quantize.before_adapter(denoiser.to(self.accelerator.device), mode,
+                                                   compute)
         torch.manual_seed(p.seed)  # the LoRA's Gaussian init
         self.configs = lora.configs_for(lp, family, models)
         self.lora_modules = lora.attach(models, self.configs, family)
@@ -118,8 +124,8 @@ class DiffusionRecipe(Recipe):
                 encoder.eval()
         self.init_notes = (lora.load_init(models, lp.init, self.configs, self.family)
                            if lp.init else [])
-        denoiser = models[family.denoiser]
         half_precision([denoiser, *encoders.values()], self.accelerator.mixed_precision)
+        self.n_quantized += quantize.after_adapter(denoiser, mode, compute)
         if p.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
             for name in self.text_trained:
@@ -134,7 +140,10 @@ class DiffusionRecipe(Recipe):
     def setup_lines(self) -> list[str]:
         self.compat_facts = compat.from_params(self.params, Path.cwd())
         self.compat_rows = compat.rows(self.compat_facts)
-        lines = [self._targets_line(), core_compat.line(self.compat_rows), *self.init_notes]
+        lines = [self._targets_line(), *quantize.line(
+            self.params.model.quantize, self.n_quantized, self.family.denoiser,
+            compute_dtype(self.accelerator.mixed_precision)),
+            core_compat.line(self.compat_rows), *self.init_notes]
         histogram = self._train_histogram()
         if len(histogram) > 1:
             lines.append(f"train: {len(histogram)} buckets (training images per size): "

@@ -125,6 +125,11 @@ def load_tokenizer(base: str, root: Path | None = None):
         raise LorapipeError(f"model.base: cannot load the tokenizer of {base!r}: {exc}") from None
 
 
+# what model.quantize leaves as it is: the output head (tied to the input embeddings in
+# many models) and the embeddings, as transformers' bitsandbytes integration and QLoRA do
+KEEP = (r"(^|\.)lm_head$", r"embed_tokens")
+
+
 def load_llm(base: str, root: Path | None = None):
     """(model, tokenizer) of model.base, on the CPU in fp32, in eval mode."""
     if base == TINY_LLM:

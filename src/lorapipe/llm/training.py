@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lorapipe.core import compat as core_compat
-from lorapipe.core import outputs
+from lorapipe.core import outputs, quantize
 from lorapipe.core.adapters import RUN_KEY
 from lorapipe.core.evaluation import Evaluation, evaluating
 from lorapipe.core.metrics import (
@@ -35,11 +35,11 @@ from lorapipe.core.metrics import (
     VALIDATION,
     VALIDATION_DIVERGENCE,
 )
-from lorapipe.core.training import Data, Models, Recipe, half_precision
+from lorapipe.core.training import Data, Models, Recipe, compute_dtype, half_precision
 from lorapipe.llm import compat
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, bake_rslora, load_adapter
 from lorapipe.llm.data import CACHE_FILE, Example, load_token_cache
-from lorapipe.llm.models import load_llm
+from lorapipe.llm.models import KEEP, load_llm
 from lorapipe.llm.sampling import GenerationSettings, base_and_lora, base_only, to_markdown
 
 MERGED_DIR = "merged"
@@ -69,6 +69,14 @@ class LlmRecipe(Recipe):
             # PiSSA / OLoRA change the base's weights: with the adapter off the model is the
             # residual, not the base, so the base's answers are taken before attaching
             self.base_answers = base_only(model, self.tokenizer, p.sample_prompts, self.settings)
+        mode = self.params.model.quantize
+        compute = compute_dtype(self.accelerator.mixed_precision)
+        self.n_quantized = quantize.before_adapter(model.to(self.accelerator.device), mode,
+                                                   compute, KEEP)
+        if self.n_quantized:  # QLoRA's preparation: the rest of the base frozen in fp32
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=p.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(p.seed)  # the LoRA's init
         model = attach(model, lp, self.params.model.base)
         self.initial = None
@@ -78,7 +86,9 @@ class LlmRecipe(Recipe):
             model.save_pretrained(self.initial.name, safe_serialization=True)
             model.peft_config["default"].init_lora_weights = lp.init_weights
         self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
-        half_precision([model], self.accelerator.mixed_precision)
+        if mode not in quantize.BITSANDBYTES:  # (prepared for them: their rest stays fp32)
+            half_precision([model], self.accelerator.mixed_precision)
+        self.n_quantized += quantize.after_adapter(model, mode, compute, KEEP)
         if p.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,7 +118,9 @@ class LlmRecipe(Recipe):
                  f"{min(lengths)}-{max(lengths)} tokens, {int(self.cache.trained.sum())} of "
                  f"{len(self.cache.ids)} trained ("
                  + ("prompts too" if meta["train_on_prompt"] else "answers only")
-                 + ")", core_compat.line(self.compat_rows), *self.init_notes]
+                 + ")", *quantize.line(self.params.model.quantize, self.n_quantized, "model",
+                                       compute_dtype(self.accelerator.mixed_precision)),
+                 core_compat.line(self.compat_rows), *self.init_notes]
         return lines
 
     # -- batches and the loss -------------------------------------------------------------

@@ -20,7 +20,7 @@ def run(params, args) -> int:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from lorapipe.core import outputs
+    from lorapipe.core import outputs, quantize
     from lorapipe.core.tracking import sample_run_name
     from lorapipe.diffusion.lora import adapter_files, load_into, training_run
     from lorapipe.diffusion.models import load_base
@@ -43,7 +43,11 @@ def run(params, args) -> int:
             f"multiples of {family.size_multiple}")
     pipe.scheduler = family.sampler(p.scheduler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    # model.quantize as the training ran it: bitsandbytes' layers before the LoRA, fp8 after
+    denoiser, mode = getattr(pipe, family.denoiser), params.model.quantize
+    quantize.before_adapter(denoiser, mode, torch.float32)
     load_into(pipe, args.lora)  # exactly as a user loads it
+    quantize.after_adapter(denoiser, mode, torch.float32)
     settings = SampleSettings(p.steps, p.guidance_scale, p.negative_prompt, p.width, p.height,
                               p.lora_scale)
     seeds = seeds_for(p.seed, p.images_per_prompt)

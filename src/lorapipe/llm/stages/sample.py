@@ -19,10 +19,10 @@ def run(params, args) -> int:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from lorapipe.core import outputs
+    from lorapipe.core import outputs, quantize
     from lorapipe.core.tracking import sample_run_name
     from lorapipe.llm.adapter import ADAPTER_FILE, scale_lora, training_run
-    from lorapipe.llm.models import load_llm
+    from lorapipe.llm.models import KEEP, load_llm
     from lorapipe.llm.sampling import GenerationSettings, base_and_lora, to_image, to_markdown
 
     if not (Path(args.lora) / ADAPTER_FILE).exists():
@@ -30,7 +30,10 @@ def run(params, args) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(threads.share(0)[0])
     model, tokenizer = load_llm(params.model.base)
+    # model.quantize as the training ran it: bitsandbytes' layers before the LoRA, fp8 after
+    quantize.before_adapter(model, params.model.quantize, torch.float32, KEEP)
     model = PeftModel.from_pretrained(model, args.lora)
+    quantize.after_adapter(model, params.model.quantize, torch.float32, KEEP)
     scale_lora(model, params.sample.lora_scale)
     settings = GenerationSettings.from_params(params.llm, params.sample.seed)
     with tqdm(total=len(params.sample.prompts) * 2 * len(settings.modes), desc="sample",

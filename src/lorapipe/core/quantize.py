@@ -1,0 +1,141 @@
+"""model.quantize: the frozen base in fewer bits, the LoRA in fp32.
+
+- `nf4` (QLoRA) and `int8` (LLM.int8()): bitsandbytes' Linear4bit / Linear8bitLt in place of
+  the base's Linear layers, which is what peft expects (it puts its own bitsandbytes LoRA
+  layers on them, dequantizing where DoRA needs the weight). Convolutions stay as they are.
+- `fp8`: the weights of every Linear and convolution stored as float8 (e4m3) and cast to the
+  compute dtype layer by layer as each one runs: kohya's `--fp8_base`, through diffusers'
+  layerwise casting (its skip patterns keep norms and embeddings as they are).
+
+All three run on the CPU and on CUDA (bitsandbytes has CPU kernels since 0.46).
+
+Why a module swap here and not transformers'/diffusers' `BitsAndBytesConfig`: those quantize
+while `from_pretrained` reads a checkpoint; the builtins are built in code and a single-file
+base goes through diffusers' converter, so the model to quantize is already in memory. The
+layers themselves are bitsandbytes' own, filled from the loaded weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lorapipe.core.params import QUANTIZE_MODES as MODES  # noqa: F401 (the one list)
+
+BITSANDBYTES = ("int8", "nf4")
+# what each mode stores a quantized weight in, for messages and the bench
+BITS = {"none": None, "int8": 8, "fp8": 8, "nf4": 4}
+FP8 = torch.float8_e4m3fn
+# the modules peft adds (lora_A, lora_B, DoRA's lora_magnitude_vector; LoHa's and LoKr's
+# factors are parameters of peft's own layer types, which fp8 never touches): left in fp32
+LORA_LAYERS = (r"\.lora_",)
+# LLM.int8()'s outlier threshold (bitsandbytes' and transformers' default): input features
+# above it are computed in 16 bits
+INT8_THRESHOLD = 6.0
+
+
+def quantize(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
+             skip: tuple[str, ...] = ()) -> int:
+    """Quantizes `model`'s frozen layers in place, on the device they are on; returns how
+    many layers now hold quantized weights. `skip`: regular expressions of module names
+    left as they are (an LLM's lm_head and embeddings, a denoiser's norms)."""
+    if mode == "none":
+        return 0
+    if mode == "fp8":
+        return _fp8(model, compute_dtype, skip)
+    return _bitsandbytes(model, mode, compute_dtype, skip)
+
+
+def before_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
+                   skip: tuple[str, ...] = ()) -> int:
+    """bitsandbytes' modes, before the adapter is attached or loaded: peft then puts its
+    own bitsandbytes layers on the quantized ones. Returns the layers quantized."""
+    return quantize(model, mode, compute_dtype, skip) if mode in BITSANDBYTES else 0
+
+
+def after_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
+                  skip: tuple[str, ...] = ()) -> int:
+    """fp8, once the adapter is on: its own layers (lora_*) are skipped and keep fp32 (cast
+    before it, peft would store the new LoRA in the base layer's float8). Returns the layers
+    quantized."""
+    return quantize(model, mode, compute_dtype, skip + LORA_LAYERS) if mode == "fp8" else 0
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(re.search(pattern, name) for pattern in skip)
+
+
+def _fp8(model: torch.nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> int:
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    patterns = tuple(skip) + tuple(getattr(model, "_skip_layerwise_casting_patterns", None)
+                                   or DEFAULT_SKIP_MODULES_PATTERN)
+    apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
+                            skip_modules_pattern=patterns)
+    return sum(1 for m in model.modules() if any(
+        q.dtype == FP8 for q in m.parameters(recurse=False)))
+
+
+def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
+                  skip: tuple[str, ...]) -> int:
+    import bitsandbytes as bnb
+
+    swaps = [(name, m) for name, m in model.named_modules()
+             if type(m) is torch.nn.Linear and not _skipped(name, skip)]
+    for name, linear in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight, bias, device = linear.weight.data, linear.bias, linear.weight.device
+        if mode == "nf4":  # QLoRA's settings: NF4 with double quantization
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
+                                      bias=bias is not None, compute_dtype=compute_dtype,
+                                      compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features,
+                                        bias=bias is not None, has_fp16_weights=False,
+                                        threshold=INT8_THRESHOLD, device="meta")
+            layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False,
+                                             has_fp16_weights=False)
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
+        layer = layer.to(device)  # bitsandbytes quantizes as the weight moves to its device
+        layer.train(linear.training)
+        setattr(parent, child, layer)
+        del linear
+    return len(swaps)
+
+
+KINDS = {"int8": "8-bit integers (bitsandbytes LLM.int8())",
+         "fp8": "float8 e4m3, computed layer by layer in {compute}",
+         "nf4": "4-bit NF4 with double quantization (bitsandbytes: QLoRA)"}
+
+
+def line(mode: str, n: int, component: str, compute_dtype: torch.dtype) -> list[str]:
+    """train's line about model.quantize ([] without it)."""
+    if mode == "none":
+        return []
+    kind = KINDS[mode].format(compute=str(compute_dtype).removeprefix("torch."))
+    return [f"train: model.quantize {mode}: {n} layers of the {component} held in {kind}; "
+            "the LoRA trains in fp32"]
+
+
+def is_quantized(parameter: torch.Tensor) -> bool:
+    """A weight quantize() stored in fewer bits (not a float the optimizer could train)."""
+    return not parameter.dtype.is_floating_point or parameter.dtype == FP8
+
+
+def footprint(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized weights, bytes of every other parameter and buffer)."""
+    quantized = other = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        size = tensor.numel() * tensor.element_size()
+        if is_quantized(tensor):
+            quantized += size
+        else:
+            other += size
+    return quantized, other
