@@ -165,7 +165,7 @@ def test_the_nan_guard_keeps_the_last_good_lora_on_a_quantized_base(tmp_path, ca
 ])
 def test_params_refuse_what_peft_cannot_train_on_a_quantized_base(tmp_path, overrides, says):
     with pytest.raises(ParamsError) as exc:
-        make_params(tmp_path, **SAME_DATA_DIR, **overrides)
+        make_params(tmp_path, **{**SAME_DATA_DIR, **overrides})
     assert says in str(exc.value)
 
 
@@ -175,4 +175,4 @@ def test_params_refuse_what_peft_cannot_train_on_a_quantized_base(tmp_path, over
     {"lora__method": "lokr", "model__quantize": "int8"},
 ])
 def test_the_methods_peft_can_train_on_a_quantized_base_are_accepted(tmp_path, overrides):
-    make_params(tmp_path, **SAME_DATA_DIR, **overrides)
+    make_params(tmp_path, **{**SAME_DATA_DIR, **overrides})
