@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -42,6 +41,7 @@ def step(setting: str, targets: str, steps: int, tokens: int, batch: int) -> dic
     from diffusers.training_utils import cast_training_params
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from lorapipe.core import adapters
     from lorapipe.llm.adapter import attach
     from lorapipe.llm.models import QWEN2_5_0_5B, build_tiny_llm
 
@@ -52,12 +52,12 @@ def step(setting: str, targets: str, steps: int, tokens: int, batch: int) -> dic
     torch.manual_seed(0)
     if targets == "tiny":
         model, _ = build_tiny_llm()
-        lp = SimpleNamespace(rank=4, alpha=4, dropout=0.0, targets="attn")
+        lp = adapters.Shape(rank=4, alpha=4, targets="attn")
     else:
         torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_5_0_5B))
         torch.set_default_dtype(torch.float32)
-        lp = SimpleNamespace(rank=16, alpha=32, dropout=0.0, targets=targets)
+        lp = adapters.Shape(rank=16, alpha=32, targets=targets)
     model.config.use_cache = False
     model = attach(model, lp, "bench")
     if bf16:

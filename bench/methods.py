@@ -29,8 +29,6 @@ METHODS = {"lora": {}, "dora": {"method": "dora"}, "loha": {"method": "loha"},
            "lokr": {"method": "lokr", "lokr_factor": 8}, "locon": {"conv_rank": 8,
                                                                  "conv_alpha": 8}}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")
-SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
-             "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}
 
 
 def adapter_shapes(method: dict, rank: int) -> list[tuple[int, ...]]:
@@ -40,10 +38,11 @@ def adapter_shapes(method: dict, rank: int) -> list[tuple[int, ...]]:
 
     from lorapipe.core import adapters
     from lorapipe.diffusion import families, lora
+    from lorapipe.diffusion.families.sd import SD_1_5_UNET
 
     family = families.by_name("sd")
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**SD_1_5_UNET)
     shape = adapters.Shape(rank=rank, alpha=rank, targets="kohya", **method)
     configs = lora.configs_for(shape, family, {"unet": unet})
     lora.attach({"unet": unet}, configs, family)

@@ -41,16 +41,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
-    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-    cross_attention_dim=768, attention_head_dim=8,
-)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_L = dict(  # openai/clip-vit-large-patch14, SD 1.5's text encoder
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -155,12 +145,13 @@ def sd15_step(checkpointing: bool, text_encoder: bool, steps: int) -> dict:
 
     from lorapipe.core import adapters
     from lorapipe.diffusion import lora
+    from lorapipe.diffusion.families.sd import SD_1_5_UNET
     from lorapipe.diffusion.objectives import DDPM, diffusion_loss
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET)
+    unet = UNet2DConditionModel(**SD_1_5_UNET)
     lora.attach({"unet": unet}, {"unet": lora.lora_config(adapters.Shape(), TARGETS)})
     if checkpointing:
         unet.enable_gradient_checkpointing()

@@ -178,8 +178,6 @@ def test_a_webui_metadata_names_the_network_lycoris_reads(method_run):
 
 
 # -- the real architectures' names, on the meta device --------------------------------------
-SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
-             "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}
 
 
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
@@ -191,11 +189,13 @@ def test_webui_names_and_shapes_fit_the_real_unet(family_name, method):
     weight shape."""
     from diffusers import UNet2DConditionModel
 
+    from lorapipe.diffusion.families.sd import SD_1_5_UNET
     from lorapipe.diffusion.families.sdxl import SDXL_1_0_UNET
 
     family = families.by_name(family_name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SD15_UNET if family_name == "sd" else SDXL_1_0_UNET))
+        unet = UNet2DConditionModel(**(SD_1_5_UNET if family_name == "sd"
+                                       else SDXL_1_0_UNET))
     # the WebUI name of every Linear and Conv2d (SDXL: its SGM name, proven against
     # diffusers' own converter in test_sdxl) -> its weight's shape
     weights = {family.webui_module(n, unet.config): tuple(m.weight.shape)

@@ -176,3 +176,28 @@ def test_params_refuse_what_peft_cannot_train_on_a_quantized_base(tmp_path, over
 ])
 def test_the_methods_peft_can_train_on_a_quantized_base_are_accepted(tmp_path, overrides):
     make_params(tmp_path, **{**SAME_DATA_DIR, **overrides})
+
+
+def _sample(root, out, **overrides):
+    from argparse import Namespace
+
+    from lorapipe.diffusion.stages import sample
+
+    params = make_params(root, **STEPS, **SETTINGS["sd"], **SAME_DATA_DIR, sample__steps=2,
+                         sample__prompts=["a red circle, lpstyle"], sample__images_per_prompt=1,
+                         **overrides)
+    assert sample.run(params, Namespace(lora=str(root / "lora"), out=str(out),
+                                        logs=str(out.parent / "logs"))) == 0
+    [base] = out.glob("*_base.png")
+    return base.read_bytes(), (out / base.name.replace("_base", "")).read_bytes()
+
+
+@pytest.mark.parametrize("quantized_run", [("sd", "fp8"), ("sd", "nf4")], indirect=True,
+                         ids=["sd-fp8", "sd-nf4"])
+def test_the_sample_stage_holds_the_base_as_training_did(quantized_run, plain_sd, tmp_path):
+    """sample with model.quantize draws the base and the LoRA from the quantized base (its
+    images differ from the full-precision base's), the LoRA loaded on it."""
+    _, mode, root, _ = quantized_run
+    base, with_lora = _sample(root, tmp_path / "q", model__quantize=mode)
+    plain_base, _ = _sample(plain_sd, tmp_path / "plain")
+    assert base != with_lora and base != plain_base

@@ -94,3 +94,10 @@ def build_tiny_sd() -> StableDiffusionPipeline:
 
 
 FAMILY = SD()
+
+
+# SD 1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json; the keys that differ
+# from UNet2DConditionModel's defaults): the tests check exports against it and the benches
+# build it, both without its weights.
+SD_1_5_UNET = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
+               "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}
