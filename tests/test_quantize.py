@@ -161,6 +161,7 @@ def test_the_nan_guard_keeps_the_last_good_lora_on_a_quantized_base(tmp_path, ca
     ({"lora__method": "loha", "model__quantize": "nf4"}, "loha has no layer for a 4-bit"),
     ({"lora__method": "lokr", "model__quantize": "nf4"}, "lokr has no layer for a 4-bit"),
     ({**LLM, "lora__init_weights": "pissa", "model__quantize": "nf4"}, "pissa rewrites"),
+    ({"model__quantize": "fp8", "train__num_processes": 2}, "fails in DistributedDataParallel"),
     ({"model__quantize": "int4"}, "model.quantize"),
 ])
 def test_params_refuse_what_peft_cannot_train_on_a_quantized_base(tmp_path, overrides, says):
