@@ -1,13 +1,16 @@
 """Memory of a LoRA step on a quantized frozen base (model.quantize), real architectures.
 
     python bench/memory.py [--models sd15,sdxl,flux,qwen0.5b,llm8b]
-                           [--modes none,int8,fp8,nf4] [--ckpt 1,0] [--steps 1]
+                           [--modes none,bf16,int8,fp8,nf4] [--ckpt 1,0] [--steps 1]
+                           [--compute bf16|fp32]
 
 Each row builds one real architecture from its config (random weights: memory and speed do
-not depend on them) with its base in bf16, applies model.quantize through lorapipe's own
-functions in lorapipe's order (bitsandbytes before the LoRA, fp8 after it; the LLM through
-peft's prepare_model_for_kbit_training, as the train stage does), puts a rank-16 LoRA on the
-attention projections (fp32, AdamW), and trains under bf16 autocast:
+not depend on them), applies model.quantize through lorapipe's own functions in lorapipe's
+order (bitsandbytes before the LoRA, fp8 after it; the LLM through peft's
+prepare_model_for_kbit_training, as the train stage does), puts a rank-16 LoRA on the
+attention projections (fp32, AdamW), and trains with the base computing in --compute: bf16
+(autocast) on CUDA, fp32 on a CPU, where the "bf16" row stores the base in bf16 and computes
+it in fp32 (diffusers' layerwise casting) as the reference the quantized rows compare with:
 
 - sd15: SD 1.5's UNet, 64x64 latents (512 px), batch 1;
 - sdxl: SDXL 1.0's UNet, 128x128 latents (1024 px), batch 1;

@@ -432,10 +432,6 @@ def _quantize_checks(v: dict[str, object]) -> list[str]:
     if method in ("loha", "lokr") and mode == "nf4":
         problems.append(f"lora.method {method} has no layer for a 4-bit base in peft; use "
                         "model.quantize int8 or fp8, or lora.method lora")
-    if mode == "fp8" and (v.get("train.num_processes") or 1) > 1:
-        problems.append("model.quantize fp8 (diffusers' layerwise casting) fails in "
-                        "DistributedDataParallel's backward with torch 2.13; use "
-                        "model.quantize int8 or nf4 with train.num_processes > 1, or one process")
     init = v.get("lora.init_weights")
     if init not in (None, "default"):
         problems.append(f"lora.init_weights {init} rewrites the base's weights from their SVD/QR, "

@@ -3,9 +3,9 @@
 - `nf4` (QLoRA) and `int8` (LLM.int8()): bitsandbytes' Linear4bit / Linear8bitLt in place of
   the base's Linear layers, which is what peft expects (it puts its own bitsandbytes LoRA
   layers on them, dequantizing where DoRA needs the weight). Convolutions stay as they are.
-- `fp8`: the weights of every Linear and convolution stored as float8 (e4m3) and cast to the
-  compute dtype layer by layer as each one runs: kohya's `--fp8_base`, through diffusers'
-  layerwise casting (its skip patterns keep norms and embeddings as they are).
+- `fp8`: the weights of every Linear and convolution stored as float8 (e4m3) and read in the
+  compute dtype as each layer runs: kohya's `--fp8_base` (diffusers' skip patterns keep
+  norms and embeddings as they are).
 
 All three run on the CPU and on CUDA (bitsandbytes has CPU kernels since 0.46).
 
@@ -66,16 +66,42 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(re.search(pattern, name) for pattern in skip)
 
 
+class _Upcast(torch.nn.Module):
+    """The weight kept in float8, read in the compute dtype on every use (a parametrization:
+    nothing is cast in place, so gradient checkpointing's recomputation reads what the
+    forward read, and autograd saves the float8 original, not an fp32 copy, between steps)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        # a one-tensor tuple: torch refuses a dtype change for a single tensor, not for a
+        # sequence (stored as parametrizations.weight.original0)
+        return (weight.to(FP8),)
+
+
 def _fp8(model: torch.nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> int:
-    from diffusers.hooks import apply_layerwise_casting
+    # kohya's --fp8_base, written with torch's parametrizations rather than diffusers'
+    # layerwise casting: that one casts the module's weights in place before and after each
+    # forward, which gradient checkpointing's recomputation rejects (it found float8 where
+    # the forward had saved fp32: tested) and which keeps an upcast copy per layer for the
+    # backward. The skip patterns are diffusers' (the model's own, else its defaults).
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from torch.nn.utils import parametrize
 
     patterns = tuple(skip) + tuple(getattr(model, "_skip_layerwise_casting_patterns", None)
                                    or DEFAULT_SKIP_MODULES_PATTERN)
-    apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype,
-                            skip_modules_pattern=patterns)
-    return sum(1 for m in model.modules() if any(
-        q.dtype == FP8 for q in m.parameters(recurse=False)))
+    layers = [(name, m) for name, m in model.named_modules()
+              if type(m) in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+              and not _skipped(name, patterns)]
+    for _, layer in layers:
+        parametrize.register_parametrization(layer, "weight", _Upcast(compute_dtype))
+        layer.parametrizations.weight.original0.requires_grad_(False)
+    return len(layers)
 
 
 def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,

@@ -260,6 +260,8 @@ class Recipe:
             num_warmup_steps=p.lr_warmup_steps * self.world,
             num_training_steps=self.plan.max_steps * self.world,
         )
+        if self.world > 1:
+            _frozen_not_broadcast(built.trained.values())
         *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
             *built.trained.values(), optimizer, lr_scheduler)
         self.models = dict(zip(built.trained, prepared, strict=True))  # as prepared (DDP)
@@ -570,6 +572,20 @@ def _load_checkpoint(accelerator, path: Path, ckpt_dir: Path) -> None:
             f"checkpoint {path} passed its checksums but could not be loaded "
             f"({type(exc).__name__}: {exc}); delete {ckpt_dir} to start this run afresh"
         ) from None
+
+
+def _frozen_not_broadcast(models) -> None:
+    """DDP sends every parameter from the main process to the others when it wraps a model;
+    the frozen base is already the same everywhere (the same file or seeded builtin, the
+    same quantization), and gloo cannot send float8 (model.quantize fp8: "Invalid scalar
+    type"). torch's own switch for that (a private DDP helper: accelerate's prepare builds
+    the DDP and takes no such argument) leaves the base out; the LoRA is still sent from the
+    main process and its gradients averaged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for model in models:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, q in model.named_parameters() if not q.requires_grad])
 
 
 def trace_batch(rank: int, step: int, micro: int, idx: torch.Tensor) -> None:
