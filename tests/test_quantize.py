@@ -226,3 +226,12 @@ def test_two_processes_train_on_a_float8_base(tmp_path, example_cache):
                              "model__quantize": "fp8"})
     out = train_stage(tmp_path, example_cache, tmp_path / "trace")
     assert "train: model.quantize fp8:" in out and len(losses(tmp_path)) == 6
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bitsandbytes_bases_train_under_bf16_mixed_precision(tmp_path, example_cache, mode):
+    """bitsandbytes' layers return their input's dtype; under autocast they return bf16 as a
+    Linear would, or the UNet's fp32 timestep path meets its bf16 norms."""
+    result = train_in(tmp_path, example_cache, model__quantize=mode, train__max_steps=4,
+                      train__mixed_precision="bf16", train__validation__every=2)
+    assert result.summary["fixed_loss_end"] < result.summary["fixed_loss_start"]

@@ -130,6 +130,7 @@ def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
         if bias is not None:
             layer.bias = torch.nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
         layer = layer.to(device)  # bitsandbytes quantizes as the weight moves to its device
+        layer.register_forward_hook(_as_autocast)
         layer.train(linear.training)
         setattr(parent, child, layer)
         del linear
@@ -148,6 +149,17 @@ def line(mode: str, n: int, component: str, compute_dtype: torch.dtype) -> list[
     kind = KINDS[mode].format(compute=str(compute_dtype).removeprefix("torch."))
     return [f"train: model.quantize {mode}: {n} layers of the {component} held in {kind}; "
             "the LoRA trains in fp32"]
+
+
+def _as_autocast(module, inputs, output):
+    """A bitsandbytes layer returns its input's dtype, where torch's Linear under autocast
+    returns the autocast dtype: an fp32 input (a UNet's or Flux's timestep embedding) then
+    made the hidden states fp32 beside bf16 norms ("mixed dtype (CPU)" in group_norm). Under
+    autocast the output is cast as a Linear's would be; without it, left as it is."""
+    device = output.device.type
+    if torch.is_autocast_enabled(device):
+        return output.to(torch.get_autocast_dtype(device))
+    return output
 
 
 def is_quantized(parameter: torch.Tensor) -> bool:
