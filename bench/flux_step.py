@@ -99,17 +99,8 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(max(steps, 0) + 1):  # the first is warm-up
-        begin = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(predict, objective, latents, gen)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+    times, loss = report.timed_steps(lambda: diffusion_loss(predict, objective, latents, gen), opt,
+                               steps, device, torch.bfloat16 if bf16 else None)
     # --steps 0: the first step is the measurement (on this CPU one real-width step takes
     # minutes; the warm-up's extra cost is small beside it), said in the result
     measured = times[1:] or times
@@ -117,7 +108,7 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
            "s_per_step": sum(measured) / len(measured), "first_step_only": not times[1:],
            "warmup_s": times[0], "build_s": build_s,
            "params_m": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 1),
-           "lora_params": sum(p.numel() for p in params), "loss": loss.item()}
+           "lora_params": sum(p.numel() for p in params), "loss": loss}
     out.update(report.peak_memory(rss_setup))
     return out
 

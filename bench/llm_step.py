@@ -72,19 +72,12 @@ def step(setting: str, targets: str, steps: int, tokens: int, batch: int) -> dic
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps + 1):  # the first is warm-up
-        begin = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+    def loss_of():
+        logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                  ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+
+    times, _ = report.timed_steps(loss_of, opt, steps, device, torch.bfloat16 if bf16 else None)
     out = {"setting": setting, "targets": targets, "device": device, "tokens": batch * tokens,
            "s_per_step": sum(times[1:]) / steps, "warmup_s": times[0], "build_s": build_s,
            "model_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),

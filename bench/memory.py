@@ -237,23 +237,14 @@ def step(name: str, mode: str, ckpt: bool, steps: int, compute_name: str) -> dic
         torch.cuda.reset_peak_memory_stats()
     else:  # the high-water mark from here on is the training's (Linux 4.0+)
         Path("/proc/self/clear_refs").write_text("5")
-    times = []
-    for _ in range(max(steps, 0) + 1):  # the first is warm-up
-        begin = time.perf_counter()
-        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
-            loss = loss_of()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+    times, loss = report.timed_steps(loss_of, opt, steps, device,
+                               None if compute == torch.float32 else compute)
     measured = times[1:] or times  # --steps 0: the first step is the measurement
     out = {"model": name, "quantize": mode, "ckpt": ckpt, "device": device,
            "compute": compute_name,
            "s_per_step": sum(measured) / len(measured), "first_step_only": not times[1:],
            "build_s": build_s, "quantized_gib": stored / 2**30, "rest_gib": other / 2**30,
-           "lora_params": sum(p.numel() for p in params), "loss": loss.item()}
+           "lora_params": sum(p.numel() for p in params), "loss": loss}
     if cuda:
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["device_name"] = torch.cuda.get_device_name()

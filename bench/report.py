@@ -66,3 +66,26 @@ def limit_address_space(gib: float) -> None:
     if not torch.cuda.is_available():
         limit = int(gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def timed_steps(loss_of, optimizer, steps: int, device: str,
+                dtype=None) -> tuple[list[float], float]:
+    """One warm-up step and `steps` more (0: the warm-up alone) of loss_of() -> backward ->
+    optimizer step, under autocast to `dtype` where given: each step's seconds (CUDA:
+    synchronized) and the last loss."""
+    import time
+
+    import torch
+
+    times = []
+    for _ in range(max(steps, 0) + 1):
+        begin = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    return times, loss.item()

@@ -74,18 +74,10 @@ def step(setting: str, steps: int) -> dict:
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps + 1):  # the first is warm-up
-        begin = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(lambda x, t: unet(x, t, **inputs).sample, DDPM(sched),
-                                  latents, gen)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+    times, _ = report.timed_steps(
+        lambda: diffusion_loss(lambda x, t: unet(x, t, **inputs).sample, DDPM(sched), latents,
+                               gen),
+        opt, steps, device, torch.bfloat16 if bf16 else None)
     out = {"setting": setting, "device": device, "s_per_step": sum(times[1:]) / steps,
            "warmup_s": times[0], "build_s": build_s,
            "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),

@@ -24,8 +24,6 @@ import torch
 from lorapipe.core.params import QUANTIZE_MODES as MODES  # noqa: F401 (the one list)
 
 BITSANDBYTES = ("int8", "nf4")
-# what each mode stores a quantized weight in, for messages and the bench
-BITS = {"none": None, "int8": 8, "fp8": 8, "nf4": 4}
 FP8 = torch.float8_e4m3fn
 # the modules peft adds (lora_A, lora_B, DoRA's lora_magnitude_vector; LoHa's and LoKr's
 # factors are parameters of peft's own layer types, which fp8 never touches): left in fp32
@@ -35,23 +33,13 @@ LORA_LAYERS = (r"\.lora_",)
 INT8_THRESHOLD = 6.0
 
 
-def quantize(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
-             skip: tuple[str, ...] = ()) -> int:
-    """Quantizes `model`'s frozen layers in place, on the device they are on; returns how
-    many layers now hold quantized weights. `skip`: regular expressions of module names
-    left as they are (an LLM's lm_head and embeddings, a denoiser's norms)."""
-    if mode == "none":
-        return 0
-    if mode == "fp8":
-        return _fp8(model, compute_dtype, skip)
-    return _bitsandbytes(model, mode, compute_dtype, skip)
-
-
 def before_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
                    skip: tuple[str, ...] = ()) -> int:
     """bitsandbytes' modes, before the adapter is attached or loaded: peft then puts its
-    own bitsandbytes layers on the quantized ones. Returns the layers quantized."""
-    return quantize(model, mode, compute_dtype, skip) if mode in BITSANDBYTES else 0
+    own bitsandbytes layers on the quantized ones. Quantizes in place, on the device the
+    layers are on; `skip`: regular expressions of module names left as they are (an LLM's
+    lm_head and embeddings). Returns the layers quantized."""
+    return _bitsandbytes(model, mode, compute_dtype, skip) if mode in BITSANDBYTES else 0
 
 
 def after_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
@@ -59,7 +47,7 @@ def after_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
     """fp8, once the adapter is on: its own layers (lora_*) are skipped and keep fp32 (cast
     before it, peft would store the new LoRA in the base layer's float8). Returns the layers
     quantized."""
-    return quantize(model, mode, compute_dtype, skip + LORA_LAYERS) if mode == "fp8" else 0
+    return _fp8(model, compute_dtype, skip + LORA_LAYERS) if mode == "fp8" else 0
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -108,11 +96,13 @@ def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
                   skip: tuple[str, ...]) -> int:
     import bitsandbytes as bnb
 
-    swaps = [(name, m) for name, m in model.named_modules()
+    # names only: each full-precision Linear is freed as soon as its replacement is in
+    names = [name for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and not _skipped(name, skip)]
-    for name, linear in swaps:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
         weight, bias, device = linear.weight.data, linear.bias, linear.weight.device
         if mode == "nf4":  # QLoRA's settings: NF4 with double quantization
             layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
@@ -133,8 +123,8 @@ def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
         layer.register_forward_hook(_as_autocast)
         layer.train(linear.training)
         setattr(parent, child, layer)
-        del linear
-    return len(swaps)
+        del linear, weight, bias
+    return len(names)
 
 
 KINDS = {"int8": "8-bit integers (bitsandbytes LLM.int8())",
@@ -163,7 +153,7 @@ def _as_autocast(module, inputs, output):
 
 
 def is_quantized(parameter: torch.Tensor) -> bool:
-    """A weight quantize() stored in fewer bits (not a float the optimizer could train)."""
+    """A weight stored in fewer bits by this module (not a float the optimizer could train)."""
     return not parameter.dtype.is_floating_point or parameter.dtype == FP8
 
 
