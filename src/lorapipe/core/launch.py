@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lorapipe.core import threads
+from lorapipe.core.errors import LorapipeError
 
 
 def train(params, args, argv: list[str] | None, recipe_class) -> int:
@@ -48,6 +49,7 @@ def relaunch(p, argv: list[str] | None) -> int:
            "--num_processes", str(p.num_processes), "--mixed_precision", p.mixed_precision,
            "--dynamo_backend", "no"]
     if p.accelerate_config:
+        refuse_accelerate_fsdp(Path(p.accelerate_config))
         cmd += ["--config_file", p.accelerate_config]
     else:
         cmd += ["--num_machines", "1"] + (["--multi_gpu"] if p.num_processes > 1 else [])
@@ -57,3 +59,21 @@ def relaunch(p, argv: list[str] | None) -> int:
     cmd += ["-m", "stages.train", *(sys.argv[1:] if argv is None else argv)]
     print(f"train: launching {p.num_processes} processes: {' '.join(cmd[1:])}", flush=True)
     return subprocess.run(cmd, env=env).returncode
+
+
+def refuse_accelerate_fsdp(config: Path) -> None:
+    """An accelerate config that turns on accelerate's own FSDP: refused before the launch
+    (on CPU processes accelerate would quietly run plain data parallel instead, and on GPUs
+    its FSDP saves whole models); train.fsdp is lorapipe's sharding (core/sharding.py)."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        settings = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YAMLError):
+        return  # accelerate's launcher reports a file it cannot read, in its own words
+    if isinstance(settings, dict) and (settings.get("distributed_type") == "FSDP"
+                                       or settings.get("use_fsdp")):
+        raise LorapipeError(
+            f"train.accelerate_config {config} turns on accelerate's FSDP (distributed_type: "
+            "FSDP); set train.fsdp: true instead (lorapipe shards the frozen base itself and "
+            "saves the LoRA alone) and give the config another distributed_type (MULTI_GPU)")

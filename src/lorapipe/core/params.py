@@ -219,6 +219,8 @@ class TrainParams:
     num_processes: int = key("data-parallel processes (accelerate launch); 1 = plain", minimum=1)
     accelerate_config: str = key("accelerate config file (multi-node); \"\" = none",
                                  path="any", optional=True)
+    fsdp: bool = key("shard the frozen base across the processes (FSDP2); the LoRA stays "
+                     "whole on each")
     devices: list[int] = key("GPU indices this run may use; [] = all", allow_empty=True)
     gradient_checkpointing: bool = key("recompute activations to save memory")
     cpu_threads: int = key("torch CPU threads of a CPU run; 0 = the cores shared among the "
@@ -375,7 +377,8 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
             and v["train.early_stop.patience"] and not v["train.validation.split"]:
         problems.append("train.early_stop.patience needs a validation set; set "
                         "train.validation.split above 0 or patience to 0")
-    problems += _method_checks(v) + _optimizer_checks(v) + _quantize_checks(v)
+    problems += _method_checks(v) + _optimizer_checks(v) + _quantize_checks(v) \
+        + _fsdp_checks(v)
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")
@@ -437,6 +440,24 @@ def _quantize_checks(v: dict[str, object]) -> list[str]:
         problems.append(f"lora.init_weights {init} rewrites the base's weights from their SVD/QR, "
                         f"which a model.quantize {mode} base does not hold in full; set "
                         "lora.init_weights to default or model.quantize to none")
+    return problems
+
+
+def _fsdp_checks(v: dict[str, object]) -> list[str]:
+    """train.fsdp against what it cannot shard: bitsandbytes' packed weights and the fp8
+    parametrization are not tensors FSDP2 can cut into shards (a quantized base is the
+    other way to fit a big base: pick one), and one process has nothing to shard across."""
+    if not v.get("train.fsdp"):
+        return []
+    problems = []
+    if v.get("train.num_processes") == 1 and not v.get("train.accelerate_config"):
+        problems.append("train.fsdp shards the base across processes, and train.num_processes "
+                        "is 1; set train.num_processes to the GPUs to shard over (2 or more)")
+    mode = v.get("model.quantize")
+    if mode not in (None, "none"):
+        problems.append(f"train.fsdp cannot shard a model.quantize {mode} base (packed or "
+                        "parametrized weights); shard a full-precision base (model.quantize "
+                        "none) or quantize it on each process (train.fsdp false)")
     return problems
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
@@ -37,6 +38,7 @@ from lorapipe.core import (
     health,
     optimizers,
     outputs,
+    sharding,
     summary,
     threads,
 )
@@ -178,6 +180,13 @@ class Recipe:
         """Load the cache (onto the task's own attributes); say what the loop needs of it."""
         raise NotImplementedError
 
+    @property
+    def build_device(self) -> torch.device:
+        """Where build_models puts the base: the CPU when it is to be sharded (each block
+        goes to the device as its share is cut), else the training device."""
+        return torch.device("cpu") if self.p.fsdp and self.accelerator.num_processes > 1 \
+            else self.accelerator.device
+
     def build_models(self) -> Models:
         """The base with its LoRA, and the optimizer's groups."""
         raise NotImplementedError
@@ -237,8 +246,15 @@ class Recipe:
             raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
         acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
                                              gradient_accumulation_steps=p.grad_accum)
+        if acc.distributed_type == DistributedType.FSDP:
+            raise LorapipeError(
+                "train.accelerate_config turns on accelerate's FSDP, which saves whole models "
+                "and does not run on CPUs; set train.fsdp: true instead (lorapipe shards the "
+                "frozen base itself) and take the FSDP settings out of the config")
         self.main = acc.is_main_process
         self.world, self.rank = acc.num_processes, acc.process_index
+        # train.fsdp: the frozen base in shards; every forward is then collective
+        self.sharded = p.fsdp and self.world > 1
         self.threads = None  # a GPU run leaves torch's CPU threads as they are
         if acc.device.type == "cpu":
             self.threads, self.threads_why = threads.share(p.cpu_threads)
@@ -260,11 +276,18 @@ class Recipe:
             num_warmup_steps=p.lr_warmup_steps * self.world,
             num_training_steps=self.plan.max_steps * self.world,
         )
-        if self.world > 1:
-            _frozen_not_broadcast(built.trained.values())
-        *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
-            *built.trained.values(), optimizer, lr_scheduler)
-        self.models = dict(zip(built.trained, prepared, strict=True))  # as prepared (DDP)
+        if self.sharded:  # not DDP: the LoRA whole on each process, gradients averaged here
+            self.shard_units = sharding.shard(built.trained, self.trainable, acc.device,
+                                              self.world)
+            sharding.broadcast(self.trainable)
+            self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+            self.models = built.trained
+        else:
+            if self.world > 1:
+                _frozen_not_broadcast(built.trained.values())
+            *prepared, self.optimizer, self.lr_scheduler = acc.prepare(
+                *built.trained.values(), optimizer, lr_scheduler)
+            self.models = dict(zip(built.trained, prepared, strict=True))  # as prepared (DDP)
         self.train_pos = torch.tensor(self.train_idx)
         self.evaluate = self.after_prepare()
         _register_lora_hooks(acc, self.unwrapped)
@@ -339,6 +362,8 @@ class Recipe:
             + f"); optimizer {optimizers.describe(p)}; TensorBoard run {self.state['run_name']}"
             + (f"; {self.threads} CPU thread{'s' if self.threads > 1 else ''} per process "
                f"({self.threads_why})" if self.threads else "")
+            + (f"; frozen base sharded over {self.world} processes (train.fsdp: FSDP2, "
+               f"{self.shard_units} units)" if self.sharded else "")
         )
 
     # -- the loop -------------------------------------------------------------------------
@@ -359,7 +384,7 @@ class Recipe:
                         acc.set_trigger()  # every process stops at this step
                     if p.early_stop.patience and acc.check_trigger():
                         return step
-                    if self.main and p.sample_every and step % p.sample_every == 0:
+                    if p.sample_every and step % p.sample_every == 0:
                         self._log_samples(step)
                 # micro-steps: forward, backward; accelerate syncs and steps on the last one
                 losses = [self.optimizer_micro_step(micro, step, lr)
@@ -389,6 +414,8 @@ class Recipe:
                 raise self._diverged(step, lr, "the loss")
             acc.backward(loss)
             if acc.sync_gradients:
+                if self.sharded:
+                    sharding.average_gradients(self.trainable, self.world)
                 norm = acc.clip_grad_norm_(self.trainable, self.p.max_grad_norm or math.inf)
                 if not torch.isfinite(norm):
                     raise self._diverged(step, lr, "the gradient")
@@ -400,6 +427,8 @@ class Recipe:
     def _evaluate(self, step: int) -> bool:
         """The fixed-noise losses before this step's update; True to stop early."""
         if not self.main:
+            if self.sharded:  # its forwards are collective: every process takes part
+                self._measure(step)
             return False
         metrics = self._measure(step)
         return bool(self.val_idx) and self.stopper.update(step, metrics[VALIDATION],
@@ -418,12 +447,19 @@ class Recipe:
         metrics = {**ev.metrics, **gains(ev.metrics, self.reference.metrics)}
         if VALIDATION in metrics:  # the stopper holds the best before this evaluation
             metrics[VALIDATION_BEST] = min(metrics[VALIDATION], self.stopper.best)
+        if not self.main:  # (a sharded run's other processes: their part of the forwards)
+            return metrics
         self.tracker.log(step, metrics)
         self.example_history.append((step, ev.examples))
         return metrics
 
     def _log_samples(self, step: int) -> None:
+        """The main process's samples; a sharded run's others take part in the forwards."""
+        if not (self.main or self.sharded):
+            return
         sample = self.samples(step)
+        if not self.main:
+            return
         if isinstance(sample, str):
             self.tracker.log_text(step, sample)
         else:
@@ -476,6 +512,11 @@ class Recipe:
         optimizers.to_eval(self.optimizer)  # schedule-free: evaluate and save its average
         unwrapped = self.unwrapped()
         if not self.main:
+            if self.sharded:  # the main process's last evaluation and samples: collective
+                if end_step == plan.max_steps:
+                    self._measure(end_step)
+                if p.sample_every:
+                    self._log_samples(end_step)
             return TrainResult({}, {}, unwrapped)
         tracker, stopper = self.tracker, self.stopper
         steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)

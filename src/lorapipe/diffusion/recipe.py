@@ -61,7 +61,8 @@ class DiffusionRecipe(Recipe):
         self.latents = cache.latents.to(acc.device)
         self.cond = {k: v.to(acc.device) for k, v in cache.cond.items()}
         self.tokens = {k: v.to(acc.device) for k, v in cache.tokens.items()}
-        # evaluations run on the main process only, so on the bare modules (no collectives)
+        # evaluations on the bare modules: no DDP collectives (they run on the main process
+        # only, or on every process of a sharded run, whose shards gather themselves)
         denoiser = self.unwrapped()[self.family.denoiser]
         return Evaluator(
             denoiser, self.objective, self.latents,
@@ -111,7 +112,7 @@ class DiffusionRecipe(Recipe):
         denoiser = models[family.denoiser]
         mode = self.params.model.quantize
         compute = compute_dtype(self.accelerator.mixed_precision)
-        self.n_quantized = quantize.before_adapter(denoiser.to(self.accelerator.device), mode,
+        self.n_quantized = quantize.before_adapter(denoiser.to(self.build_device), mode,
                                                    compute)
         torch.manual_seed(p.seed)  # the LoRA's Gaussian init
         self.configs = lora.configs_for(lp, family, models)

@@ -71,7 +71,7 @@ class LlmRecipe(Recipe):
             self.base_answers = base_only(model, self.tokenizer, p.sample_prompts, self.settings)
         mode = self.params.model.quantize
         compute = compute_dtype(self.accelerator.mixed_precision)
-        self.n_quantized = quantize.before_adapter(model.to(self.accelerator.device), mode,
+        self.n_quantized = quantize.before_adapter(model.to(self.build_device), mode,
                                                    compute, KEEP)
         if self.n_quantized:  # QLoRA's preparation: the rest of the base frozen in fp32
             model = prepare_model_for_kbit_training(
