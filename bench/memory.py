@@ -10,7 +10,7 @@ order (bitsandbytes before the LoRA, fp8 after it; the LLM through peft's
 prepare_model_for_kbit_training, as the train stage does), puts a rank-16 LoRA on the
 attention projections (fp32, AdamW), and trains with the base computing in --compute: bf16
 (autocast) on CUDA, fp32 on a CPU, where the "bf16" row stores the base in bf16 and computes
-it in fp32 (diffusers' layerwise casting) as the reference the quantized rows compare with:
+it in fp32 (fp8's parametrization with bf16 storage) as the reference the quantized rows compare with:
 
 - sd15: SD 1.5's UNet, 64x64 latents (512 px), batch 1;
 - sdxl: SDXL 1.0's UNet, 128x128 latents (1024 px), batch 1;
@@ -52,7 +52,7 @@ import report  # noqa: E402
 
 MODELS = ("sd15", "sdxl", "flux", "qwen0.5b", "llm8b")
 # model.quantize's settings, and "bf16": the base stored in bf16 and computed in --compute
-# (diffusers' layerwise casting), the reference the quantized rows are set against where
+# (fp8's parametrization with bf16 storage), the reference the quantized rows are set against where
 # the compute is fp32
 MODES = ("none", "bf16", "int8", "fp8", "nf4")
 IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -147,13 +147,12 @@ def _per_block_gib(block: torch.nn.Module, saved_input_bytes: int, ckpt: bool) -
 
 
 def _store_bf16(model: torch.nn.Module, compute: torch.dtype, skip: tuple[str, ...]) -> None:
-    """The "bf16" row: every Linear and convolution stored in bf16, computed in `compute`."""
-    from diffusers.hooks import apply_layerwise_casting
+    """The "bf16" row: every Linear and convolution stored in bf16, computed in `compute`,
+    with fp8's parametrization (diffusers' in-place layerwise casting fails gradient
+    checkpointing's recomputation, as it did for fp8)."""
+    from lorapipe.core.quantize import LORA_LAYERS, stored_as
 
-    from lorapipe.core.quantize import LORA_LAYERS
-
-    apply_layerwise_casting(model, storage_dtype=torch.bfloat16, compute_dtype=compute,
-                            skip_modules_pattern=skip + LORA_LAYERS + ("norm",))
+    stored_as(model, torch.bfloat16, compute, skip + LORA_LAYERS)
 
 
 def step(name: str, mode: str, ckpt: bool, steps: int, compute_name: str) -> dict:

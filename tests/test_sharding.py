@@ -6,7 +6,9 @@ run is refused before anything starts."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -55,6 +57,39 @@ def test_a_sharded_image_base_trains_as_one_process_does(tmp_path, example_cache
     assert sorted(p.name for p in (sharded / "dvclive/plots/images").rglob("*.png")) == \
         sorted(p.name for p in (single / "dvclive/plots/images").rglob("*.png"))
     assert (sharded / "logs/train.log").read_text().count("step 8/8") == 1
+
+
+SHARDED_SDXL_TEXT = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from lorapipe.core import sharding
+from lorapipe.diffusion.families import by_name
+pipe = by_name("sdxl").build_builtin()
+ids = torch.arange(77)[None] % 50
+for name in ("text_encoder", "text_encoder_2"):
+    encoder = getattr(pipe, name).eval()
+    with torch.no_grad():
+        plain = encoder(ids, output_hidden_states=True).hidden_states[-2]
+        sharding.shard({name: encoder}, [], torch.device("cpu"), 1)
+        states = encoder(ids, output_hidden_states=True).hidden_states
+    assert states is not None, name
+    torch.testing.assert_close(states[-2], plain, rtol=0, atol=0)
+    print(name, type(encoder).__name__)
+"""
+
+
+def test_sharded_text_encoders_still_return_their_hidden_states():
+    """SDXL conditions on CLIP's penultimate layer (output_hidden_states): transformers
+    finds what a model records by its class's name, which sharding changes."""
+    with socket.socket() as s:  # a free port for the one-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-c", SHARDED_SDXL_TEXT], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PORT": str(port),
+                                                         "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, result.stderr
+    assert "text_encoder FSDPCLIPTextModel" in result.stdout, result.stdout
 
 
 def test_a_sharded_llm_trains_as_one_process_does(tmp_path, llm_cache):

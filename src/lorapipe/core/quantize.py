@@ -47,7 +47,7 @@ def after_adapter(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
     """fp8, once the adapter is on: its own layers (lora_*) are skipped and keep fp32 (cast
     before it, peft would store the new LoRA in the base layer's float8). Returns the layers
     quantized."""
-    return _fp8(model, compute_dtype, skip + LORA_LAYERS) if mode == "fp8" else 0
+    return stored_as(model, FP8, compute_dtype, skip + LORA_LAYERS) if mode == "fp8" else 0
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -55,13 +55,14 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
 
 
 class _Upcast(torch.nn.Module):
-    """The weight kept in float8, read in the compute dtype on every use (a parametrization:
-    nothing is cast in place, so gradient checkpointing's recomputation reads what the
-    forward read, and autograd saves the float8 original, not an fp32 copy, between steps)."""
+    """The weight kept in float8 (or `storage`), read in the compute dtype on every use (a
+    parametrization: nothing is cast in place, so gradient checkpointing's recomputation
+    reads what the forward read, and autograd saves the float8 original, not an fp32 copy,
+    between steps)."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, storage: torch.dtype = FP8):
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.storage = dtype, storage
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
         return stored.to(self.dtype)
@@ -69,10 +70,13 @@ class _Upcast(torch.nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
         # a one-tensor tuple: torch refuses a dtype change for a single tensor, not for a
         # sequence (stored as parametrizations.weight.original0)
-        return (weight.to(FP8),)
+        return (weight.to(self.storage),)
 
 
-def _fp8(model: torch.nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> int:
+def stored_as(model: torch.nn.Module, storage: torch.dtype, compute_dtype: torch.dtype,
+              skip: tuple[str, ...]) -> int:
+    """Every Linear and convolution weight held in `storage` (fp8: float8 e4m3; the memory
+    bench's reference row: bf16) and read in `compute_dtype`; returns the layers."""
     # kohya's --fp8_base, written with torch's parametrizations rather than diffusers'
     # layerwise casting: that one casts the module's weights in place before and after each
     # forward, which gradient checkpointing's recomputation rejects (it found float8 where
@@ -87,7 +91,7 @@ def _fp8(model: torch.nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ..
               if type(m) in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
               and not _skipped(name, patterns)]
     for _, layer in layers:
-        parametrize.register_parametrization(layer, "weight", _Upcast(compute_dtype))
+        parametrize.register_parametrization(layer, "weight", _Upcast(compute_dtype, storage))
         layer.parametrizations.weight.original0.requires_grad_(False)
     return len(layers)
 

@@ -63,7 +63,23 @@ def shard(models: dict[str, torch.nn.Module], trainable: list[torch.nn.Parameter
         fully_shard(root, mesh=mesh, ignored_params=keep, reshard_after_forward=True)
         units += 1
         model.to(device)  # the ignored LoRA (the sharded parts are there already)
+        _keep_output_capture(model)
     return units
+
+
+def _keep_output_capture(model: torch.nn.Module) -> None:
+    """fully_shard gives each unit a subclass of its own (FSDPCLIPTextModel), and
+    transformers looks up what a model records (`output_hidden_states`: SDXL's penultimate
+    CLIP layer) by the class's name, so a sharded CLIP would return no hidden states; the
+    sharded classes are registered as their originals were."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry finds them by itself
+        return
+    for module in model.modules():
+        record = getattr(module, "_can_record_outputs", None)
+        if record and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = record
 
 
 def broadcast(params: list[torch.nn.Parameter]) -> None:
