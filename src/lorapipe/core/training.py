@@ -346,6 +346,9 @@ class Recipe:
                 self.tracker.text(line)
         if not self.val_idx:
             print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
+        if p.fsdp and not self.sharded:  # (the params check refuses it without a config)
+            print("train: warning: train.fsdp: this run has one process (train.accelerate_config "
+                  "says so), so the base is not sharded")
 
     def _header(self) -> str:
         p, lp, plan = self.p, self.lp, self.plan
