@@ -10,7 +10,8 @@ order (bitsandbytes before the LoRA, fp8 after it; the LLM through peft's
 prepare_model_for_kbit_training, as the train stage does), puts a rank-16 LoRA on the
 attention projections (fp32, AdamW), and trains with the base computing in --compute: bf16
 (autocast) on CUDA, fp32 on a CPU, where the "bf16" row stores the base in bf16 and computes
-it in fp32 (fp8's parametrization with bf16 storage) as the reference the quantized rows compare with:
+it in fp32 (fp8's parametrization with bf16 storage) as the reference the quantized rows
+compare with:
 
 - sd15: SD 1.5's UNet, 64x64 latents (512 px), batch 1;
 - sdxl: SDXL 1.0's UNet, 128x128 latents (1024 px), batch 1;

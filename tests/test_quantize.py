@@ -235,3 +235,23 @@ def test_bitsandbytes_bases_train_under_bf16_mixed_precision(tmp_path, example_c
     result = train_in(tmp_path, example_cache, model__quantize=mode, train__max_steps=4,
                       train__mixed_precision="bf16", train__validation__every=2)
     assert result.summary["fixed_loss_end"] < result.summary["fixed_loss_start"]
+
+
+def test_fp8_holds_the_real_flux_transformer_nearly_whole_in_float8():
+    """FLUX.1-dev's transformer (its config, on the meta device): every Linear in float8 but
+    the embedders diffusers keeps as they are, the adaptive norms' modulation Linears (a
+    third of the model, under the "norm" skip pattern) included; the norms themselves
+    untouched."""
+    from test_flux import _meta_transformer
+
+    from lorapipe.diffusion.families.flux import FLUX_1_DEV_TRANSFORMER
+
+    model = _meta_transformer(FLUX_1_DEV_TRANSFORMER)
+    quantize.after_adapter(model, "fp8", torch.float32)
+    stored = {name: q for name, q in model.named_parameters()}
+    in_fp8 = sum(q.numel() for q in stored.values() if q.dtype == quantize.FP8)
+    assert in_fp8 / sum(q.numel() for q in stored.values()) > 0.99
+    block = model.transformer_blocks[0]
+    assert block.norm1.linear.parametrizations.weight.original0.dtype == quantize.FP8
+    assert model.single_transformer_blocks[0].norm.linear.parametrizations.weight.original0 \
+        .dtype == quantize.FP8

@@ -81,15 +81,22 @@ def stored_as(model: torch.nn.Module, storage: torch.dtype, compute_dtype: torch
     # layerwise casting: that one casts the module's weights in place before and after each
     # forward, which gradient checkpointing's recomputation rejects (it found float8 where
     # the forward had saved fp32: tested) and which keeps an upcast copy per layer for the
-    # backward. The skip patterns are diffusers' (the model's own, else its defaults).
+    # backward. The skip patterns are diffusers' (the model's own, else its defaults), but
+    # for the modulation Linear of an adaptive norm (AdaLayerNormZero's `norm1.linear`):
+    # "norm" is there for the norms' own weights, and in Flux those Linears are a third of
+    # the transformer (3072 x 18432 in every double block), held as every other Linear is.
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
     from torch.nn.utils import parametrize
 
     patterns = tuple(skip) + tuple(getattr(model, "_skip_layerwise_casting_patterns", None)
                                    or DEFAULT_SKIP_MODULES_PATTERN)
+    modulations = {f"{name}.{child}" for name, m in model.named_modules()
+                   if type(m).__name__.startswith("AdaLayerNorm")
+                   for child, sub in m.named_children() if type(sub) is torch.nn.Linear}
     layers = [(name, m) for name, m in model.named_modules()
               if type(m) in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-              and not _skipped(name, patterns)]
+              and (not _skipped(name, patterns)
+                   or name in modulations and not _skipped(name, tuple(skip)))]
     for _, layer in layers:
         parametrize.register_parametrization(layer, "weight", _Upcast(compute_dtype, storage))
         layer.parametrizations.weight.original0.requires_grad_(False)
