@@ -122,6 +122,11 @@ def _bitsandbytes(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype,
                                       device="meta")
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False,
                                              compress_statistics=True, quant_type="nf4")
+            # not bitsandbytes' AVX512-BF16 CPU path: it repacks the weight in place the first
+            # time the layer runs in eval mode without grad (every evaluation here, between
+            # training steps that need the other layout), and fails on widths below its
+            # 64-wide blocks (the tiny builtins': "shape '[128, 0]' is invalid")
+            layer.support_avx512bf16_for_cpu = False
         else:
             layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features,
                                         bias=bias is not None, has_fp16_weights=False,
