@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import TEXT, losses, train_stage
+from test_distributed import TEXT, losses
 
 from conftest import REPO, SAME_DATA_DIR, make_params, run_dirs
 from lorapipe.core.params import ParamsError
@@ -29,16 +29,19 @@ def validation(root) -> dict:
     return {k: v for k, v in metrics["loss"].items() if k in ("validation", "train")}
 
 
-def test_a_sharded_image_base_trains_as_one_process_does(tmp_path, example_cache):
-    """The UNet and the text encoder (it has a LoRA) sharded; evaluations and sample images
-    are collective forwards, run on both processes, logged once."""
-    sharded, single = run_dirs(tmp_path, "sharded", "single")
-    common = {"train__max_steps": 8, "train__sample_every": 8, "train__checkpoint_every": 0,
+def test_a_sharded_image_base_trains_as_one_process_does_and_resumes(tmp_path, example_cache):
+    """The UNet and the text encoder (it has a LoRA, on changed captions) sharded;
+    evaluations and sample images are collective forwards, run on both processes, logged
+    once; a SIGKILLed sharded run resumes to the bytes of the uninterrupted one."""
+    from test_resume import FILES, kill_after_checkpoint, run_to_end, setup
+
+    common = {"train__max_steps": 12, "train__sample_every": 12, "train__checkpoint_every": 8,
               "train__validation__every": 4, **TEXT}
-    make_params(sharded, **common, **SHARDED)
-    make_params(single, **common, train__num_processes=1, train__batch_size=4)
-    out = train_stage(sharded, example_cache, tmp_path / "trace_sharded")
-    train_stage(single, example_cache, tmp_path / "trace_single")
+    sharded = setup(tmp_path / "sharded", **common, **SHARDED)
+    single = setup(tmp_path / "single", **common, train__num_processes=1,
+                   train__batch_size=4)
+    out = run_to_end(sharded, example_cache)
+    run_to_end(single, example_cache)
     units = HEADER.search(out)
     # every UNet block and CLIP layer a unit of its own, and the two roots
     assert units and int(units.group(1)) > 2, out
@@ -53,10 +56,18 @@ def test_a_sharded_image_base_trains_as_one_process_does(tmp_path, example_cache
     fixed_a, fixed_b = validation(sharded), validation(single)
     assert fixed_a.keys() == fixed_b.keys() and fixed_a
     assert all(fixed_a[k] == pytest.approx(fixed_b[k], abs=1e-5) for k in fixed_a)
-    # sample images logged once, at steps 0 and 8
-    assert sorted(p.name for p in (sharded / "dvclive/plots/images").rglob("*.png")) == \
+    # sample images logged once, at steps 0 and 12
+    images = sorted(p.name for p in (sharded / "dvclive/plots/images").rglob("*.png"))
+    assert len(images) == 2 and images == \
         sorted(p.name for p in (single / "dvclive/plots/images").rglob("*.png"))
-    assert (sharded / "logs/train.log").read_text().count("step 8/8") == 1
+    assert (sharded / "logs/train.log").read_text().count("step 12/12") == 1
+
+    killed = setup(tmp_path / "killed", **common, **SHARDED)
+    kill_after_checkpoint(killed, example_cache, step=8)
+    out = run_to_end(killed, example_cache)
+    assert "resumed from" in out and HEADER.search(out), out
+    for name in FILES:
+        assert (killed / name).read_bytes() == (sharded / name).read_bytes(), name
 
 
 SHARDED_SDXL_TEXT = """
@@ -113,21 +124,6 @@ def test_a_sharded_llm_trains_as_one_process_does(tmp_path, llm_cache):
     for name in ("step_000000.md", "step_000008.md"):
         assert (sharded / "dvclive/samples" / name).read_text() == \
             (single / "dvclive/samples" / name).read_text()
-
-
-def test_a_killed_sharded_run_resumes_to_the_same_bytes(tmp_path, example_cache):
-    from test_resume import FILES, kill_after_checkpoint, run_to_end, setup
-
-    short = {**SHARDED, "train__cpu_threads": 1, "train__max_steps": 16,
-             "train__checkpoint_every": 8, "train__validation__every": 8}
-    straight = setup(tmp_path / "straight", **short)
-    run_to_end(straight, example_cache)
-    killed = setup(tmp_path / "killed", **short)
-    kill_after_checkpoint(killed, example_cache, step=8)
-    out = run_to_end(killed, example_cache)
-    assert "resumed from" in out and HEADER.search(out), out
-    for name in FILES:
-        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("overrides, says", [
