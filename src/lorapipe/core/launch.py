@@ -11,6 +11,12 @@ from pathlib import Path
 from lorapipe.core import threads
 from lorapipe.core.errors import LorapipeError
 
+# an accelerate config with distributed_type FSDP: refused at the launch and at set-up
+ACCELERATE_FSDP = ("it turns on accelerate's FSDP (distributed_type: FSDP), which runs only "
+                   "on GPUs and saves whole models; set train.fsdp: true instead (lorapipe "
+                   "shards the frozen base itself and saves the LoRA alone) and give the "
+                   "config another distributed_type (MULTI_GPU)")
+
 
 def train(params, args, argv: list[str] | None, recipe_class) -> int:
     """Run the train stage; recipe_class() imports and returns the task's Recipe (called
@@ -73,7 +79,4 @@ def refuse_accelerate_fsdp(config: Path) -> None:
         return  # accelerate's launcher reports a file it cannot read, in its own words
     if isinstance(settings, dict) and (settings.get("distributed_type") == "FSDP"
                                        or settings.get("use_fsdp")):
-        raise LorapipeError(
-            f"train.accelerate_config {config} turns on accelerate's FSDP (distributed_type: "
-            "FSDP); set train.fsdp: true instead (lorapipe shards the frozen base itself and "
-            "saves the LoRA alone) and give the config another distributed_type (MULTI_GPU)")
+        raise LorapipeError(f"train.accelerate_config {config}: {ACCELERATE_FSDP}")

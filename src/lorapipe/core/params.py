@@ -450,7 +450,7 @@ def _fsdp_checks(v: dict[str, object]) -> list[str]:
     if not v.get("train.fsdp"):
         return []
     problems = []
-    if v.get("train.num_processes") == 1 and not v.get("train.accelerate_config"):
+    if v.get("train.num_processes") == 1:  # (the launch passes it over any config's)
         problems.append("train.fsdp shards the base across processes, and train.num_processes "
                         "is 1; set train.num_processes to the GPUs to shard over (2 or more)")
     mode = v.get("model.quantize")

@@ -55,10 +55,10 @@ def shard(models: dict[str, torch.nn.Module], trainable: list[torch.nn.Parameter
         for module in reversed(inner):
             fully_shard(module, mesh=mesh, ignored_params=keep)
             units += 1
-        # the root resharded after its forward too (FSDP2 keeps a root's weights gathered
-        # by default): a main-process-only state_dict() (checkpoint, best-step copy) reshards
-        # whatever is gathered, and the processes' next collectives would then differ
-        # the root unit on the model generate() calls (peft's wrapper has one of its own)
+        # the root unit: the model generate() calls (peft's wrapper has one of its own),
+        # resharded after its forward too (FSDP2 keeps a root's weights gathered by
+        # default, and a main-process-only state_dict(), the best-step copy, reshards
+        # them on that process alone: the processes' next collectives would differ)
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         fully_shard(root, mesh=mesh, ignored_params=keep, reshard_after_forward=True)
         units += 1

@@ -44,6 +44,7 @@ from lorapipe.core import (
 )
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import EarlyStop, Evaluation, gains, holdout
+from lorapipe.core.launch import ACCELERATE_FSDP
 from lorapipe.core.metrics import (
     EPOCH_AVERAGE,
     STEP_AVERAGE,
@@ -184,8 +185,7 @@ class Recipe:
     def build_device(self) -> torch.device:
         """Where build_models puts the base: the CPU when it is to be sharded (each block
         goes to the device as its share is cut), else the training device."""
-        return torch.device("cpu") if self.p.fsdp and self.accelerator.num_processes > 1 \
-            else self.accelerator.device
+        return torch.device("cpu") if self.sharded else self.accelerator.device
 
     def build_models(self) -> Models:
         """The base with its LoRA, and the optimizer's groups."""
@@ -246,11 +246,8 @@ class Recipe:
             raise LorapipeError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
         acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
                                              gradient_accumulation_steps=p.grad_accum)
-        if acc.distributed_type == DistributedType.FSDP:
-            raise LorapipeError(
-                "train.accelerate_config turns on accelerate's FSDP, which saves whole models "
-                "and does not run on CPUs; set train.fsdp: true instead (lorapipe shards the "
-                "frozen base itself) and take the FSDP settings out of the config")
+        if acc.distributed_type == DistributedType.FSDP:  # launched by hand with such a config
+            raise LorapipeError(f"train.accelerate_config: {ACCELERATE_FSDP}")
         self.main = acc.is_main_process
         self.world, self.rank = acc.num_processes, acc.process_index
         # train.fsdp: the frozen base in shards; every forward is then collective
@@ -346,9 +343,6 @@ class Recipe:
                 self.tracker.text(line)
         if not self.val_idx:
             print("train: warning: train.validation.split is 0, so overfitting cannot be seen")
-        if p.fsdp and not self.sharded:  # (the params check refuses it without a config)
-            print("train: warning: train.fsdp: this run has one process (train.accelerate_config "
-                  "says so), so the base is not sharded")
 
     def _header(self) -> str:
         p, lp, plan = self.p, self.lp, self.plan
@@ -429,13 +423,11 @@ class Recipe:
 
     def _evaluate(self, step: int) -> bool:
         """The fixed-noise losses before this step's update; True to stop early."""
-        if not self.main:
-            if self.sharded:  # its forwards are collective: every process takes part
-                self._measure(step)
+        if not (self.main or self.sharded):  # (sharded: every process takes part)
             return False
         metrics = self._measure(step)
-        return bool(self.val_idx) and self.stopper.update(step, metrics[VALIDATION],
-                                                          self.unwrapped())
+        return self.main and bool(self.val_idx) and self.stopper.update(
+            step, metrics[VALIDATION], self.unwrapped())
 
     def _measure(self, step: int) -> dict[str, float]:
         """One evaluation, logged with its gains over the base and the best validation so
@@ -514,22 +506,19 @@ class Recipe:
         acc.wait_for_everyone()
         optimizers.to_eval(self.optimizer)  # schedule-free: evaluate and save its average
         unwrapped = self.unwrapped()
+        stopped_early = end_step < plan.max_steps
+        # the last evaluation and samples (on every process of a sharded run: collective)
+        metrics = None
+        if (self.main or self.sharded) and not stopped_early:
+            metrics = self._measure(end_step)
+        if p.sample_every:
+            self._log_samples(end_step)
         if not self.main:
-            if self.sharded:  # the main process's last evaluation and samples: collective
-                if end_step == plan.max_steps:
-                    self._measure(end_step)
-                if p.sample_every:
-                    self._log_samples(end_step)
             return TrainResult({}, {}, unwrapped)
         tracker, stopper = self.tracker, self.stopper
         steps_per_s = self.timed_steps / max(time.perf_counter() - self.timed_from, 1e-9)
-        stopped_early = end_step < plan.max_steps
-        if not stopped_early:
-            metrics = self._measure(end_step)
-            if self.val_idx:
-                stopper.update(end_step, metrics[VALIDATION], unwrapped)
-        if p.sample_every:
-            self._log_samples(end_step)
+        if metrics and self.val_idx:
+            stopper.update(end_step, metrics[VALIDATION], unwrapped)
         saved_step = end_step
         if stopped_early:  # the LoRA to keep is the one from the best validation step
             adapters.load_adapter_state(unwrapped, stopper.best_state, "the best step's LoRA")
