@@ -11,12 +11,6 @@ from pathlib import Path
 from lorapipe.core import threads
 from lorapipe.core.errors import LorapipeError
 
-# an accelerate config with distributed_type FSDP: refused at the launch and at set-up
-ACCELERATE_FSDP = ("it turns on accelerate's FSDP (distributed_type: FSDP), which runs only "
-                   "on GPUs and saves whole models; set train.fsdp: true instead (lorapipe "
-                   "shards the frozen base itself and saves the LoRA alone) and give the "
-                   "config another distributed_type (MULTI_GPU)")
-
 
 def train(params, args, argv: list[str] | None, recipe_class) -> int:
     """Run the train stage; recipe_class() imports and returns the task's Recipe (called
@@ -72,6 +66,8 @@ def refuse_accelerate_fsdp(config: Path) -> None:
     (on CPU processes accelerate would quietly run plain data parallel instead, and on GPUs
     its FSDP saves whole models); train.fsdp is lorapipe's sharding (core/sharding.py)."""
     from ruamel.yaml import YAML, YAMLError
+
+    from lorapipe.core.sharding import ACCELERATE_FSDP
 
     try:
         settings = YAML(typ="safe").load(config.read_text(encoding="utf-8"))

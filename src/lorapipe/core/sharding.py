@@ -23,6 +23,13 @@ import torch.distributed as dist
 
 from lorapipe.core.errors import LorapipeError
 
+# said where a run asks for accelerate's own FSDP (by the launch, and at set-up for a run
+# launched by hand)
+ACCELERATE_FSDP = ("it turns on accelerate's FSDP (distributed_type: FSDP), which runs only "
+                   "on GPUs and saves whole models; set train.fsdp: true instead (lorapipe "
+                   "shards the frozen base itself and saves the LoRA alone) and give the "
+                   "config another distributed_type (MULTI_GPU)")
+
 
 def block_classes(model: torch.nn.Module) -> set[str]:
     """The class names the model says must not be split (transformers' and diffusers'

@@ -44,7 +44,6 @@ from lorapipe.core import (
 )
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import EarlyStop, Evaluation, gains, holdout
-from lorapipe.core.launch import ACCELERATE_FSDP
 from lorapipe.core.metrics import (
     EPOCH_AVERAGE,
     STEP_AVERAGE,
@@ -247,7 +246,7 @@ class Recipe:
         acc = self.accelerator = Accelerator(mixed_precision=p.mixed_precision,
                                              gradient_accumulation_steps=p.grad_accum)
         if acc.distributed_type == DistributedType.FSDP:  # launched by hand with such a config
-            raise LorapipeError(f"train.accelerate_config: {ACCELERATE_FSDP}")
+            raise LorapipeError(f"train.accelerate_config: {sharding.ACCELERATE_FSDP}")
         self.main = acc.is_main_process
         self.world, self.rank = acc.num_processes, acc.process_index
         # train.fsdp: the frozen base in shards; every forward is then collective
