@@ -17,6 +17,25 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # the warm servers the tests' stages start (lorapipe.core.warm) leave soon after the tests
 os.environ.setdefault("LORAPIPE_WARM_IDLE_S", "20")
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (the suite runs `-n 2`), each worker gets its own share of the
+    cores (its subprocesses inherit it) and its own run registry: runs in the other worker
+    then never change this one's automatic thread count, which would move the last bits of
+    the runs these tests compare byte for byte (lorapipe.core.threads)."""
+    import tempfile
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count:
+        return
+    cpus, index, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    if len(cpus) >= n:
+        os.sched_setaffinity(0, cpus[index::n])
+    os.environ["LORAPIPE_RUNS_DIR"] = tempfile.mkdtemp(prefix=f"lorapipe-runs-{worker}-")
+
+
+_pin_xdist_worker()
 # the WebUI file of a run with lora.name "" outside `dvc exp run`
 WEBUI_FILE = "lorapipe.safetensors"
 

@@ -87,9 +87,11 @@ def open_clip_state(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_single_file(pipe, path: Path) -> Path:
-    """The whole pipeline's weights in one .safetensors file, original layout."""
+def write_single_file(pipe, path: Path, marks: tuple[str, ...] = ()) -> Path:
+    """The whole pipeline's weights in one .safetensors file, original layout; marks: empty
+    marker tensors as v-prediction checkpoints carry them ("v_pred", "ztsnr")."""
     tensors = {**unet_state(pipe.unet), **vae_state(pipe.vae)}
+    tensors.update({mark: torch.tensor([]) for mark in marks})
     if hasattr(pipe, "text_encoder_2"):  # SDXL
         tensors.update(clip_state(pipe.text_encoder, "conditioner.embedders.0.transformer."))
         tensors.update(open_clip_state(pipe.text_encoder_2, "conditioner.embedders.1.model."))

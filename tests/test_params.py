@@ -217,3 +217,19 @@ def test_bucket_range_is_checked_only_with_buckets_on(tmp_path):
         resolution=512, buckets=True, min_side=40))
     assert "preprocess.min_side 40 <= preprocess.resolution 512 <= preprocess.max_side 128" \
         in msg and "preprocess.min_side 40 is not a multiple of preprocess.bucket_step 16" in msg
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["model"].update(prediction_type="epsilon", noise_schedule="zero_terminal_snr"),
+     "model.noise_schedule zero_terminal_snr needs v-prediction"),
+    (lambda p: p["model"].update(base="builtin:tiny-flux", prediction_type="v_prediction"),
+     "model.prediction_type is v_prediction but Flux.1 bases are trained by flow matching"),
+    (lambda p: (p.update(task_type="llm"), p["model"].update(base="builtin:tiny-llm",
+                                                             noise_schedule="zero_terminal_snr")),
+     "model.noise_schedule is for task_type sd"),
+    (lambda p: p["model"].update(prediction_type="v-pred"),
+     "model.prediction_type must be one of auto, epsilon, v_prediction, got 'v-pred'"),
+])
+def test_prediction_type_and_noise_schedule_are_refused_where_they_cannot_apply(
+        tmp_path, edit, expected):
+    assert expected in error_for(tmp_path, edit)

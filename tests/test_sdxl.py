@@ -6,6 +6,7 @@ single-file bases in the original layout for both families."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -233,3 +234,67 @@ def test_sdxl_sampling_seeds_schedulers_and_lora_scale(sdxl_trained):
     px = [np.asarray(generate(pipe, "a red circle, lpstyle", 7, s, lora=lora), dtype=np.int16)
           for s, lora in ((on, True), (on, False), (off, True))]
     assert np.abs(px[0] - px[1]).mean() > 1 and (px[1] == px[2]).all()
+
+
+def test_a_v_prediction_zero_snr_single_file_trains_as_such(tmp_path, example_processed,
+                                                          monkeypatch):
+    """NoobAI-XL v-pred's kind of file: an SGM-layout SDXL with the v_pred and ztsnr marker
+    tensors. model.prediction_type / noise_schedule auto read them: the training targets are
+    velocities on a schedule whose last step is pure noise, the run is healthy, the WebUI file
+    says v-parameterization and zero terminal SNR, and sampling starts at the last timestep
+    with rescaled guidance."""
+    from lorapipe.diffusion.families.unet import ZTSNR_GUIDANCE_RESCALE
+    from lorapipe.diffusion.models import load_base
+    from lorapipe.diffusion.sampling import SampleSettings, generate
+
+    pipe = build_tiny_sdxl()
+    pipe.save_pretrained(tmp_path / "sdxl-config")  # an epsilon config: the marks decide
+    write_single_file(pipe, tmp_path / "vpred.safetensors", marks=("v_pred", "ztsnr"))
+    base = load_base("vpred.safetensors", "sdxl-config", root=tmp_path)
+    config = base.pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr,
+            config.timestep_spacing) == ("v_prediction", True, "trailing")
+    # set explicitly, the keys override the marks
+    plain = load_base("vpred.safetensors", "sdxl-config", root=tmp_path,
+                      prediction_type="epsilon", noise_schedule="default").pipe.scheduler
+    assert (plain.config.prediction_type, plain.config.rescale_betas_zero_snr) == (
+        "epsilon", False)
+
+    objective = base.family.objective(base.pipe)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    last = torch.tensor([999, 999])
+    torch.testing.assert_close(objective.noisy(x0, eps, last), eps)  # zero SNR: pure noise
+    torch.testing.assert_close(objective.target(x0, eps, last), -x0)  # v at zero SNR
+
+    cache = encode_dataset(base.pipe, example_processed, batch_size=8)
+    save_cache(cache, tmp_path / "cache", str(tmp_path / "vpred.safetensors"))
+    files = {"model__base": str(tmp_path / "vpred.safetensors"),
+             "model__config": str(tmp_path / "sdxl-config")}
+    result = train_in(tmp_path, tmp_path / "cache", train__max_steps=60,
+                      train__learning_rate=5e-3, train__validation__every=20,
+                      health_report=tmp_path / "health.md", **files)
+    health = json.loads((tmp_path / "dvclive/metrics.json").read_text())["health"]
+    assert health["status"] == "healthy", health
+    assert result.summary["fixed_loss_end"] < result.summary["fixed_loss_start"]
+    with safe_open(str(tmp_path / "lora" / WEBUI_FILE), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"],
+            meta["modelspec.prediction_type"]) == ("True", "True", "v")
+
+    sampler = base.family.sampler("euler_a", base.pipe.scheduler)
+    sampler.set_timesteps(4)
+    assert sampler.timesteps[0] == 999  # trailing: the first step from pure noise
+    base.pipe.scheduler = sampler
+    base.pipe.set_progress_bar_config(disable=True)
+    base.pipe.load_lora_weights(str(tmp_path / "lora"))
+    s = SampleSettings(steps=3, guidance_scale=5.0, negative_prompt="", width=64, height=64,
+                       lora_scale=1.0)
+    image = np.asarray(generate(base.pipe, "a red circle, lpstyle", 3, s, lora=True))
+
+    def direct(rescale):
+        return np.asarray(base.pipe("a red circle, lpstyle", num_inference_steps=3, width=64,
+                                    height=64, guidance_scale=5.0, guidance_rescale=rescale,
+                                    generator=torch.Generator("cpu").manual_seed(3)).images[0])
+
+    assert (image == direct(ZTSNR_GUIDANCE_RESCALE)).all()
+    assert (image != direct(0.0)).any()

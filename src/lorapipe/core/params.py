@@ -35,6 +35,10 @@ BUILTIN_PREFIX = "builtin:"
 METHODS = ("lora", "dora", "loha", "lokr")  # lora.method
 INIT_WEIGHTS = ("default", "pissa", "olora")  # lora.init_weights
 QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")  # model.quantize (lorapipe.core.quantize)
+# model.prediction_type and model.noise_schedule (lorapipe.diffusion.families.unet): "auto"
+# takes what the base says (its scheduler config, or a single file's v_pred / ztsnr marks)
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+NOISE_SCHEDULES = ("auto", "default", "zero_terminal_snr")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")  # train.optimizer
 TASKS = ("sd", "llm")  # task_type's values; lorapipe.tasks names each one's package
 
@@ -101,6 +105,11 @@ class ModelParams:
                       optional=True)
     quantize: str = key("the frozen base's weights while training and sampling: none, int8, "
                         "fp8 or nf4 (the LoRA stays fp32)", choices=QUANTIZE_MODES)
+    prediction_type: str = key("what a DDPM base predicts: auto (as the base says), epsilon or "
+                               "v_prediction", choices=PREDICTION_TYPES)
+    noise_schedule: str = key("a DDPM base's noise schedule: auto (as the base says), default "
+                              "or zero_terminal_snr (the last step pure noise)",
+                              choices=NOISE_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -379,6 +388,13 @@ def _cross_checks(v: dict[str, object]) -> list[str]:
                         "train.validation.split above 0 or patience to 0")
     problems += _method_checks(v) + _optimizer_checks(v) + _quantize_checks(v) \
         + _fsdp_checks(v)
+    if v.get("model.prediction_type") == "epsilon" \
+            and v.get("model.noise_schedule") == "zero_terminal_snr":
+        # Lin et al. (2024), section 3.2: at zero SNR the noise is the input, so an epsilon
+        # model learns nothing at the last step and cannot sample from it
+        problems.append("model.noise_schedule zero_terminal_snr needs v-prediction (at zero "
+                        "SNR predicting the noise is predicting the input); set "
+                        "model.prediction_type to v_prediction")
     if has("model.config", "model.base") and v["model.config"] \
             and str(v["model.base"]).startswith(BUILTIN_PREFIX):
         problems.append("model.config is only for single-file checkpoints; set it to \"\"")

@@ -60,6 +60,12 @@ class Family:
         """This family as it applies to one loaded base (a variant: Flux dev or schnell)."""
         return self
 
+    def set_schedule(self, pipe, prediction_type: str, noise_schedule: str,
+                     marks: set[str]) -> None:
+        """model.prediction_type and model.noise_schedule applied to the loaded base's
+        scheduler ("auto": as the base says; marks: a single file's tensor names, where
+        v_pred / ztsnr say it). Flow-matching families have neither (params refuse them)."""
+
     def trained_text_encoders(self) -> tuple[str, ...]:
         return tuple(self.lora_text_encoders or self.text_encoders)
 
@@ -111,8 +117,9 @@ class Family:
         """The scheduler of sample.scheduler / train.sample_scheduler for this base."""
         return make_scheduler(name, scheduler.config)
 
-    def sampling_kwargs(self, settings) -> dict:
-        """The pipeline call's guidance arguments for sampling.SampleSettings."""
+    def sampling_kwargs(self, settings, scheduler_config) -> dict:
+        """The pipeline call's guidance arguments for sampling.SampleSettings on a base with
+        this scheduler config."""
         return {"negative_prompt": settings.negative_prompt or None,
                 "guidance_scale": settings.guidance_scale}
 

@@ -29,9 +29,11 @@ def load_pipeline(base: str, config: str = "", root: Path | None = None):
     return load_base(base, config, root).pipe
 
 
-def load_base(base: str, config: str = "", root: Path | None = None) -> Base:
+def load_base(base: str, config: str = "", root: Path | None = None,
+              prediction_type: str = "auto", noise_schedule: str = "auto") -> Base:
     """The base model named by model.base (and model.config for single files), with its
-    family."""
+    family, its scheduler set to model.prediction_type and model.noise_schedule ("auto": as
+    the base says)."""
     path = (root or Path.cwd()) / base
     if not base.startswith(BUILTIN_PREFIX):
         if not path.exists():
@@ -41,7 +43,11 @@ def load_base(base: str, config: str = "", root: Path | None = None) -> Base:
             raise LorapipeError(f"model.base: {problem}")
     family = families.detect(path, base)
     pipe = _load(family, path, base, config, root)
-    return Base(pipe, family.specialize(pipe))
+    marks = (families.single_file_keys(path, base)
+             if path.is_file() and not base.startswith(BUILTIN_PREFIX) else set())
+    family = family.specialize(pipe)
+    family.set_schedule(pipe, prediction_type, noise_schedule, marks)
+    return Base(pipe, family)
 
 
 def _load(family: families.Family, path: Path, base: str, config: str, root: Path | None):

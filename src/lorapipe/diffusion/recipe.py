@@ -79,7 +79,9 @@ class DiffusionRecipe(Recipe):
         text encoders with lora.text_encoder) and the text encoders that run per step
         (those, or frozen ones when train.captions change captions per step)."""
         p, lp = self.p, self.lp
-        base = load_base(self.params.model.base, self.params.model.config)
+        m = self.params.model
+        base = load_base(m.base, m.config, prediction_type=m.prediction_type,
+                         noise_schedule=m.noise_schedule)
         pipe, family = base.pipe, base.family
         self.family = family
         problems = refusals(family.refused, {"train.noise_offset": p.noise_offset,
@@ -87,7 +89,9 @@ class DiffusionRecipe(Recipe):
                             family.title)
         if problems:
             raise LorapipeError("; ".join(problems))
-        self.base = family.base_version(pipe)
+        # what the base is for the WebUI metadata; kohya's ss_zero_terminal_snr beside it
+        self.base = {**family.base_version(pipe), "zero_terminal_snr": bool(
+            pipe.scheduler.config.get("rescale_betas_zero_snr"))}
         self.objective = family.objective(pipe, FlowSettings(**vars(p.flow)))
         # otherwise the text encoders' outputs come from the cache
         self.caption_ops = captions.active(p.captions)

@@ -57,6 +57,11 @@ def checks(v: dict[str, object]) -> list[str]:
                 if v.get(dotted) not in (None, False, "default")]
     if _flow_matching_base(v.get("model.base")):
         problems += refusals(FLOW_MATCHING_REFUSED, v, "Flux.1")
+        for dotted in ("model.prediction_type", "model.noise_schedule"):
+            if v.get(dotted, "auto") != "auto":
+                problems.append(f"{dotted} is {v[dotted]} but Flux.1 bases are trained by flow "
+                                "matching, which has no DDPM prediction type or noise "
+                                f"schedule; set {dotted} to auto")
         if v.get("lora.conv_rank"):
             problems.append("lora.conv_rank is LoCon, LoRA on a UNet's convolutions, and "
                             "Flux.1's transformer has none; set lora.conv_rank to 0")

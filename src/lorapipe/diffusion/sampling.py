@@ -50,7 +50,8 @@ def generate(pipe, prompt: str, seed: int, s: SampleSettings, lora: bool,
     try:
         out = pipe(
             prompt, num_inference_steps=s.steps, width=s.width, height=s.height,
-            generator=torch.Generator("cpu").manual_seed(seed), **family.sampling_kwargs(s),
+            generator=torch.Generator("cpu").manual_seed(seed),
+            **family.sampling_kwargs(s, pipe.scheduler.config),
             **(family.lora_scale_kwargs(s.lora_scale) if lora else {}),
         )
     finally:

@@ -94,7 +94,9 @@ def build_metadata(params, name: str, record) -> dict:
                             else network_args(lp)),
         "ss_network_train_unet_only": not lp.text_encoder,
         "ss_base_model_version": base["version"], "ss_v2": base["v2"],
-        "ss_v_parameterization": base["v_pred"], "ss_sd_model_name": params.model.base,
+        "ss_v_parameterization": base["v_pred"],
+        "ss_zero_terminal_snr": base.get("zero_terminal_snr", False),
+        "ss_sd_model_name": params.model.base,
         "ss_resolution": f"({width}, {height})", "ss_num_train_images": len(record.captions),
         "ss_tag_frequency": tag_frequency(record.captions, record.dirs),
         "ss_dataset_dirs": {folder: {"n_repeats": 1, "img_count": n}

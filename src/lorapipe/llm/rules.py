@@ -30,6 +30,10 @@ def checks(v: dict[str, object]) -> list[str]:
     if v.get("model.config"):
         problems.append("model.config is for single-file Stable Diffusion checkpoints; "
                         "set it to \"\" for task_type llm")
+    for dotted in ("model.prediction_type", "model.noise_schedule"):
+        if v.get(dotted, "auto") != "auto":
+            problems.append(f"{dotted} is for task_type sd (a diffusion model's noise "
+                            "schedule); set it to auto for task_type llm")
     return problems
 
 
@@ -39,6 +43,7 @@ RULES = TaskRules(
     # lora.targets presets (lorapipe.llm.adapter.TARGETS)
     presets=("attn", "all-linear"),
     unused=("validate.min_side", "validate.max_pixels", "preprocess", "encode", "model.config",
+            "model.prediction_type", "model.noise_schedule",
             "lora.conv_rank", "lora.conv_alpha",
             "train.text_encoder_lr", "train.noise_offset", "train.min_snr_gamma",
             "train.captions", "train.flow", "train.sample_steps", "train.sample_scheduler",

@@ -247,7 +247,7 @@ class Flux(Family):
         # samplers of sample.scheduler do not apply (the sample stage says so)
         return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
 
-    def sampling_kwargs(self, settings) -> dict:
+    def sampling_kwargs(self, settings, scheduler_config) -> dict:
         # dev's guidance_scale is the distilled guidance input (schnell ignores it); the
         # negative prompt needs true CFG (two passes per step), left off as the anchors do
         return {"guidance_scale": settings.guidance_scale,

@@ -9,8 +9,16 @@ import re
 import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
 
+from lorapipe.core.errors import LorapipeError
 from lorapipe.diffusion.family import Family
 from lorapipe.diffusion.objectives import DDPM, Objective
+
+# a single file's marker tensors (empty), as ComfyUI's model detection reads them: the UNet
+# predicts v; its schedule has zero terminal SNR (NoobAI-XL v-pred and other anime bases)
+V_PRED_MARK, ZTSNR_MARK = "v_pred", "ztsnr"
+# rescaled classifier-free guidance for a zero-terminal-SNR base (Lin et al., 2024, section
+# 3.4: phi = 0.7), which keeps guided images from over-exposing
+ZTSNR_GUIDANCE_RESCALE = 0.7
 
 # the peft target names of the lora.targets presets (UNetFamily.targets)
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -26,6 +34,33 @@ class UNetFamily(Family):
 
     def objective(self, pipe, flow=None) -> Objective:
         return DDPM.from_pipeline(pipe)
+
+    def set_schedule(self, pipe, prediction_type, noise_schedule, marks):
+        """The base's scheduler with model.prediction_type and model.noise_schedule: the
+        objective (objectives.DDPM), the samplers (built from this config) and the WebUI
+        metadata all read them from there. A zero-terminal-SNR schedule (diffusers'
+        rescale_betas_zero_snr, Lin et al.) samples from the last timestep ("trailing")."""
+        config = pipe.scheduler.config
+        prediction = (prediction_type if prediction_type != "auto"
+                      else "v_prediction" if V_PRED_MARK in marks else config.prediction_type)
+        zero_snr = (noise_schedule == "zero_terminal_snr" if noise_schedule != "auto"
+                    else ZTSNR_MARK in marks or bool(config.get("rescale_betas_zero_snr")))
+        if zero_snr and prediction != "v_prediction":
+            raise LorapipeError(
+                f"the base's noise schedule has zero terminal SNR but it predicts {prediction}; "
+                "zero SNR needs v-prediction: set model.prediction_type to v_prediction (or "
+                "model.noise_schedule to default)")
+        changes = {"prediction_type": prediction, "rescale_betas_zero_snr": zero_snr}
+        if zero_snr:
+            changes["timestep_spacing"] = "trailing"
+        if any(config.get(k) != v for k, v in changes.items()):
+            pipe.scheduler = type(pipe.scheduler).from_config(config, **changes)
+
+    def sampling_kwargs(self, settings, scheduler_config):
+        kwargs = super().sampling_kwargs(settings, scheduler_config)
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            kwargs["guidance_rescale"] = ZTSNR_GUIDANCE_RESCALE
+        return kwargs
 
     def predictor(self, denoiser, cond, objective=None):
         inputs = self.denoiser_inputs(cond)

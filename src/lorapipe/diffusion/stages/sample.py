@@ -35,7 +35,9 @@ def run(params, args) -> int:
         # across machines byte for byte the way the trained LoRA is
         torch.set_num_threads(threads.share(0)[0])
     diffusers_logging.set_verbosity_error()  # its "no text-encoder LoRA keys" note is noise
-    base = load_base(params.model.base, params.model.config)
+    m = params.model
+    base = load_base(m.base, m.config, prediction_type=m.prediction_type,
+                     noise_schedule=m.noise_schedule)
     pipe, family = base.pipe, base.family
     if p.width % family.size_multiple or p.height % family.size_multiple:
         raise LorapipeError(
