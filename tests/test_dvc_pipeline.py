@@ -99,10 +99,14 @@ def test_pipeline_reruns_exactly_what_a_change_touches(repo, tmp_path):
     assert changed(sh) == set()
     assert ran(sh("dvc", "repro")) == []
 
-    # model.quantize changes how train and sample hold the base, never the encode cache
-    set_param(root, "model.quantize", "nf4")
-    assert changed(sh) == {"params", "train", "sample"}
-    set_param(root, "model.quantize", "none")
+    # model.quantize changes how train and sample hold the base, never the encode cache;
+    # so do the prediction type and noise schedule
+    for dotted, value, default in (("model.quantize", "nf4", "none"),
+                                   ("model.prediction_type", "v_prediction", "auto"),
+                                   ("model.noise_schedule", "zero_terminal_snr", "auto")):
+        set_param(root, dotted, value)
+        assert changed(sh) == {"params", "train", "sample"}, dotted
+        set_param(root, dotted, default)
     assert changed(sh) == set()
 
     # preprocess.workers: preprocess reruns, writes the same bytes, so nothing after it does
