@@ -18,24 +18,58 @@ REPO = Path(__file__).resolve().parents[1]
 # the warm servers the tests' stages start (lorapipe.core.warm) leave soon after the tests
 os.environ.setdefault("LORAPIPE_WARM_IDLE_S", "20")
 
-def _pin_xdist_worker() -> None:
+MACHINE_CPUS = sorted(os.sched_getaffinity(0))  # before the worker is pinned
+
+
+def _pin_xdist_worker() -> list[int] | None:
     """Under pytest-xdist (the suite runs `-n 2`), each worker gets its own share of the
     cores (its subprocesses inherit it) and its own run registry: runs in the other worker
     then never change this one's automatic thread count, which would move the last bits of
-    the runs these tests compare byte for byte (lorapipe.core.threads)."""
+    the runs these tests compare byte for byte (lorapipe.core.threads). Returns the share."""
     import tempfile
 
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
         "PYTEST_XDIST_WORKER_COUNT")
     if not worker or not count:
-        return
-    cpus, index, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
-    if len(cpus) >= n:
-        os.sched_setaffinity(0, cpus[index::n])
+        return None
+    index, n = int(worker.removeprefix("gw")), int(count)
     os.environ["LORAPIPE_RUNS_DIR"] = tempfile.mkdtemp(prefix=f"lorapipe-runs-{worker}-")
+    if len(MACHINE_CPUS) < n:
+        return None
+    os.sched_setaffinity(0, MACHINE_CPUS[index::n])
+    return MACHINE_CPUS[index::n]
 
 
-_pin_xdist_worker()
+PINNED = _pin_xdist_worker()
+
+
+def _on_machine_cores(marked: bool):
+    if PINNED is None or not marked:
+        yield
+        return
+    os.sched_setaffinity(0, MACHINE_CPUS)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, PINNED)
+
+
+# Tests marked machine_cores run (with their subprocesses) on all of the machine's cores:
+# runs of two processes, one thread each (a pinned core would serialise them), and the
+# resume tests, which need a second core to show a resumed run keeping its thread count
+# when another run arrives. Their thread counts stay their own (the worker's registry), so
+# their byte-for-byte comparisons hold. A marked module (pytestmark) is on them for its
+# module fixtures too.
+@pytest.fixture(autouse=True, scope="module")
+def _machine_cores_module(request):
+    yield from _on_machine_cores(any(m.name == "machine_cores"
+                                     for m in request.node.own_markers))
+
+
+@pytest.fixture(autouse=True)
+def _machine_cores_test(request):
+    yield from _on_machine_cores(any(m.name == "machine_cores"
+                                     for m in request.node.own_markers))
 # the WebUI file of a run with lora.name "" outside `dvc exp run`
 WEBUI_FILE = "lorapipe.safetensors"
 
@@ -189,6 +223,12 @@ def example_cache_flux(example_processed):
 
 
 @pytest.fixture(scope="session")
+def example_cache_sd3(example_processed):
+    """The example data encoded with the builtin SD3 model, once."""
+    return _encoded(example_processed, "sd3")
+
+
+@pytest.fixture(scope="session")
 def bucketed_cache(example_processed_buckets):
     """The bucketed example encoded with the builtin SD model."""
     return _encoded(example_processed_buckets, "sd")
@@ -327,17 +367,17 @@ def git_copy(root: Path):
 
 SDXL = {"model__base": "builtin:tiny-sdxl"}
 FLUX = {"model__base": "builtin:tiny-flux"}
+SD3 = {"model__base": "builtin:tiny-sd3"}
 
 
-@pytest.fixture(params=["sd", "sdxl", "flux"])
+@pytest.fixture(params=["sd", "sdxl", "flux", "sd3"])
 def family_run(request):
     """(encoded example cache, params overrides) for each model family's builtin: a test
     using it runs once per family."""
     if request.param == "sd":
         return request.getfixturevalue("example_cache"), {}
-    if request.param == "sdxl":
-        return request.getfixturevalue("example_cache_sdxl"), dict(SDXL)
-    return request.getfixturevalue("example_cache_flux"), dict(FLUX)
+    overrides = {"sdxl": SDXL, "flux": FLUX, "sd3": SD3}[request.param]
+    return request.getfixturevalue(f"example_cache_{request.param}"), dict(overrides)
 
 
 def hold_registration(folder: Path) -> subprocess.Popen:
@@ -452,3 +492,15 @@ def assert_plots_load(root: Path, sh) -> dict:
               for p in (root / "dvclive/plots/metrics").rglob("*.tsv")}
     assert curves and curves <= set(shown["data"]), sorted(curves - set(shown["data"]))
     return shown["data"]
+
+
+# the slowest test files, slowest first (measured: the durations pytest prints): xdist hands
+# out whole files in collection order, so starting these first keeps the two workers even
+SLOW_FILES = ("test_dvc_pipeline.py", "test_resume.py", "test_sharding.py", "test_llm.py",
+              "test_methods.py", "test_health.py", "test_quantize.py", "test_distributed.py",
+              "test_remote.py", "test_warm.py", "test_sd3.py", "test_flux.py", "test_insight.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable

@@ -246,7 +246,14 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]
     assert "train: flux base builtin:tiny-flux;" in out and "train: 3 buckets" in out
 
+    # and SD3, a builtin of one more family module
+    out = sh("dvc", "exp", "run", "-S", "model.base=builtin:tiny-sd3", "-S",
+             "train.learning_rate=5e-3", "-n", "sd3")
+    assert ran(out) == ["params", "validate", "encode", "train", "sample"]
+    assert "train: sd3 base builtin:tiny-sd3;" in out
+
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert exps["sd3"]["metrics"]["model"]["family"] == "sd3"
     assert exps["flux"]["metrics"]["model"]["family"] == "flux"
     assert exps["lrtiny"]["metrics"]["model"]["family"] == "sdxl"
     assert exps["rank16"]["metrics"]["model"]["family"] == "sd"
@@ -264,8 +271,9 @@ def test_experiment_workflow(repo, tmp_path):
         for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16, 16]
-    for name, exp in exps.items():  # rank16, steps6, the two queued, lrtiny (SDXL), flux
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16, 16,
+                                                                            16]
+    for name, exp in exps.items():  # rank16, steps6, the two queued, lrtiny (SDXL), flux, sd3
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name

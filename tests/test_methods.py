@@ -473,6 +473,7 @@ def test_a_diverged_loha_run_keeps_its_last_good_peft_folders(tmp_path, example_
     assert any("hada_w1_a" in k for k in saved)
 
 
+@pytest.mark.machine_cores  # two processes (conftest)
 def test_two_processes_match_one_with_a_lycoris_method(tmp_path, example_cache):
     from test_distributed import losses, train_stage
 
@@ -633,6 +634,12 @@ def test_the_report_of_a_rank_32_lora_names_the_vllm_flag(tmp_path):
      "Forge"),
     (image_compat.ImageAdapter("flux", "lora", 4, 0, False, True), "kohya", "ok",
      "networks.lora_flux"),
+    (image_compat.ImageAdapter("sd3", "lora", 4, 0, False, True), "A1111/Forge", "no",
+     "ComfyUI"),
+    (image_compat.ImageAdapter("sd3", "lora", 4, 0, False, True), "kohya", "ok",
+     "networks.lora_sd3"),
+    (image_compat.ImageAdapter("sd3", "dora", 4, 0, False, False), "ComfyUI", "no",
+     "fuse q, k and v"),
 ])
 def test_each_image_rule(facts, client, status, words):
     [row] = [r for r in image_compat.rows(facts) if r.client == client]
@@ -666,8 +673,8 @@ def test_pissa_is_reported_at_its_exported_rank():
 
 
 def test_the_light_family_detection_agrees_with_the_families(tmp_path):
-    for name in ("sd", "sdxl", "flux"):
-        family = families.by_name(name)
+    for family in families.all_families():
+        name = family.name
         assert image_compat.family_of(family.builtin, tmp_path) == name
         folder = tmp_path / name
         folder.mkdir()

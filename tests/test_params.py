@@ -227,9 +227,11 @@ def test_bucket_range_is_checked_only_with_buckets_on(tmp_path):
     (lambda p: (p.update(task_type="llm"), p["model"].update(base="builtin:tiny-llm",
                                                              noise_schedule="zero_terminal_snr")),
      "model.noise_schedule is for task_type sd"),
+    (lambda p: (p["model"].update(base="builtin:tiny-sd3"), p["train"].update(noise_offset=0.05)),
+     "train.noise_offset is 0.05 but SD3 bases are trained by flow matching"),
     (lambda p: p["model"].update(prediction_type="v-pred"),
      "model.prediction_type must be one of auto, epsilon, v_prediction, got 'v-pred'"),
 ])
-def test_prediction_type_and_noise_schedule_are_refused_where_they_cannot_apply(
+def test_ddpm_keys_are_refused_where_they_cannot_apply(
         tmp_path, edit, expected):
     assert expected in error_for(tmp_path, edit)

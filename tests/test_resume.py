@@ -28,6 +28,9 @@ from conftest import (
     train_in,
 )
 
+# two-process runs, and resumes that need a second core (conftest)
+pytestmark = pytest.mark.machine_cores
+
 STEPS = 60
 EVERY = 20
 FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lorapipe.safetensors",

@@ -177,8 +177,8 @@ class FlowParams:
     sigmoid_scale: float = key("sigmoid's scale (kohya's sigmoid_scale)", above=0)
     shift: float = key("static shift of the noise levels (kohya's discrete_flow_shift); 1 = "
                        "none", above=0)
-    resolution_shift: bool = key("Flux's shift from the image's token count, in the place "
-                                 "of shift (kohya's flux_shift)")
+    resolution_shift: bool = key("the base's own shift in the place of shift: Flux's from "
+                                 "the image's token count (kohya's flux_shift), SD3's fixed")
     weighting: str = key("loss weighting of the noise levels",
                          choices=("none", "sigma_sqrt", "cosmap"))
     guidance: float = key("guidance fed to a guidance-distilled base (Flux.1-dev) while "

@@ -20,19 +20,24 @@ DIFFUSERS_METHODS = ("lora", "dora")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1"}
+TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3"}
 # the markers families.detect reads, without importing diffusers (families.flux.BFL_MARKER,
 # families.sdxl.SDXL.owns_single_file)
 FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
+SD3_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # families.sd3.MMDIT_MARKER
 SDXL_MARKER = "conditioner.embedders.1.model."
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-             "FluxPipeline": "flux"}
-BUILTINS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl", "builtin:tiny-flux": "flux"}
+             "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+BUILTINS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl", "builtin:tiny-flux": "flux",
+            "builtin:tiny-sd3": "sd3"}
+# the families whose WebUI names fuse q, k and v into one module (families.*.to_webui), and
+# the kohya network module that reads their files
+FUSED = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 
 
 @dataclass(frozen=True)
 class ImageAdapter:
-    family: str  # sd, sdxl, flux
+    family: str  # sd, sdxl, flux, sd3
     method: str  # lora.method
     rank: int
     conv_rank: int  # LoCon's; 0 = none
@@ -45,9 +50,9 @@ def webui_refusal(family: str, method: str) -> str | None:
     single blocks' MLP input) into one BFL module: a LoRA fuses exactly (stacked down,
     block-diagonal up: families.flux.Flux.to_webui), a Hadamard or Kronecker product of
     parts does not, and a fused DoRA's magnitude is not written by lorapipe yet."""
-    if family == "flux" and method != "lora":
-        return (f"Flux.1's WebUI names fuse q, k and v into one module, which a {method} "
-                "adapter of the separate projections cannot be written as")
+    if family in FUSED and method != "lora":
+        return (f"{TITLES[family]}'s WebUI names fuse q, k and v into one module, which a "
+                f"{method} adapter of the separate projections cannot be written as")
     return None
 
 
@@ -64,8 +69,9 @@ def family_of(base: str, root: Path) -> str:
         keys = _header(path)
     except (OSError, ValueError):
         return "sd"
-    if any(k == FLUX_MARKER or k.endswith("." + FLUX_MARKER) for k in keys):
-        return "flux"
+    for marker, family in ((FLUX_MARKER, "flux"), (SD3_MARKER, "sd3")):
+        if any(k == marker or k.endswith("." + marker) for k in keys):
+            return family
     return "sdxl" if any(k.startswith(SDXL_MARKER) for k in keys) else "sd"
 
 
@@ -175,6 +181,10 @@ def _a1111(a: ImageAdapter) -> Row:
     if a.family == "flux":
         return Row("A1111/Forge", "caveat", "AUTOMATIC1111 has no Flux.1; Forge loads the "
                    "WebUI file", "use Forge (or ComfyUI)")
+    if a.family == "sd3":
+        # neither A1111's extensions-builtin/Lora nor Forge's loaders know the MMDiT
+        return Row("A1111/Forge", "no", "neither AUTOMATIC1111 nor Forge runs SD3 / SD3.5",
+                   "load the WebUI file in ComfyUI (or SwarmUI, which runs ComfyUI)")
     if a.method == "dora":
         # extensions-builtin/Lora/network.py apply_weight_decompose: the norm is taken per
         # input column (the DoRA paper's original axis) only
@@ -200,5 +210,5 @@ def _kohya(a: ImageAdapter) -> Row:
     if a.conv_rank:
         return Row("kohya", "ok", "networks.lora with its LoCon switch",
                    f"--network_args conv_dim={a.conv_rank} (ss_network_args says so)")
-    module = "networks.lora_flux" if a.family == "flux" else "networks.lora"
+    module = FUSED.get(a.family, "networks.lora")
     return Row("kohya", "ok", f"{module}: --network_weights to continue, merge_lora.py to merge")

@@ -207,3 +207,44 @@ class Family:
     def webui_module(self, module: str, denoiser_config) -> str:
         """A denoiser module's diffusers name -> the name WebUI loaders map (without prefix)."""
         return module.replace(".", "_")
+
+
+def fused_webui(state: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, prefix: str,
+                locate, sizes) -> dict[str, torch.Tensor]:
+    """A transformer's LoRA ({diffusers module: (A, B)}) under original names that fuse
+    several diffusers projections into one (Flux's BFL qkv and linear1, SD3's MMDiT qkv).
+    locate(module) -> (original module, its part, the parts, whether its rows swap halves:
+    the (shift, scale) modulations diffusers stores as (scale, shift)); sizes(original) ->
+    each part's output size. A fused projection gets one LoRA of rank parts x r: its down
+    matrix stacks each part's A (zeros for an untrained part), its up matrix places each
+    part's B on the diagonal, so its product is exactly the parts' products side by side;
+    alpha grows by the same factor, keeping alpha / rank. Written by hand: no library writes
+    kohya's fused layout (diffusers and ComfyUI only read it)."""
+    groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    layout: dict[str, tuple[int, bool]] = {}
+    for module, pair in state.items():
+        original, part, parts, swapped = locate(module)
+        groups.setdefault(original, {})[part] = pair
+        layout[original] = (parts, swapped)
+    out = {}
+    for original, members in groups.items():
+        parts, swapped = layout[original]
+        a0, _ = next(iter(members.values()))
+        rank = a0.shape[0]
+        if parts == 1:
+            down, up = members[0]
+            if swapped:
+                first, second = up.chunk(2, dim=0)
+                up = torch.cat([second, first], dim=0)
+        else:
+            widths = sizes(original)
+            downs = [members[i][0] if i in members else torch.zeros_like(a0)
+                     for i in range(parts)]
+            ups = [members[i][1] if i in members else torch.zeros(widths[i], rank)
+                   for i in range(parts)]
+            down, up = torch.cat(downs, dim=0), torch.block_diag(*ups)
+        name = prefix + original.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha * parts))
+    return out

@@ -3,7 +3,7 @@ which noised input, one class per objective, shared by the families that use it.
 
 DDPM (Ho et al., 2020) with epsilon or v-prediction (Salimans & Ho, 2022), as SD 1.x/2.x
 and SDXL were trained; rectified flow matching (Lipman et al., 2023; Esser et al., 2024), as
-Flux.1 was. A family names its objective (families.Family.objective); the loss below and the
+Flux.1 and SD3 were. A family names its objective (families.Family.objective); the loss below and the
 fixed-noise evaluation only call the objective's methods.
 """
 
@@ -102,7 +102,9 @@ class FlowSettings:
     logit_std: float
     sigmoid_scale: float
     shift: float  # 1.0 = none
-    resolution_shift: bool  # Flux's shift from the image's token count, replacing `shift`
+    # the base's own shift, replacing `shift`: Flux's from the image's token count, SD3's
+    # fixed one (its scheduler's)
+    resolution_shift: bool
     weighting: str  # none, sigma_sqrt or cosmap
     guidance: float  # fed to a guidance-distilled denoiser (Flux.1-dev) while training
 
@@ -137,9 +139,12 @@ class FlowMatching(Objective):
             u = compute_density_for_timestep_sampling("logit_normal", n, mean, std,
                                                       generator=gen)
         if s.resolution_shift:
-            # Flux's resolution-dependent shift (kohya's flux_shift): mu from the packed
-            # token count, as FluxPipeline computes it for sampling at this size
             c = self.scheduler.config
+            if not c.use_dynamic_shifting:
+                # the base's own fixed shift, as its scheduler samples (SD3: 3.0)
+                return c.shift * u / (1 + (c.shift - 1) * u)
+            # Flux's resolution-dependent shift (kohya's flux_shift): mu from the 2x2
+            # token count, as FluxPipeline computes it for sampling at this size
             tokens = (shape[-2] // 2) * (shape[-1] // 2)
             mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len,
                                  c.base_shift, c.max_shift)

@@ -8,18 +8,20 @@ from pathlib import Path
 
 from lorapipe.core.params import TaskRules
 
-BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux")
+BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-sd3")
 
 
-# what a flow-matching family (Flux) refuses, and what to use instead
-# (families.flux.Flux.refused; checked here where the base's family is known without loading)
+# what a flow-matching family (Flux, SD3) refuses, and what to use instead
+# (their Family.refused; checked here where the base's family is known without loading)
 FLOW_MATCHING_REFUSED = {
     "train.noise_offset": "offset noise is a DDPM notion; flow matching shapes its noise levels "
                           "with train.flow.timestep_sampling and train.flow.shift",
     "train.min_snr_gamma": "Min-SNR weights DDPM timesteps; flow matching weights its noise "
                            "levels with train.flow.weighting (sigma_sqrt, cosmap)",
 }
-FLOW_MATCHING_CLASSES = ("FluxPipeline",)
+# the flow-matching families' pipelines and builtins -> their titles in messages
+FLOW_MATCHING_CLASSES = {"FluxPipeline": "Flux.1", "StableDiffusion3Pipeline": "SD3"}
+FLOW_MATCHING_BUILTINS = {"builtin:tiny-flux": "Flux.1", "builtin:tiny-sd3": "SD3"}
 
 
 def refusals(refused: dict[str, str], v: dict[str, object], family: str) -> list[str]:
@@ -28,19 +30,20 @@ def refusals(refused: dict[str, str], v: dict[str, object], family: str) -> list
             f"set {dotted} to 0" for dotted, why in refused.items() if v.get(dotted)]
 
 
-def _flow_matching_base(base: object) -> bool:
-    """Whether model.base is known, without loading it, to be a flow-matching model: the
-    builtin, or a diffusers folder of such a pipeline (single files: the train stage)."""
+def _flow_matching_base(base: object) -> str | None:
+    """The title of model.base's family when it is known, without loading it, to be a
+    flow-matching model: a builtin, or a diffusers folder of such a pipeline (single files:
+    the train stage)."""
     if not isinstance(base, str):
-        return False
-    if base == "builtin:tiny-flux":
-        return True
+        return None
+    if base in FLOW_MATCHING_BUILTINS:
+        return FLOW_MATCHING_BUILTINS[base]
     index = Path(base) / "model_index.json"
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get(
-            "_class_name") in FLOW_MATCHING_CLASSES
+        return FLOW_MATCHING_CLASSES.get(json.loads(index.read_text(encoding="utf-8")).get(
+            "_class_name"))
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 # the LLM task's adapter switches (peft's, for causal LMs): refused here, not ignored
@@ -55,16 +58,17 @@ def checks(v: dict[str, object]) -> list[str]:
     problems = [f"{dotted} is for task_type llm ({why}); set it to {value} for task_type sd"
                 for dotted, (why, value) in LLM_ONLY.items()
                 if v.get(dotted) not in (None, False, "default")]
-    if _flow_matching_base(v.get("model.base")):
-        problems += refusals(FLOW_MATCHING_REFUSED, v, "Flux.1")
+    title = _flow_matching_base(v.get("model.base"))
+    if title:
+        problems += refusals(FLOW_MATCHING_REFUSED, v, title)
         for dotted in ("model.prediction_type", "model.noise_schedule"):
             if v.get(dotted, "auto") != "auto":
-                problems.append(f"{dotted} is {v[dotted]} but Flux.1 bases are trained by flow "
-                                "matching, which has no DDPM prediction type or noise "
+                problems.append(f"{dotted} is {v[dotted]} but {title} bases are trained by "
+                                "flow matching, which has no DDPM prediction type or noise "
                                 f"schedule; set {dotted} to auto")
         if v.get("lora.conv_rank"):
             problems.append("lora.conv_rank is LoCon, LoRA on a UNet's convolutions, and "
-                            "Flux.1's transformer has none; set lora.conv_rank to 0")
+                            f"{title}'s transformer has none; set lora.conv_rank to 0")
     if v.get("train.flow.resolution_shift") and v.get("train.flow.shift", 1.0) != 1.0:
         problems.append("train.flow.shift and train.flow.resolution_shift both shift the noise "
                         "levels; set shift to 1.0 or resolution_shift to false")

@@ -25,9 +25,10 @@ from lorapipe.diffusion.family import Family  # noqa: F401  (the interface, for 
 
 def all_families() -> list[Family]:
     # imported here: the family modules import diffusers, which this module must not need
-    from lorapipe.diffusion.families import flux, sd, sdxl
+    from lorapipe.diffusion.families import flux, sd, sd3, sdxl
 
-    return [sd.FAMILY, sdxl.FAMILY, flux.FAMILY]
+    # single files are matched in this order: the transformers' markers before SD's layout
+    return [flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd.FAMILY]
 
 
 def by_name(name: str) -> Family:
@@ -65,8 +66,8 @@ def detect(path: Path, name: str) -> Family:
             return family
     raise LorapipeError(
         f"model.base: {name!r} holds no Stable Diffusion UNet (no "
-        "'model.diffusion_model.*' tensors) and no Flux.1 transformer (no 'double_blocks.*'); "
-        "is it a LoRA or a VAE rather than a base model?")
+        "'model.diffusion_model.*' tensors), no Flux.1 transformer (no 'double_blocks.*') and "
+        "no SD3 MMDiT (no 'joint_blocks.*'); is it a LoRA or a VAE rather than a base model?")
 
 
 def single_file_keys(path: Path, name: str) -> set[str]:

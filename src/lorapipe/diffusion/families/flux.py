@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -31,12 +30,18 @@ from transformers import (
     CLIPTextModel,
     T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.diffusion.families.tiny import TINY_SEED, TINY_WORDS, tiny_tokenizer
-from lorapipe.diffusion.family import Family
+from lorapipe.diffusion.families.tiny import (
+    TINY_SEED,
+    TINY_VAE16_SCALING,
+    TINY_VAE16_SHIFT,
+    tiny_t5_tokenizer,
+    tiny_tokenizer,
+    tiny_vae16,
+)
+from lorapipe.diffusion.family import Family, fused_webui
 from lorapipe.diffusion.objectives import FlowMatching, FlowSettings
 from lorapipe.diffusion.rules import FLOW_MATCHING_REFUSED
 
@@ -271,40 +276,14 @@ class Flux(Family):
 
     def to_webui(self, state: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
                  config) -> dict[str, torch.Tensor]:
-        """The transformer's LoRA ({diffusers module: (A, B)}) in kohya's Flux layout. A fused
-        BFL projection gets one LoRA of rank parts x r: its down matrix stacks each part's A
-        (zeros for an untrained part), its up matrix places each part's B on the diagonal, so
-        its product is exactly the parts' products side by side; alpha grows by the same
-        factor, keeping alpha / rank. diffusers' kohya reader recognises the block-diagonal
-        up matrix and splits it back into the parts."""
-        groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        parts_of: dict[str, int] = {}
-        for module, pair in state.items():
+        """The transformer's LoRA in kohya's Flux layout (family.fused_webui); diffusers'
+        kohya reader recognises the block-diagonal up matrix and splits it back."""
+        def locate(module):
             bfl, part, parts = bfl_module(module)
-            groups.setdefault(bfl, {})[part] = pair
-            parts_of[bfl] = parts
-        out = {}
-        for bfl, members in groups.items():
-            parts = parts_of[bfl]
-            a0, _ = next(iter(members.values()))
-            rank = a0.shape[0]
-            if parts == 1:
-                down, up = members[0]
-                if bfl == SWAPPED:
-                    shift_scale = up.chunk(2, dim=0)
-                    up = torch.cat([shift_scale[1], shift_scale[0]], dim=0)
-            else:
-                sizes = part_sizes(bfl, config)
-                downs = [members[i][0] if i in members else torch.zeros_like(a0)
-                         for i in range(parts)]
-                ups = [members[i][1] if i in members else torch.zeros(sizes[i], rank)
-                       for i in range(parts)]
-                down, up = torch.cat(downs, dim=0), torch.block_diag(*ups)
-            name = self.kohya_prefix + bfl.replace(".", "_")
-            out[f"{name}.lora_down.weight"] = down.contiguous()
-            out[f"{name}.lora_up.weight"] = up.contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha * parts))
-        return out
+            return bfl, part, parts, bfl == SWAPPED
+
+        return fused_webui(state, alpha, self.kohya_prefix, locate,
+                           lambda bfl: part_sizes(bfl, config))
 
     def network_args(self, lp) -> dict[str, str]:
         # lora_flux's own args cannot say "attention only" (linear1 fuses the MLP input):
@@ -320,26 +299,9 @@ class Flux(Family):
                 "network_module": "networks.lora_flux"}
 
 
-# Measured on data/example at 64 px (tests/test_flux.py keeps it true): the random tiny
-# VAE's latent means have mean -0.016 and std 0.309 there. As Flux's own shift_factor 0.1159
-# and scaling_factor 0.3611 do on real images, these centre them at unit variance.
-TINY_FLUX_SHIFT = -0.016
-TINY_FLUX_SCALING = 3.24
-TINY_T5_TOKENS = 64  # the builtin's T5 reads 64 tokens (captions here are short)
-
-
-def tiny_t5_tokenizer() -> T5Tokenizer:
-    """A real T5 (SentencePiece Unigram) tokenizer with a small vocabulary made here: T5's
-    special tokens (<pad> 0, </s> 1, <unk> 2), the builtin words whole ("▁word", the
-    SentencePiece word-start mark) and every letter, digit and punctuation mark as the
-    fallback pieces, scored as log-probabilities so whole words win."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [("▁" + word, -5.0) for word in TINY_WORDS]
-    chars = sorted(set("".join(TINY_WORDS)) | set("abcdefghijklmnopqrstuvwxyz0123456789"
-                                                  ",.:;!?'\"()-_/"))
-    for char in chars:
-        vocab += [(char, -10.0), ("▁" + char, -10.5)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_T5_TOKENS)
+# the tiny 16-channel VAE's latent shift and scale (lorapipe.diffusion.families.tiny)
+TINY_FLUX_SHIFT = TINY_VAE16_SHIFT
+TINY_FLUX_SCALING = TINY_VAE16_SCALING
 
 
 def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
@@ -365,13 +327,7 @@ def build_tiny_flux(guidance_embeds: bool = True) -> FluxPipeline:
         feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
         relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
-    torch.manual_seed(TINY_SEED + 22)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        sample_size=64, scaling_factor=TINY_FLUX_SCALING, shift_factor=TINY_FLUX_SHIFT,
-        use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_vae16()
     torch.manual_seed(TINY_SEED + 23)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=8,
