@@ -144,7 +144,7 @@ def main() -> None:
     for setting in args.settings.split(","):
         for model in models:
             depths = ([("full", *FULL[model])] if args.full else DEPTHS[model])
-            for label, blocks, dual in depths:
+            for _label, blocks, dual in depths:
                 rows.append(report.child_row(
                     __file__, f"{model}@{setting}@{blocks}@{dual}",
                     ["--steps", str(args.steps), "--limit-gib", str(args.limit_gib)],

@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import SD3, WEBUI_FILE, make_params, train_in
+from conftest import SD3, WEBUI_FILE, make_params, run_dirs, train_in
 from lorapipe.diffusion import families
 from lorapipe.diffusion.families import sd3
 from lorapipe.diffusion.families.sd3 import (
@@ -143,6 +143,25 @@ def test_sd3_lora_loads_back_in_the_sd3_pipeline(sd3_trained):
     assert torch.equal(_probe(pipe.transformer), trained)
     for name in ("text_encoder", "text_encoder_2"):
         assert any("lora" in n for n, _ in getattr(pipe, name).named_parameters()), name
+
+
+def test_continuing_reads_the_diffusers_file_and_names_the_webui_one(tmp_path, sd3_trained,
+                                                                    example_cache_sd3):
+    """lora.init from the diffusers file continues the trained model; the kohya file, which
+    diffusers cannot read for SD3, is refused with what to use."""
+    from lorapipe.core.errors import LorapipeError
+
+    root, result = sd3_trained
+    a, b = run_dirs(tmp_path, "a", "b")
+    common = dict(lora__targets="kohya", lora__text_encoder=True, train__max_steps=1,
+                  train__learning_rate=1e-12, **SD3)
+    cont = train_in(a, example_cache_sd3, lora__init=str(root / "lora"),
+                    **common)
+    torch.testing.assert_close(_probe(cont.models["transformer"]),
+                               _probe(result.models["transformer"]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(LorapipeError, match="is a kohya/WebUI file, which diffusers cannot"):
+        train_in(b, example_cache_sd3,
+                 lora__init=str(root / "lora" / WEBUI_FILE), **common)
 
 
 def test_the_reference_layout_table_is_diffusers_converters_inverse():

@@ -46,6 +46,9 @@ class Family:
     # whether diffusers' reader of this family's kohya files multiplies alpha / rank into the
     # weights it returns (lora.init must then not scale them again)
     reader_bakes_alpha = False
+    # whether diffusers reads this family's kohya (WebUI) files at all (lora.init); SD3's it
+    # does not
+    reads_webui_files = True
     # image sides must be multiples of this (the VAE's 8x; Flux packs latents 2x2: 16)
     size_multiple = 8
     # its WebUI names fuse several diffusers modules into one (Flux's BFL qkv): to_webui

@@ -219,6 +219,19 @@ def to_kohya(state: dict[str, torch.Tensor], configs: dict[str, PeftConfig], fam
     return dict(sorted(out.items()))
 
 
+def _is_kohya_file(path: Path, family) -> bool:
+    """Whether a .safetensors file holds kohya's names (its header only)."""
+    from safetensors import safe_open
+
+    if path.is_dir() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(k.startswith(family.kohya_prefix) for k in f.keys())
+    except Exception:  # safetensors' own error types; the reader below reports the file
+        return False
+
+
 def webui_name(family, component: str, module: str, denoiser_config) -> str:
     """The WebUI name of a component's module, one module each (not Flux's fused ones)."""
     if component == family.denoiser:
@@ -284,6 +297,11 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
     """
     if not isinstance(configs[family.denoiser], LoraConfig):  # LoHa, LoKr
         return _load_lycoris_init(models, Path(path), configs, family)
+    if not family.reads_webui_files and _is_kohya_file(Path(path), family):
+        raise LorapipeError(
+            f"lora.init: {path!r} is a kohya/WebUI file, which diffusers cannot read for "
+            f"{family.title}; continue from the run's LoRA folder (models/lora, its "
+            "pytorch_lora_weights.safetensors)")
     try:
         loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
             path, local_files_only=True, return_lora_metadata=True,

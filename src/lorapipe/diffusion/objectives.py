@@ -3,8 +3,8 @@ which noised input, one class per objective, shared by the families that use it.
 
 DDPM (Ho et al., 2020) with epsilon or v-prediction (Salimans & Ho, 2022), as SD 1.x/2.x
 and SDXL were trained; rectified flow matching (Lipman et al., 2023; Esser et al., 2024), as
-Flux.1 and SD3 were. A family names its objective (families.Family.objective); the loss below and the
-fixed-noise evaluation only call the objective's methods.
+Flux.1 and SD3 were. A family names its objective (families.Family.objective); the loss
+below and the fixed-noise evaluation only call the objective's methods.
 """
 
 from __future__ import annotations

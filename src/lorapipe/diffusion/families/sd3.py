@@ -124,6 +124,9 @@ class SD3(Family):
     lora_text_encoders = ("text_encoder", "text_encoder_2")
     kohya_text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     refused = FLOW_MATCHING_REFUSED
+    # diffusers' SD3 reader takes its own and peft's names only: lora.init continues from the
+    # diffusers file
+    reads_webui_files = False
     uses_sample_scheduler = False
     size_multiple = 16  # 8x VAE, then 2x2 patches
 
