@@ -303,9 +303,11 @@ def load_init(models: dict[str, torch.nn.Module], path: str, configs: dict[str, 
             f"{family.title}; continue from the run's LoRA folder (models/lora, its "
             "pytorch_lora_weights.safetensors)")
     try:
-        loaded, alphas, metadata = family.pipeline_class.lora_state_dict(
+        read = family.pipeline_class.lora_state_dict(
             path, local_files_only=True, return_lora_metadata=True,
             **family.lora_reading_kwargs(models[family.denoiser]))
+        # (state, alphas, metadata); SD3's reader returns no alphas (its files carry none)
+        loaded, alphas, metadata = read if len(read) == 3 else (read[0], None, read[1])
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LorapipeError(f"lora.init: cannot read a LoRA from {path!r}: {exc}") from None
     parts = split_state(loaded)
