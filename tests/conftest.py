@@ -229,6 +229,12 @@ def example_cache_sd3(example_processed):
 
 
 @pytest.fixture(scope="session")
+def example_cache_chroma(example_processed):
+    """The example data encoded with the builtin Chroma model, once."""
+    return _encoded(example_processed, "chroma")
+
+
+@pytest.fixture(scope="session")
 def bucketed_cache(example_processed_buckets):
     """The bucketed example encoded with the builtin SD model."""
     return _encoded(example_processed_buckets, "sd")
@@ -368,15 +374,16 @@ def git_copy(root: Path):
 SDXL = {"model__base": "builtin:tiny-sdxl"}
 FLUX = {"model__base": "builtin:tiny-flux"}
 SD3 = {"model__base": "builtin:tiny-sd3"}
+CHROMA = {"model__base": "builtin:tiny-chroma"}
 
 
-@pytest.fixture(params=["sd", "sdxl", "flux", "sd3"])
+@pytest.fixture(params=["sd", "sdxl", "flux", "sd3", "chroma"])
 def family_run(request):
     """(encoded example cache, params overrides) for each model family's builtin: a test
     using it runs once per family."""
     if request.param == "sd":
         return request.getfixturevalue("example_cache"), {}
-    overrides = {"sdxl": SDXL, "flux": FLUX, "sd3": SD3}[request.param]
+    overrides = {"sdxl": SDXL, "flux": FLUX, "sd3": SD3, "chroma": CHROMA}[request.param]
     return request.getfixturevalue(f"example_cache_{request.param}"), dict(overrides)
 
 
@@ -498,7 +505,8 @@ def assert_plots_load(root: Path, sh) -> dict:
 # out whole files in collection order, so starting these first keeps the two workers even
 SLOW_FILES = ("test_dvc_pipeline.py", "test_resume.py", "test_sharding.py", "test_llm.py",
               "test_methods.py", "test_health.py", "test_quantize.py", "test_distributed.py",
-              "test_remote.py", "test_warm.py", "test_sd3.py", "test_flux.py", "test_insight.py")
+              "test_remote.py", "test_warm.py", "test_sd3.py", "test_flux.py", "test_chroma.py",
+              "test_insight.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -246,14 +246,16 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]
     assert "train: flux base builtin:tiny-flux;" in out and "train: 3 buckets" in out
 
-    # and SD3, a builtin of one more family module
-    out = sh("dvc", "exp", "run", "-S", "model.base=builtin:tiny-sd3", "-S",
-             "train.learning_rate=5e-3", "-n", "sd3")
-    assert ran(out) == ["params", "validate", "encode", "train", "sample"]
-    assert "train: sd3 base builtin:tiny-sd3;" in out
+    # and SD3 and Chroma, a family module each
+    for family in ("sd3", "chroma"):
+        out = sh("dvc", "exp", "run", "-S", f"model.base=builtin:tiny-{family}", "-S",
+                 "train.learning_rate=5e-3", "-n", family)
+        assert ran(out) == ["params", "validate", "encode", "train", "sample"]
+        assert f"train: {family} base builtin:tiny-{family};" in out
 
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
     assert exps["sd3"]["metrics"]["model"]["family"] == "sd3"
+    assert exps["chroma"]["metrics"]["model"]["family"] == "chroma"
     assert exps["flux"]["metrics"]["model"]["family"] == "flux"
     assert exps["lrtiny"]["metrics"]["model"]["family"] == "sdxl"
     assert exps["rank16"]["metrics"]["model"]["family"] == "sd"
@@ -271,9 +273,8 @@ def test_experiment_workflow(repo, tmp_path):
         for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8, 16, 16, 16, 16,
-                                                                            16]
-    for name, exp in exps.items():  # rank16, steps6, the two queued, lrtiny (SDXL), flux, sd3
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8] + [16] * 6
+    for name, exp in exps.items():  # rank16, steps6, the two queued, lrtiny (SDXL), flux, sd3, chroma
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name

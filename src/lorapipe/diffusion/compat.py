@@ -20,24 +20,27 @@ DIFFUSERS_METHODS = ("lora", "dora")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3"}
+TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",
+          "chroma": "Chroma"}
 # the markers families.detect reads, without importing diffusers (families.flux.BFL_MARKER,
 # families.sdxl.SDXL.owns_single_file)
 FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
 SD3_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # families.sd3.MMDIT_MARKER
+CHROMA_MARKER = "distilled_guidance_layer.in_proj.bias"  # families.chroma.CHROMA_MARKER
 SDXL_MARKER = "conditioner.embedders.1.model."
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-             "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+             "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "ChromaPipeline": "chroma"}
 BUILTINS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl", "builtin:tiny-flux": "flux",
-            "builtin:tiny-sd3": "sd3"}
+            "builtin:tiny-sd3": "sd3", "builtin:tiny-chroma": "chroma"}
 # the families whose WebUI names fuse q, k and v into one module (families.*.to_webui), and
 # the kohya network module that reads their files
-FUSED = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+FUSED = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3",
+         "chroma": "networks.lora_flux"}
 
 
 @dataclass(frozen=True)
 class ImageAdapter:
-    family: str  # sd, sdxl, flux, sd3
+    family: str  # sd, sdxl, flux, sd3, chroma
     method: str  # lora.method
     rank: int
     conv_rank: int  # LoCon's; 0 = none
@@ -69,7 +72,8 @@ def family_of(base: str, root: Path) -> str:
         keys = _header(path)
     except (OSError, ValueError):
         return "sd"
-    for marker, family in ((FLUX_MARKER, "flux"), (SD3_MARKER, "sd3")):
+    for marker, family in ((CHROMA_MARKER, "chroma"), (FLUX_MARKER, "flux"),
+                           (SD3_MARKER, "sd3")):
         if any(k == marker or k.endswith("." + marker) for k in keys):
             return family
     return "sdxl" if any(k.startswith(SDXL_MARKER) for k in keys) else "sd"
@@ -181,10 +185,11 @@ def _a1111(a: ImageAdapter) -> Row:
     if a.family == "flux":
         return Row("A1111/Forge", "caveat", "AUTOMATIC1111 has no Flux.1; Forge loads the "
                    "WebUI file", "use Forge (or ComfyUI)")
-    if a.family == "sd3":
-        # neither A1111's extensions-builtin/Lora nor Forge's loaders know the MMDiT
-        return Row("A1111/Forge", "no", "neither AUTOMATIC1111 nor Forge runs SD3 / SD3.5",
-                   "load the WebUI file in ComfyUI (or SwarmUI, which runs ComfyUI)")
+    if a.family in ("sd3", "chroma"):
+        # neither A1111's extensions-builtin/Lora nor Forge's loaders know these models
+        return Row("A1111/Forge", "no", f"neither AUTOMATIC1111 nor Forge runs "
+                   f"{TITLES[a.family]}", "load the WebUI file in ComfyUI (or SwarmUI, which "
+                   "runs ComfyUI)")
     if a.method == "dora":
         # extensions-builtin/Lora/network.py apply_weight_decompose: the norm is taken per
         # input column (the DoRA paper's original axis) only

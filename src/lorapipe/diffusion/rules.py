@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lorapipe.core.params import TaskRules
 
-BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-sd3")
+BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-sd3",
+            "builtin:tiny-chroma")
 
 
 # what a flow-matching family (Flux, SD3) refuses, and what to use instead
@@ -20,8 +21,10 @@ FLOW_MATCHING_REFUSED = {
                            "levels with train.flow.weighting (sigma_sqrt, cosmap)",
 }
 # the flow-matching families' pipelines and builtins -> their titles in messages
-FLOW_MATCHING_CLASSES = {"FluxPipeline": "Flux.1", "StableDiffusion3Pipeline": "SD3"}
-FLOW_MATCHING_BUILTINS = {"builtin:tiny-flux": "Flux.1", "builtin:tiny-sd3": "SD3"}
+FLOW_MATCHING_CLASSES = {"FluxPipeline": "Flux.1", "StableDiffusion3Pipeline": "SD3",
+                         "ChromaPipeline": "Chroma"}
+FLOW_MATCHING_BUILTINS = {"builtin:tiny-flux": "Flux.1", "builtin:tiny-sd3": "SD3",
+                          "builtin:tiny-chroma": "Chroma"}
 
 
 def refusals(refused: dict[str, str], v: dict[str, object], family: str) -> list[str]:

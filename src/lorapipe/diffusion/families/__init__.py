@@ -25,10 +25,11 @@ from lorapipe.diffusion.family import Family  # noqa: F401  (the interface, for 
 
 def all_families() -> list[Family]:
     # imported here: the family modules import diffusers, which this module must not need
-    from lorapipe.diffusion.families import flux, sd, sd3, sdxl
+    from lorapipe.diffusion.families import chroma, flux, sd, sd3, sdxl
 
-    # single files are matched in this order: the transformers' markers before SD's layout
-    return [flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd.FAMILY]
+    # single files are matched in this order: Chroma's marker before Flux's (its files have
+    # Flux's blocks too), the transformers' before SD's layout
+    return [chroma.FAMILY, flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd.FAMILY]
 
 
 def by_name(name: str) -> Family:
