@@ -4,6 +4,7 @@
     python bench/flux_step.py --steps 0 ...   # the first step only (CPU: minutes a step)
     python bench/flux_step.py --full          # a lent GPU: all 19 + 38 blocks
     python bench/flux_step.py --single-file   # BFL-layout file -> lorapipe's loader
+    python bench/flux_step.py --chroma ...    # Chroma1-HD's transformer instead
 
 FLUX.1-dev's transformer from its config (lorapipe.diffusion.families.flux.
 FLUX_1_DEV_TRANSFORMER: width 3072, 24 heads of 128, guidance embedding; random weights),
@@ -24,6 +25,10 @@ and VAE, this transformer's config) as model.config, then loads them through lor
 loader (diffusers' single-file converter assumes the real 3072 width, so the tiny builtin
 cannot stand in): the family and variant detected from the tensor names, every weight equal
 to the one written.
+
+--chroma measures Chroma1-HD's transformer the same way (lorapipe.diffusion.families.chroma.
+CHROMA_TRANSFORMER: Flux's blocks and widths, the modulations from one distilled guidance
+network; T5 only, with its mask; no guidance input) and writes bench/results/chroma_step.json.
 
 Prints a table and writes bench/results/flux_step.json.
 """
@@ -50,35 +55,41 @@ BLOCKS = "1:1,2:1,1:2"
 FULL = (19, 38)
 
 
-def _transformer(double: int, single: int, dtype):
-    from diffusers import FluxTransformer2DModel
+def _transformer(double: int, single: int, dtype, chroma: bool = False):
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
+    from lorapipe.diffusion.families.chroma import CHROMA_TRANSFORMER
     from lorapipe.diffusion.families.flux import FLUX_1_DEV_TRANSFORMER
 
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # built in bf16 directly: an fp32 build sets the peak
-    model = FluxTransformer2DModel(**{**FLUX_1_DEV_TRANSFORMER, "num_layers": double,
-                                      "num_single_layers": single})
+    cls, config = ((ChromaTransformer2DModel, CHROMA_TRANSFORMER) if chroma
+                   else (FluxTransformer2DModel, FLUX_1_DEV_TRANSFORMER))
+    model = cls(**{**config, "num_layers": double, "num_single_layers": single})
     torch.set_default_dtype(torch.float32)
     return model
 
 
-def step(setting: str, double: int, single: int, steps: int) -> dict:
+def step(setting: str, double: int, single: int, steps: int, chroma: bool = False) -> dict:
     """Runs in a child process: one setting at one block count."""
     from diffusers.training_utils import cast_training_params
 
     from lorapipe.core import adapters
     from lorapipe.diffusion import lora
+    from lorapipe.diffusion.families import chroma as chroma_family
     from lorapipe.diffusion.families.flux import FAMILY, FLUX_1_DEV_SCHEDULER
     from lorapipe.diffusion.objectives import FlowMatching, FlowSettings, diffusion_loss
+
+    family = chroma_family.FAMILY if chroma else FAMILY
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     bf16 = setting.startswith("bf16")
     start = time.perf_counter()
-    transformer = _transformer(double, single, torch.bfloat16 if bf16 else torch.float32)
+    transformer = _transformer(double, single, torch.bfloat16 if bf16 else torch.float32,
+                               chroma)
     lora.attach({"transformer": transformer}, {"transformer": lora.lora_config(
-        adapters.Shape(rank=16, alpha=16), FAMILY.targets("attn")["transformer"])}, FAMILY)
+        adapters.Shape(rank=16, alpha=16), family.targets("attn")["transformer"])}, family)
     if bf16:  # frozen base in bf16, trainable LoRA in fp32, as train.mixed_precision: bf16
         cast_training_params(transformer, dtype=torch.float32)
     if setting.endswith("+ckpt"):
@@ -91,7 +102,10 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
                              FlowSettings("sigmoid", 0.0, 1.0, 1.0, 1.0, True, "none", 1.0))
     cond = {"text_states": torch.randn(1, 512, 4096, device=device),
             "pooled": torch.randn(1, 768, device=device)}
-    predict = FAMILY.predictor(transformer, cond, objective)
+    if chroma:  # T5 only, its mask over all 512 tokens
+        cond = {"text_states": cond["text_states"], "text_mask": torch.ones(1, 512,
+                                                                            device=device)}
+    predict = family.predictor(transformer, cond, objective)
     latents = torch.randn(1, 16, 128, 128, device=device)  # 1024 px: 64x64 packed tokens
     params = [p for p in transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -104,7 +118,8 @@ def step(setting: str, double: int, single: int, steps: int) -> dict:
     # --steps 0: the first step is the measurement (on this CPU one real-width step takes
     # minutes; the warm-up's extra cost is small beside it), said in the result
     measured = times[1:] or times
-    out = {"setting": setting, "double": double, "single": single, "device": device,
+    out = {"model": "chroma" if chroma else "flux", "setting": setting, "double": double,
+           "single": single, "device": device,
            "s_per_step": sum(measured) / len(measured), "first_step_only": not times[1:],
            "warmup_s": times[0], "build_s": build_s,
            "params_m": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 1),
@@ -200,6 +215,7 @@ def main() -> None:
     parser.add_argument("--blocks", default=BLOCKS)
     parser.add_argument("--full", action="store_true", help="19:38 blocks (a GPU)")
     parser.add_argument("--single-file", action="store_true")
+    parser.add_argument("--chroma", action="store_true", help="Chroma1-HD's transformer")
     parser.add_argument("--limit-gib", type=float, default=22.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "results" / "flux_step.json"))
@@ -208,7 +224,7 @@ def main() -> None:
         report.limit_address_space(args.limit_gib)
         setting, blocks = args.child.split("@")
         double, single = map(int, blocks.split(":"))
-        print(json.dumps(step(setting, double, single, args.steps)))
+        print(json.dumps(step(setting, double, single, args.steps, args.chroma)))
         return
     if args.single_file:
         result = single_file()
@@ -223,14 +239,19 @@ def main() -> None:
             d, s = map(int, block.split(":"))
             rows.append(report.child_row(
                 __file__, f"{setting}@{block}",
-                ["--steps", str(args.steps), "--limit-gib", str(args.limit_gib)],
+                ["--steps", str(args.steps), "--limit-gib", str(args.limit_gib)]
+                + (["--chroma"] if args.chroma else []),
                 {"setting": setting, "double": d, "single": s}))
             print(json.dumps(rows[-1]), flush=True)
     extrapolated = [e for s in args.settings.split(",") if (e := extrapolate(rows, s))]
-    result = {"benchmark": "flux_step", "steps": args.steps, "torch": torch.__version__,
+    if args.chroma and args.out == str(HERE / "results" / "flux_step.json"):
+        args.out = str(HERE / "results" / "chroma_step.json")
+    result = {"benchmark": "chroma_step" if args.chroma else "flux_step", "steps": args.steps,
+              "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(),
               "limit_gib": args.limit_gib, "rows": rows, "extrapolated": extrapolated}
-    report.table(f"FLUX.1-dev transformer (width 3072) LoRA step, 4096 image + 512 text "
+    report.table(f"{'Chroma1-HD' if args.chroma else 'FLUX.1-dev'} transformer (width 3072) "
+                 f"LoRA step, 4096 image + 512 text "
                  f"tokens, batch 1, torch {torch.__version__}",
                  [("setting", "setting", "<10"), ("double", "double", ">6"),
                   ("single", "single", ">6"), ("s/step", "s_per_step", ">8.1f"),

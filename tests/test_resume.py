@@ -38,6 +38,10 @@ FILES = ("lora/pytorch_lora_weights.safetensors", "lora/lorapipe.safetensors",
 
 
 def start(root: Path, cache: Path, **env) -> subprocess.Popen:
+    # a run registry of the run's own (unless given): alone there, every run of this file
+    # takes the same automatic thread count whatever else runs on the machine, so their
+    # bytes compare (lorapipe.core.threads)
+    env.setdefault("LORAPIPE_RUNS_DIR", str(root.parent / f"runs-{root.name}"))
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--cache", str(cache), "--out", "lora",
          "--live", "dvclive", "--logs", "logs", "--checkpoints", "ckpt", "--health", "health.md"],
