@@ -298,3 +298,22 @@ def test_a_v_prediction_zero_snr_single_file_trains_as_such(tmp_path, example_pr
 
     assert (image == direct(ZTSNR_GUIDANCE_RESCALE)).all()
     assert (image != direct(0.0)).any()
+
+
+def test_zero_snr_holds_on_a_base_whose_scheduler_has_no_switch_for_it():
+    """SD 1.x/2.x folders come with PNDM, which has no rescale_betas_zero_snr and would drop
+    it: the schedule is rebuilt as Euler, so the objective trains at zero terminal SNR; a base
+    left as it is keeps its own scheduler object."""
+    from diffusers import PNDMScheduler
+
+    from lorapipe.diffusion.families import sd
+    from lorapipe.diffusion.objectives import DDPM
+
+    pipe = sd.build_tiny_sd()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    sd.FAMILY.set_schedule(pipe, "v_prediction", "zero_terminal_snr", set())
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    assert DDPM.from_pipeline(pipe).scheduler.alphas_cumprod[-1] == 0
+    untouched = pipe.scheduler
+    sd.FAMILY.set_schedule(pipe, "auto", "auto", set())
+    assert pipe.scheduler is untouched

@@ -4,9 +4,11 @@ kohya's `lora_unet_` names, and the lora.targets presets over diffusers' UNet mo
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
+from diffusers import EulerDiscreteScheduler
 from diffusers.utils import convert_unet_state_dict_to_peft
 
 from lorapipe.core.errors import LorapipeError
@@ -50,11 +52,18 @@ class UNetFamily(Family):
                 f"the base's noise schedule has zero terminal SNR but it predicts {prediction}; "
                 "zero SNR needs v-prediction: set model.prediction_type to v_prediction (or "
                 "model.noise_schedule to default)")
+        if (prediction, zero_snr) == (config.prediction_type,
+                                      bool(config.get("rescale_betas_zero_snr"))):
+            return
         changes = {"prediction_type": prediction, "rescale_betas_zero_snr": zero_snr}
         if zero_snr:
             changes["timestep_spacing"] = "trailing"
-        if any(config.get(k) != v for k, v in changes.items()):
-            pipe.scheduler = type(pipe.scheduler).from_config(config, **changes)
+        cls = type(pipe.scheduler)
+        if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+            # PNDM (SD 1.x/2.x folders) has no zero-SNR switch and would drop it from its
+            # config; Euler, which sampling builds from this config anyway, keeps it
+            cls = EulerDiscreteScheduler
+        pipe.scheduler = cls.from_config(config, **changes)
 
     def sampling_kwargs(self, settings, scheduler_config):
         kwargs = super().sampling_kwargs(settings, scheduler_config)
