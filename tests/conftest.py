@@ -43,33 +43,6 @@ def _pin_xdist_worker() -> list[int] | None:
 PINNED = _pin_xdist_worker()
 
 
-def _on_machine_cores(marked: bool):
-    if PINNED is None or not marked:
-        yield
-        return
-    os.sched_setaffinity(0, MACHINE_CPUS)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, PINNED)
-
-
-# Tests marked machine_cores run (with their subprocesses) on all of the machine's cores:
-# runs of two processes, one thread each (a pinned core would serialise them), and the
-# resume tests, which need a second core to show a resumed run keeping its thread count
-# when another run arrives. Their thread counts stay their own (the worker's registry), so
-# their byte-for-byte comparisons hold. A marked module (pytestmark) is on them for its
-# module fixtures too.
-@pytest.fixture(autouse=True, scope="module")
-def _machine_cores_module(request):
-    yield from _on_machine_cores(any(m.name == "machine_cores"
-                                     for m in request.node.own_markers))
-
-
-@pytest.fixture(autouse=True)
-def _machine_cores_test(request):
-    yield from _on_machine_cores(any(m.name == "machine_cores"
-                                     for m in request.node.own_markers))
 # the WebUI file of a run with lora.name "" outside `dvc exp run`
 WEBUI_FILE = "lorapipe.safetensors"
 

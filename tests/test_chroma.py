@@ -188,3 +188,23 @@ def test_a_saved_chroma_folder_trains(tmp_path, example_processed):
                tmp_path / "cache", str(folder))
     result = train_in(run, tmp_path / "cache", train__max_steps=4, model__base=str(folder))
     assert result.summary["model"]["family"] == "chroma"
+
+
+def test_checkpointing_recomputes_each_block_with_the_text_mask():
+    """diffusers' own switch drops the mask in checkpointed single blocks; the family's
+    checkpointing runs each block twice (forward, then recomputed in backward), with it."""
+    pipe = build_tiny_chroma()
+    transformer, calls = pipe.transformer, []
+    block = transformer.single_transformer_blocks[0]
+    original = block.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("attention_mask") is not None)
+        return original(*args, **kwargs)
+
+    block.forward = counting
+    chroma.FAMILY.enable_gradient_checkpointing(transformer)
+    cond = {"text_states": torch.randn(1, 7, 32), "text_mask": torch.ones(1, 7)}
+    predict = chroma.FAMILY.predictor(transformer, cond)
+    predict(torch.randn(1, 16, 8, 8), torch.tensor([0.5])).square().mean().backward()
+    assert calls == [True, True]

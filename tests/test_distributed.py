@@ -17,9 +17,6 @@ from safetensors.torch import load_file
 from conftest import REPO, make_params, run_dirs
 from lorapipe.diffusion.cache import load_cache
 
-# two-process runs, and resumes that need a second core (conftest)
-pytestmark = pytest.mark.machine_cores
-
 STEPS = 16
 # a text-encoder LoRA trained on shuffled, dropped captions: drawn per global batch
 TEXT = {"lora__text_encoder": True, "train__captions": {

@@ -435,7 +435,6 @@ def test_a_killed_llm_run_resumes_to_the_same_bytes(tmp_path, llm_cache):
         assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
 
 
-@pytest.mark.machine_cores  # two processes (conftest)
 def test_two_llm_processes_match_one_at_the_same_global_batch(tmp_path, llm_cache):
     multi, single = run_dirs(tmp_path, "multi", "single")
     common = {**LLM, "train__max_steps": 16, "train__validation__every": 8,

@@ -473,7 +473,6 @@ def test_a_diverged_loha_run_keeps_its_last_good_peft_folders(tmp_path, example_
     assert any("hada_w1_a" in k for k in saved)
 
 
-@pytest.mark.machine_cores  # two processes (conftest)
 def test_two_processes_match_one_with_a_lycoris_method(tmp_path, example_cache):
     from test_distributed import losses, train_stage
 

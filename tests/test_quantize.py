@@ -215,7 +215,6 @@ def test_the_sample_stage_holds_the_base_as_training_did(quantized_run, plain_ba
     assert base != with_lora and base != plain_base_image
 
 
-@pytest.mark.machine_cores  # two processes (conftest)
 def test_two_processes_train_on_a_float8_base(tmp_path, example_cache):
     """DDP leaves the frozen base out of its start-up broadcast (gloo cannot send float8),
     the LoRA's gradients still averaged: both processes end with the main process's LoRA."""

@@ -20,9 +20,6 @@ from test_distributed import TEXT, losses
 from conftest import REPO, SAME_DATA_DIR, make_params, run_dirs
 from lorapipe.core.params import ParamsError
 
-# two-process runs, and resumes that need a second core (conftest)
-pytestmark = pytest.mark.machine_cores
-
 SHARDED = {"train__num_processes": 2, "train__batch_size": 2, "train__fsdp": True}
 HEADER = re.compile(r"frozen base sharded over 2 processes \(train\.fsdp: FSDP2, (\d+) units\)")
 

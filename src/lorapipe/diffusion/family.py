@@ -69,6 +69,10 @@ class Family:
         scheduler ("auto": as the base says; marks: a single file's tensor names, where
         v_pred / ztsnr say it). Flow-matching families have neither (params refuse them)."""
 
+    def enable_gradient_checkpointing(self, denoiser) -> None:
+        """train.gradient_checkpointing on the denoiser (diffusers' own switch)."""
+        denoiser.enable_gradient_checkpointing()
+
     def trained_text_encoders(self) -> tuple[str, ...]:
         return tuple(self.lora_text_encoders or self.text_encoders)
 

@@ -136,7 +136,7 @@ class DiffusionRecipe(Recipe):
         half_precision([denoiser, *encoders.values()], self.accelerator.mixed_precision)
         self.n_quantized += quantize.after_adapter(denoiser, mode, compute)
         if p.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            self.family.enable_gradient_checkpointing(denoiser)
             for name in self.text_trained:
                 encoders[name].gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})

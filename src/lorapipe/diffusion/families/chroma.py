@@ -16,10 +16,12 @@ kohya's Chroma loaders read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import (
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -74,6 +76,14 @@ class Chroma(Flux):
 
     def trained_text_encoders(self) -> tuple[str, ...]:
         return ()
+
+    def enable_gradient_checkpointing(self, denoiser) -> None:
+        # diffusers 0.42's ChromaTransformer2DModel drops the attention mask when it
+        # checkpoints its single-stream blocks (its forward passes the mask only on the path
+        # without checkpointing), so its switch would train another model: every block is
+        # checkpointed here instead, with all of its arguments
+        for block in [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]:
+            block.forward = functools.partial(_checkpointed, block.forward)
 
     def token_limit(self, name: str, tokenizer) -> int:
         return self.t5_tokens
@@ -156,6 +166,13 @@ class Chroma(Flux):
         return {"v2": False, "v_pred": False, "version": KOHYA_CHROMA,
                 "architecture": ARCH_CHROMA, "implementation": CHROMA_IMPLEMENTATION,
                 "prediction_type": None, "network_module": "networks.lora_flux"}
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """forward(*args, **kwargs) with its activations recomputed in the backward pass."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def build_tiny_chroma() -> ChromaPipeline:
