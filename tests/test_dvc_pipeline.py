@@ -246,10 +246,11 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]
     assert "train: flux base builtin:tiny-flux;" in out and "train: 3 buckets" in out
 
-    # and SD3 and Chroma, a family module each
+    # and SD3 and Chroma, a family module each (shorter runs: the suite's time)
     for family in ("sd3", "chroma"):
         out = sh("dvc", "exp", "run", "-S", f"model.base=builtin:tiny-{family}", "-S",
-                 "train.learning_rate=5e-3", "-n", family)
+                 "train.learning_rate=5e-3", "-S", "train.max_steps=100", "-S",
+                 "sample.steps=4", "-n", family)
         assert ran(out) == ["params", "validate", "encode", "train", "sample"]
         assert f"train: {family} base builtin:tiny-{family};" in out
 
