@@ -208,6 +208,12 @@ def example_cache_chroma(example_processed):
 
 
 @pytest.fixture(scope="session")
+def example_cache_qwen_image(example_processed):
+    """The example data encoded with the builtin Qwen-Image model, once."""
+    return _encoded(example_processed, "qwen-image")
+
+
+@pytest.fixture(scope="session")
 def bucketed_cache(example_processed_buckets):
     """The bucketed example encoded with the builtin SD model."""
     return _encoded(example_processed_buckets, "sd")
@@ -348,6 +354,7 @@ SDXL = {"model__base": "builtin:tiny-sdxl"}
 FLUX = {"model__base": "builtin:tiny-flux"}
 SD3 = {"model__base": "builtin:tiny-sd3"}
 CHROMA = {"model__base": "builtin:tiny-chroma"}
+QWEN_IMAGE = {"model__base": "builtin:tiny-qwen-image"}
 
 
 @pytest.fixture(params=["sd", "sdxl", "flux", "sd3", "chroma"])

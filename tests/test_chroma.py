@@ -16,7 +16,7 @@ from test_flux import bfl_checkpoint, bfl_shapes
 
 from conftest import CHROMA, WEBUI_FILE, run_dirs, train_in
 from lorapipe.core.errors import LorapipeError
-from lorapipe.diffusion import families
+from lorapipe.diffusion import families, family_list
 from lorapipe.diffusion.families import chroma, flux
 from lorapipe.diffusion.families.chroma import CHROMA_TRANSFORMER, build_tiny_chroma
 
@@ -166,11 +166,11 @@ def test_chroma_single_files_are_told_apart_from_flux(tmp_path):
          "num_layers": 2, "num_single_layers": 2, "guidance_embeds": False}
     names = {k: torch.zeros(1) for k in bfl_checkpoint(c, "cpu") if "_mod." not in k
              and "modulation" not in k and not k.startswith("vector_in")}
-    names[chroma.CHROMA_MARKER] = torch.zeros(1)
+    names[family_list.CHROMA_MARKER] = torch.zeros(1)
     save_file({f"model.diffusion_model.{k}": v for k, v in names.items()},
               str(tmp_path / "Chroma1-HD.safetensors"))
     assert families.detect(tmp_path / "Chroma1-HD.safetensors", "x").name == "chroma"
-    del names[chroma.CHROMA_MARKER]
+    del names[family_list.CHROMA_MARKER]
     save_file(names, str(tmp_path / "flux.safetensors"))
     assert families.detect(tmp_path / "flux.safetensors", "x").name == "flux"
     with pytest.raises(LorapipeError, match="set model.config to a diffusers Chroma folder"):

@@ -141,7 +141,6 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
     files = [r["file_name"] for r in rows]
     captions = [r["text"] for r in rows]
     vae = pipe.vae.eval()
-    shift, scale = family.latent_scale(vae.config)
     by_size: dict[str, list[int]] = {}
     m = family.size_multiple
     for i, name in enumerate(files):
@@ -160,10 +159,7 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
             for start in range(0, len(members), batch_size):
                 names = [files[i] for i in members[start:start + batch_size]]
                 pixels = torch.stack([image_tensor(folder / name) for name in names])
-                # The posterior mean: a random-init VAE has posterior std ~1, so a sample
-                # would be mostly noise; for trained VAEs the std is tiny and mean ~ sample.
-                # shift 0.0 (no shift_factor) leaves every value as it was, -0.0 included
-                z = (vae.encode(pixels).latent_dist.mode() - shift) * scale
+                z = family.encode_latents(vae, pixels)
                 for name, latent in zip(names, z, strict=True):
                     if not torch.isfinite(latent).all():
                         raise LorapipeError(
@@ -181,20 +177,30 @@ def encode_dataset(pipe, folder: str | Path, batch_size: int,
             conds.append(cond)
             tokens.append(ids)
             bar.update(min(batch_size, len(rows) - start))
-    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    cond = {k: _cat_padded([c[k] for c in conds]) for k in conds[0]}
     cond.update(family.image_conditioning(rows))
     latents = Latents(buckets, where)
     common = next(iter(latents.histogram()))  # the most frequent size: samples use it
     width, height = map(int, common.split("x"))
     layout = folder / buckets_module.LAYOUT_FILE
-    meta = {"scaling_factor": scale, **({"shift_factor": shift} if shift else {}),
-            "image_size": [height, width], "truncated": truncated,
+    meta = {**family.latent_meta(vae.config), "image_size": [height, width], "truncated": truncated,
             "family": family.name, "buckets": latents.histogram(),
             "layout": json.loads(layout.read_text()) if layout.exists() else {},
             # each image's file in data.dir, as metadata.csv names it: the reports name it
             "sources": [r.get("source") or r["file_name"] for r in rows]}
     return Cache(latents, cond, {k: torch.cat([t[k] for t in tokens]) for k in tokens[0]},
                  files, captions, meta)
+
+
+def _cat_padded(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of one conditioning tensor in one, the sequences zero-padded at the end to the
+    longest: a family whose text conditioning is as long as its batch's longest caption
+    (Qwen-Image, whose pipeline pads so) masks the padding, which zeros are, as its pipeline
+    pads them."""
+    longest = max(c.shape[1] for c in chunks) if chunks[0].dim() > 1 else None
+    return torch.cat([c if longest is None or c.shape[1] == longest else
+                      torch.nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, longest - c.shape[1]))
+                      for c in chunks])
 
 
 TOKENS = "tokens."  # the key prefix of the token ids in the cache file

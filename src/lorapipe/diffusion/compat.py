@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.core.compat import Row
+from lorapipe.diffusion import family_list
 
 # what diffusers' load_lora_weights reads in peft's format (diffusers/loaders/peft.py,
 # diffusers/utils/peft_utils.py get_peft_kwargs: use_dora from `lora_magnitude_vector`);
@@ -20,27 +21,14 @@ DIFFUSERS_METHODS = ("lora", "dora")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",
-          "chroma": "Chroma"}
-# the markers families.detect reads, without importing diffusers (families.flux.BFL_MARKER,
-# families.sdxl.SDXL.owns_single_file)
-FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
-SD3_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # families.sd3.MMDIT_MARKER
-CHROMA_MARKER = "distilled_guidance_layer.in_proj.bias"  # families.chroma.CHROMA_MARKER
-SDXL_MARKER = "conditioner.embedders.1.model."
-PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-             "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "ChromaPipeline": "chroma"}
-BUILTINS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl", "builtin:tiny-flux": "flux",
-            "builtin:tiny-sd3": "sd3", "builtin:tiny-chroma": "chroma"}
-# the families whose WebUI names fuse q, k and v into one module (families.*.to_webui), and
-# the kohya network module that reads their files
-FUSED = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3",
-         "chroma": "networks.lora_flux"}
+TITLES = {f.name: f.title for f in family_list.FAMILIES}
+PIPELINES = {f.pipeline: f.name for f in family_list.FAMILIES}
+BUILTINS = {f.builtin: f.name for f in family_list.FAMILIES}
 
 
 @dataclass(frozen=True)
 class ImageAdapter:
-    family: str  # sd, sdxl, flux, sd3, chroma
+    family: str  # family_list.Facts.name: sd, sdxl, flux, sd3, chroma, qwen-image
     method: str  # lora.method
     rank: int
     conv_rank: int  # LoCon's; 0 = none
@@ -53,7 +41,7 @@ def webui_refusal(family: str, method: str) -> str | None:
     single blocks' MLP input) into one BFL module: a LoRA fuses exactly (stacked down,
     block-diagonal up: families.flux.Flux.to_webui), a Hadamard or Kronecker product of
     parts does not, and a fused DoRA's magnitude is not written by lorapipe yet."""
-    if family in FUSED and method != "lora":
+    if family_list.BY_NAME[family].fused_webui and method != "lora":
         return (f"{TITLES[family]}'s WebUI names fuse q, k and v into one module, which a "
                 f"{method} adapter of the separate projections cannot be written as")
     return None
@@ -72,11 +60,8 @@ def family_of(base: str, root: Path) -> str:
         keys = _header(path)
     except (OSError, ValueError):
         return "sd"
-    for marker, family in ((CHROMA_MARKER, "chroma"), (FLUX_MARKER, "flux"),
-                           (SD3_MARKER, "sd3")):
-        if any(k == marker or k.endswith("." + marker) for k in keys):
-            return family
-    return "sdxl" if any(k.startswith(SDXL_MARKER) for k in keys) else "sd"
+    found = family_list.single_file_family(set(keys))
+    return found.name if found is not None else "sd"
 
 
 def from_params(params, root: Path) -> ImageAdapter:
@@ -182,10 +167,11 @@ def _comfyui(a: ImageAdapter) -> Row:
 def _a1111(a: ImageAdapter) -> Row:
     if not a.webui:
         return _no_webui("A1111/Forge", a)
-    if a.family == "flux":
-        return Row("A1111/Forge", "caveat", "AUTOMATIC1111 has no Flux.1; Forge loads the "
-                   "WebUI file", "use Forge (or ComfyUI)")
-    if a.family in ("sd3", "chroma"):
+    support = family_list.BY_NAME[a.family].a1111
+    if support == "forge":
+        return Row("A1111/Forge", "caveat", f"AUTOMATIC1111 has no {TITLES[a.family]}; Forge "
+                   "loads the WebUI file", "use Forge (or ComfyUI)")
+    if support == "no":
         # neither A1111's extensions-builtin/Lora nor Forge's loaders know these models
         return Row("A1111/Forge", "no", f"neither AUTOMATIC1111 nor Forge runs "
                    f"{TITLES[a.family]}", "load the WebUI file in ComfyUI (or SwarmUI, which "
@@ -215,5 +201,9 @@ def _kohya(a: ImageAdapter) -> Row:
     if a.conv_rank:
         return Row("kohya", "ok", "networks.lora with its LoCon switch",
                    f"--network_args conv_dim={a.conv_rank} (ss_network_args says so)")
-    module = FUSED.get(a.family, "networks.lora")
-    return Row("kohya", "ok", f"{module}: --network_weights to continue, merge_lora.py to merge")
+    known = family_list.BY_NAME[a.family]
+    if known.trainer != "kohya's sd-scripts":
+        return Row("kohya", "ok", f"{known.trainer}'s {known.network_module} reads it: "
+                   "--network_weights to continue")
+    return Row("kohya", "ok", f"{known.network_module}: --network_weights to continue, "
+               "merge_lora.py to merge")

@@ -41,8 +41,9 @@ class Family:
     # text encoder -> how many of its last layers the conditioning never uses (SDXL reads the
     # penultimate layer of its first encoder): they get no LoRA, which would never train
     unused_text_layers: dict[str, int] = {}
-    # the text encoders lora.text_encoder trains (None: all of them)
+    # the text encoders lora.text_encoder trains (None: all of them); with none, why not
     lora_text_encoders: tuple[str, ...] | None = None
+    no_text_lora = ""
     # whether diffusers' reader of this family's kohya files multiplies alpha / rank into the
     # weights it returns (lora.init must then not scale them again)
     reader_bakes_alpha = False
@@ -74,7 +75,8 @@ class Family:
         denoiser.enable_gradient_checkpointing()
 
     def trained_text_encoders(self) -> tuple[str, ...]:
-        return tuple(self.lora_text_encoders or self.text_encoders)
+        return tuple(self.text_encoders if self.lora_text_encoders is None
+                     else self.lora_text_encoders)
 
     def build_builtin(self):
         """The seeded builtin pipeline (params: model.base builtin:tiny-...)."""
@@ -107,9 +109,18 @@ class Family:
         VAE's shift_factor where it has one (Flux's VAE) and its scaling_factor."""
         return getattr(vae_config, "shift_factor", None) or 0.0, vae_config.scaling_factor
 
-    def owns_single_file(self, keys: set[str]) -> bool:
-        """Whether a single-file checkpoint with these tensor names is of this family."""
-        raise NotImplementedError
+    def encode_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """The cached latents of images in [-1, 1] ([B, 3, H, W]): the VAE's posterior mean
+        (a random-init VAE has posterior std ~1, so a sample would be mostly noise; a trained
+        one's is tiny), shifted and scaled by latent_scale ([B, C, H/8, W/8])."""
+        shift, scale = self.latent_scale(vae.config)
+        # shift 0.0 (no shift_factor) leaves every value as it was, -0.0 included
+        return (vae.encode(pixels).latent_dist.mode() - shift) * scale
+
+    def latent_meta(self, vae_config) -> dict:
+        """What the cache file records of the latents' normalisation."""
+        shift, scale = self.latent_scale(vae_config)
+        return {"scaling_factor": scale, **({"shift_factor": shift} if shift else {})}
 
     def single_file_variant(self, keys: set[str]) -> str | None:
         """The variant a single file is of (specialize's), from its tensor names."""

@@ -88,9 +88,8 @@ class DiffusionRecipe(Recipe):
                                              "train.min_snr_gamma": p.min_snr_gamma},
                             family.title)
         if lp.text_encoder and not family.trained_text_encoders():
-            problems.append(f"lora.text_encoder: {family.title}'s only text encoder is T5-XXL, "
-                            "which lorapipe gives no LoRA (as kohya); set lora.text_encoder: "
-                            "false")
+            problems.append(f"lora.text_encoder: {family.no_text_lora}; set "
+                            "lora.text_encoder: false")
         if problems:
             raise LorapipeError("; ".join(problems))
         # what the base is for the WebUI metadata; kohya's ss_zero_terminal_snr beside it

@@ -7,24 +7,19 @@ import json
 from pathlib import Path
 
 from lorapipe.core.params import TaskRules
+from lorapipe.diffusion import family_list
 
-BUILTINS = ("builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux", "builtin:tiny-sd3",
-            "builtin:tiny-chroma")
+BUILTINS = tuple(f.builtin for f in family_list.FAMILIES)
 
 
-# what a flow-matching family (Flux, SD3) refuses, and what to use instead
-# (their Family.refused; checked here where the base's family is known without loading)
+# what a flow-matching family refuses, and what to use instead (their Family.refused;
+# checked here where the base's family is known without loading)
 FLOW_MATCHING_REFUSED = {
     "train.noise_offset": "offset noise is a DDPM notion; flow matching shapes its noise levels "
                           "with train.flow.timestep_sampling and train.flow.shift",
     "train.min_snr_gamma": "Min-SNR weights DDPM timesteps; flow matching weights its noise "
                            "levels with train.flow.weighting (sigma_sqrt, cosmap)",
 }
-# the flow-matching families' pipelines and builtins -> their titles in messages
-FLOW_MATCHING_CLASSES = {"FluxPipeline": "Flux.1", "StableDiffusion3Pipeline": "SD3",
-                         "ChromaPipeline": "Chroma"}
-FLOW_MATCHING_BUILTINS = {"builtin:tiny-flux": "Flux.1", "builtin:tiny-sd3": "SD3",
-                          "builtin:tiny-chroma": "Chroma"}
 
 
 def refusals(refused: dict[str, str], v: dict[str, object], family: str) -> list[str]:
@@ -39,14 +34,15 @@ def _flow_matching_base(base: object) -> str | None:
     the train stage)."""
     if not isinstance(base, str):
         return None
-    if base in FLOW_MATCHING_BUILTINS:
-        return FLOW_MATCHING_BUILTINS[base]
-    index = Path(base) / "model_index.json"
-    try:
-        return FLOW_MATCHING_CLASSES.get(json.loads(index.read_text(encoding="utf-8")).get(
-            "_class_name"))
-    except (OSError, ValueError, AttributeError):
-        return None
+    found = family_list.BY_BUILTIN.get(base)
+    if found is None:
+        index = Path(base) / "model_index.json"
+        try:
+            found = family_list.BY_PIPELINE.get(json.loads(index.read_text(encoding="utf-8")).get(
+                "_class_name"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return found.title if found is not None and found.flow_matching else None
 
 
 # the LLM task's adapter switches (peft's, for causal LMs): refused here, not ignored

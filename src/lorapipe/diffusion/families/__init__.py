@@ -7,11 +7,11 @@ stage caches as conditioning, which component is its denoiser ("unet" or "transf
 which extra inputs it takes, its training objective (lorapipe.diffusion.objectives), how its
 WebUI export names modules and describes the base, and which pipeline samples it. The
 training loop, the cache, the export and the sample stage only talk to this interface, so
-the next family (Flux, SD3) is one more module here and one line in `all_families`
-(families.unet holds what the UNet families share).
+the next family is one more module here and one entry in the family list,
+lorapipe.diffusion.family_list.FAMILIES (families.unet holds what the UNet families share).
 
 Detection (`detect`) needs no weights: the builtin's name, a diffusers folder's
-model_index.json, or a single file's tensor names.
+model_index.json, or a single file's tensor names (family_list.single_file_family).
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ import json
 from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.diffusion import family_list
 from lorapipe.diffusion.family import Family  # noqa: F401  (the interface, for its users)
 
 
 def all_families() -> list[Family]:
-    # imported here: the family modules import diffusers, which this module must not need
-    from lorapipe.diffusion.families import chroma, flux, sd, sd3, sdxl
+    """The family list's families (lorapipe.diffusion.family_list.FAMILIES), in its order."""
+    # imported here: the family modules import diffusers, which this module must not need;
+    # by name, so that dvc.yaml's dependencies (tests/test_dvc_yaml.py) see them
+    from lorapipe.diffusion.families import chroma, flux, qwen_image, sd, sd3, sdxl
 
-    # single files are matched in this order: Chroma's marker before Flux's (its files have
-    # Flux's blocks too), the transformers' before SD's layout
-    return [chroma.FAMILY, flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd.FAMILY]
+    loaded = {m.FAMILY.name: m.FAMILY for m in (chroma, flux, qwen_image, sd, sd3, sdxl)}
+    return [loaded[f.name] for f in family_list.FAMILIES]
 
 
 def by_name(name: str) -> Family:
@@ -61,10 +63,9 @@ def detect(path: Path, name: str) -> Family:
         raise LorapipeError(
             f"model.base: {name!r} is a {cls or 'unknown'} folder; lorapipe trains "
             + ", ".join(c for f in families for c in f.diffusers_classes))
-    keys = single_file_keys(path, name)
-    for family in families:
-        if family.owns_single_file(keys):
-            return family
+    found = family_list.single_file_family(single_file_keys(path, name))
+    if found is not None:
+        return by_name(found.name)
     raise LorapipeError(
         f"model.base: {name!r} holds no Stable Diffusion UNet (no "
         "'model.diffusion_model.*' tensors), no Flux.1 transformer (no 'double_blocks.*') and "

@@ -40,10 +40,8 @@ from lorapipe.diffusion.families.flux import (
     _preset,
 )
 from lorapipe.diffusion.families.tiny import TINY_SEED, tiny_t5_tokenizer, tiny_vae16
+from lorapipe.diffusion.family_list import BY_NAME
 
-# a tensor of Chroma's BFL-layout file only (Flux's has no distilled guidance layer), with
-# or without ComfyUI's prefix: diffusers' single-file detection reads the same one
-CHROMA_MARKER = "distilled_guidance_layer.in_proj.bias"
 T5_TOKENS = 512  # ChromaPipeline's max_sequence_length (kohya: t5xxl_max_token_length)
 KOHYA_CHROMA = "chroma"  # kohya's ss_base_model_version for --model_type chroma
 ARCH_CHROMA = "chroma"  # the model spec's architecture id kohya writes for it
@@ -57,15 +55,15 @@ class Chroma(Flux):
     variant: str = "chroma"  # no guidance input: Flux's predictor passes none
     t5_tokens: int = T5_TOKENS
 
-    name = "chroma"
-    builtin = "builtin:tiny-chroma"
+    facts = BY_NAME["chroma"]  # its entry in the family list
+    name, builtin, title = facts.name, facts.builtin, facts.title
+    diffusers_classes = (facts.pipeline,)
     pipeline_class = ChromaPipeline
-    diffusers_classes = ("ChromaPipeline",)
     cond_keys = ("text_states", "text_mask")
-    title = "Chroma"
     example = "Chroma1-HD"
     text_encoders = {"text_encoder": "tokenizer"}  # T5-XXL only
     lora_text_encoders = ()  # T5 gets no LoRA: lora.text_encoder is refused (recipe)
+    no_text_lora = "Chroma's only text encoder is T5-XXL, which lorapipe gives no LoRA (as kohya)"
     kohya_text_prefixes = {}
 
     def build_builtin(self):
@@ -73,9 +71,6 @@ class Chroma(Flux):
 
     def specialize(self, pipe) -> Chroma:
         return Chroma("chroma", min(T5_TOKENS, pipe.tokenizer.model_max_length))
-
-    def trained_text_encoders(self) -> tuple[str, ...]:
-        return ()
 
     def enable_gradient_checkpointing(self, denoiser) -> None:
         # diffusers 0.42's ChromaTransformer2DModel drops the attention mask when it
@@ -123,9 +118,6 @@ class Chroma(Flux):
     def denoiser_inputs(self, cond):
         return {"encoder_hidden_states": cond["text_states"],
                 "attention_mask": cond["text_mask"]}
-
-    def owns_single_file(self, keys: set[str]) -> bool:
-        return any(k == CHROMA_MARKER or k.endswith("." + CHROMA_MARKER) for k in keys)
 
     def single_file_variant(self, keys: set[str]) -> str:
         return "chroma"

@@ -42,6 +42,7 @@ from lorapipe.diffusion.families.tiny import (
     tiny_vae16,
 )
 from lorapipe.diffusion.family import Family, fused_webui
+from lorapipe.diffusion.family_list import BY_NAME
 from lorapipe.diffusion.objectives import FlowMatching, FlowSettings
 from lorapipe.diffusion.rules import FLOW_MATCHING_REFUSED
 
@@ -52,9 +53,8 @@ BFL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 # T5 tokens per caption, as the pipelines' model cards and kohya (t5xxl_max_token_length)
 # use them; a tokenizer that declares fewer (the builtin's) caps it
 T5_TOKENS = {"dev": 512, "schnell": 256}
-# a tensor of the BFL transformer only: how a single file is recognised, with or without
-# ComfyUI's "model.diffusion_model." prefix; guidance_in exists in dev only
-BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
+# a tensor of dev's BFL transformer only (schnell has no guidance_in), with or without
+# ComfyUI's prefix (the family's own marker: lorapipe.diffusion.family_list)
 BFL_GUIDANCE = "guidance_in.in_layer.weight"
 
 # lora.targets presets as peft regexes (full match on the module name), so that a
@@ -141,10 +141,10 @@ class Flux(Family):
     variant: str = "dev"  # dev (guidance-distilled) or schnell (timestep-distilled)
     t5_tokens: int = T5_TOKENS["dev"]  # T5 tokens per caption, training and sampling alike
 
-    name = "flux"
-    builtin = "builtin:tiny-flux"
+    facts = BY_NAME["flux"]  # its entry in the family list
+    name, builtin, title = facts.name, facts.builtin, facts.title
+    diffusers_classes = (facts.pipeline,)
     pipeline_class = FluxPipeline
-    diffusers_classes = ("FluxPipeline",)
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"
     fuses_webui_modules = True  # BFL's fused qkv and linear1 (to_webui)
@@ -152,7 +152,6 @@ class Flux(Family):
                       "attn.to_out.0")
     cond_keys = ("text_states", "pooled")
     load_kwargs = {}
-    title = "Flux.1"
     example = "FLUX.1-dev"
     text_encoders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     # lora.text_encoder trains CLIP-L only: a T5-XXL LoRA costs T5 per step for little gain,
@@ -221,9 +220,6 @@ class Flux(Family):
         states = encoders["text_encoder_2"](ids["text_encoder_2"],
                                             output_hidden_states=False)[0]
         return {"text_states": states, "pooled": pooled}
-
-    def owns_single_file(self, keys: set[str]) -> bool:
-        return any(k == BFL_MARKER or k.endswith("." + BFL_MARKER) for k in keys)
 
     def single_file_variant(self, keys: set[str]) -> str:
         return "dev" if any(k == BFL_GUIDANCE or k.endswith("." + BFL_GUIDANCE)

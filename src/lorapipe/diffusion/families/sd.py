@@ -9,6 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lorapipe.diffusion.families.tiny import TINY_SEED, tiny_tokenizer, tiny_vae
 from lorapipe.diffusion.families.unet import UNetFamily
+from lorapipe.diffusion.family_list import BY_NAME
 
 # the Stability AI model spec's architecture ids
 ARCH_SD_V1 = "stable-diffusion-v1"
@@ -17,23 +18,18 @@ ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 
 
 class SD(UNetFamily):
-    name = "sd"
-    builtin = "builtin:tiny-sd"
+    facts = BY_NAME["sd"]  # its entry in the family list
+    name, builtin, title = facts.name, facts.builtin, facts.title
+    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusionPipeline
-    diffusers_classes = ("StableDiffusionPipeline",)
     cond_keys = ("text_states",)
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    title = "Stable Diffusion 1.x/2.x"
     example = "SD 1.5"
     text_encoders = {"text_encoder": "tokenizer"}
     kohya_text_prefixes = {"text_encoder": "lora_te_"}
 
     def build_builtin(self):
         return build_tiny_sd()
-
-    def owns_single_file(self, keys: set[str]) -> bool:
-        return ("model.diffusion_model.input_blocks.0.0.weight" in keys
-                and not any(k.startswith("conditioner.") for k in keys))
 
     def encode_tokens(self, encoders, ids):
         # the last hidden state, as StableDiffusionPipeline.encode_prompt (no clip skip)

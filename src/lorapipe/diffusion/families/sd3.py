@@ -37,6 +37,7 @@ from lorapipe.diffusion.families.tiny import (
     tiny_vae16,
 )
 from lorapipe.diffusion.family import Family, fused_webui
+from lorapipe.diffusion.family_list import BY_NAME
 from lorapipe.diffusion.objectives import FlowMatching, FlowSettings
 from lorapipe.diffusion.rules import FLOW_MATCHING_REFUSED
 
@@ -46,8 +47,6 @@ ARCH_SD3_MEDIUM, ARCH_SD35_LARGE, ARCH_SD35_MEDIUM = (
 KOHYA_SD3 = "sd3"  # kohya's ss_base_model_version
 SAI_IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length (kohya: t5xxl_max_token_length)
-# a tensor of the reference MMDiT only, with or without ComfyUI's "model.diffusion_model."
-MMDIT_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"
 
 # diffusers module in a joint block -> (MMDiT module, part, parts)
 _BLOCK = {
@@ -102,10 +101,10 @@ def mmdit_module(module: str, num_layers: int) -> tuple[str, int, int, bool]:
 
 
 class SD3(Family):
-    name = "sd3"
-    builtin = "builtin:tiny-sd3"
+    facts = BY_NAME["sd3"]  # its entry in the family list
+    name, builtin, title = facts.name, facts.builtin, facts.title
+    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusion3Pipeline
-    diffusers_classes = ("StableDiffusion3Pipeline",)
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"
     fuses_webui_modules = True  # the MMDiT's fused qkv (to_webui)
@@ -113,7 +112,6 @@ class SD3(Family):
                       "attn.to_out.0")
     cond_keys = ("text_states", "pooled")
     load_kwargs = {}
-    title = "SD3"
     example = "stable-diffusion-3.5-large"
     text_encoders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2",
                      "text_encoder_3": "tokenizer_3"}
@@ -174,9 +172,6 @@ class SD3(Family):
         clip = torch.cat(states, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"text_states": torch.cat([clip, t5], dim=-2), "pooled": torch.cat(pooled, -1)}
-
-    def owns_single_file(self, keys: set[str]) -> bool:
-        return any(k == MMDIT_MARKER or k.endswith("." + MMDIT_MARKER) for k in keys)
 
     def load_single_file(self, path: Path, config: Path | None, keys: set[str]):
         """The reference-layout file (sd3.5_large.safetensors: the MMDiT, with or without

@@ -20,6 +20,7 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.diffusion import ldm
 from lorapipe.diffusion.families.tiny import TINY_SEED, tiny_tokenizer, tiny_vae
 from lorapipe.diffusion.families.unet import UNetFamily
+from lorapipe.diffusion.family_list import BY_NAME
 
 ARCH_SDXL = "stable-diffusion-xl-v1-base"  # the Stability AI model spec's id
 KOHYA_SDXL = "sdxl_base_v1-0"  # kohya's ss_base_model_version
@@ -28,13 +29,12 @@ TIME_ID_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left",
 
 
 class SDXL(UNetFamily):
-    name = "sdxl"
-    builtin = "builtin:tiny-sdxl"
+    facts = BY_NAME["sdxl"]  # its entry in the family list
+    name, builtin, title = facts.name, facts.builtin, facts.title
+    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusionXLPipeline
-    diffusers_classes = ("StableDiffusionXLPipeline",)
     cond_keys = ("text_states", "pooled", "time_ids")
     load_kwargs = {"add_watermarker": False}
-    title = "SDXL"
     example = "SDXL 1.0"
     text_encoders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     kohya_text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -42,10 +42,6 @@ class SDXL(UNetFamily):
 
     def build_builtin(self):
         return build_tiny_sdxl()
-
-    def owns_single_file(self, keys: set[str]) -> bool:
-        return ("model.diffusion_model.label_emb.0.0.weight" in keys
-                and any(k.startswith("conditioner.embedders.1.model.") for k in keys))
 
     def encode_tokens(self, encoders, ids):
         # StableDiffusionXLPipeline.encode_prompt's computation (no clip skip): both
