@@ -246,8 +246,8 @@ def test_experiment_workflow(repo, tmp_path):
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]
     assert "train: flux base builtin:tiny-flux;" in out and "train: 3 buckets" in out
 
-    # and SD3 and Chroma, a family module each (shorter runs: the suite's time)
-    for family in ("sd3", "chroma"):
+    # and SD3, Chroma and Qwen-Image, a family module each (shorter runs: the suite's time)
+    for family in ("sd3", "chroma", "qwen-image"):
         out = sh("dvc", "exp", "run", "-S", f"model.base=builtin:tiny-{family}", "-S",
                  "train.learning_rate=5e-3", "-S", "train.max_steps=100", "-S",
                  "sample.steps=4", "-n", family)
@@ -257,6 +257,7 @@ def test_experiment_workflow(repo, tmp_path):
     exps = experiments(json.loads(sh("dvc", "exp", "show", "--json")))
     assert exps["sd3"]["metrics"]["model"]["family"] == "sd3"
     assert exps["chroma"]["metrics"]["model"]["family"] == "chroma"
+    assert exps["qwen-image"]["metrics"]["model"]["family"] == "qwen-image"
     assert exps["flux"]["metrics"]["model"]["family"] == "flux"
     assert exps["lrtiny"]["metrics"]["model"]["family"] == "sdxl"
     assert exps["rank16"]["metrics"]["model"]["family"] == "sd"
@@ -274,8 +275,8 @@ def test_experiment_workflow(repo, tmp_path):
         for value in exp["metrics"]["loss"].values():
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
-    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8] + [16] * 6
-    for name, exp in exps.items():  # rank16, steps6, 2 queued, lrtiny (SDXL), flux, sd3, chroma
+    assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8] + [16] * 7
+    for name, exp in exps.items():  # rank16, steps6, 2 queued, lrtiny (SDXL), flux, sd3, chroma, qwen-image
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name
