@@ -357,14 +357,16 @@ CHROMA = {"model__base": "builtin:tiny-chroma"}
 QWEN_IMAGE = {"model__base": "builtin:tiny-qwen-image"}
 
 
-@pytest.fixture(params=["sd", "sdxl", "flux", "sd3", "chroma"])
+@pytest.fixture(params=["sd", "sdxl", "flux", "sd3", "chroma", "qwen-image"])
 def family_run(request):
     """(encoded example cache, params overrides) for each model family's builtin: a test
     using it runs once per family."""
     if request.param == "sd":
         return request.getfixturevalue("example_cache"), {}
-    overrides = {"sdxl": SDXL, "flux": FLUX, "sd3": SD3, "chroma": CHROMA}[request.param]
-    return request.getfixturevalue(f"example_cache_{request.param}"), dict(overrides)
+    overrides = {"sdxl": SDXL, "flux": FLUX, "sd3": SD3, "chroma": CHROMA,
+                 "qwen-image": QWEN_IMAGE}[request.param]
+    cache = request.getfixturevalue(f"example_cache_{request.param.replace('-', '_')}")
+    return cache, dict(overrides)
 
 
 def hold_registration(folder: Path) -> subprocess.Popen:
