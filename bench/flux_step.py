@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -107,25 +106,13 @@ def step(setting: str, double: int, single: int, steps: int, chroma: bool = Fals
                                                                             device=device)}
     predict = family.predictor(transformer, cond, objective)
     latents = torch.randn(1, 16, 128, 128, device=device)  # 1024 px: 64x64 packed tokens
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, loss = report.timed_steps(lambda: diffusion_loss(predict, objective, latents, gen), opt,
-                               steps, device, torch.bfloat16 if bf16 else None)
     # --steps 0: the first step is the measurement (on this CPU one real-width step takes
     # minutes; the warm-up's extra cost is small beside it), said in the result
-    measured = times[1:] or times
-    out = {"model": "chroma" if chroma else "flux", "setting": setting, "double": double,
-           "single": single, "device": device,
-           "s_per_step": sum(measured) / len(measured), "first_step_only": not times[1:],
-           "warmup_s": times[0], "build_s": build_s,
-           "params_m": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 1),
-           "lora_params": sum(p.numel() for p in params), "loss": loss}
-    out.update(report.peak_memory(rss_setup))
-    return out
+    return {"model": "chroma" if chroma else "flux", "setting": setting, "double": double,
+            "single": single, "build_s": build_s, **report.lora_step(
+                transformer, lambda: diffusion_loss(predict, objective, latents, gen), steps,
+                device, torch.bfloat16 if bf16 else None)}
 
 
 def to_bfl(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -73,22 +72,10 @@ def step(setting: str, blocks: int, steps: int) -> dict:
             "text_mask": torch.ones(1, TEXT_TOKENS, device=device)}
     predict = FAMILY.predictor(transformer, cond, objective)
     latents = torch.randn(1, 16, 128, 128, device=device)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, loss = report.timed_steps(lambda: diffusion_loss(predict, objective, latents, gen),
-                                     opt, steps, device, torch.bfloat16 if bf16 else None)
-    measured = times[1:] or times
-    out = {"setting": setting, "blocks": blocks, "device": device,
-           "s_per_step": sum(measured) / len(measured), "first_step_only": not times[1:],
-           "warmup_s": times[0], "build_s": build_s,
-           "params_m": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 1),
-           "lora_params": sum(p.numel() for p in params), "loss": loss}
-    out.update(report.peak_memory(rss_setup))
-    return out
+    return {"setting": setting, "blocks": blocks, "build_s": build_s, **report.lora_step(
+        transformer, lambda: diffusion_loss(predict, objective, latents, gen), steps, device,
+        torch.bfloat16 if bf16 else None)}
 
 
 def extrapolate(rows: list[dict], setting: str) -> dict | None:

@@ -89,3 +89,26 @@ def timed_steps(loss_of, optimizer, steps: int, device: str,
             torch.cuda.synchronize()
         times.append(time.perf_counter() - begin)
     return times, loss.item()
+
+
+def lora_step(model, loss_of, steps: int, device: str, dtype=None) -> dict:
+    """Time a LoRA step on `model` (its trainable parameters under AdamW) after its set-up:
+    s/step over the steps after the warm-up (--steps 0: the warm-up alone), the model's and
+    the LoRA's sizes, the last loss and the peak memory (peak_memory)."""
+    import resource
+
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = timed_steps(loss_of, opt, steps, device, dtype)
+    measured = times[1:] or times
+    out = {"device": device, "s_per_step": sum(measured) / len(measured),
+           "first_step_only": not times[1:], "warmup_s": times[0],
+           "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+           "lora_params": sum(p.numel() for p in params), "loss": loss}
+    out.update(peak_memory(rss_setup))
+    return out
