@@ -79,8 +79,11 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, layout, requ
     assert losses(multi) == pytest.approx(losses(single), abs=1e-5)
     lora_multi = load_file(multi / "lora/pytorch_lora_weights.safetensors")
     lora_single = load_file(single / "lora/pytorch_lora_weights.safetensors")
+    # atol: Adam divides by the gradient's running RMS, so an element whose gradient is
+    # near zero turns a summation-order difference into up to a step's worth (seen: 3.2e-5
+    # on 1 of 256 under a loaded machine); another batch split moves every element by many
     for key, value in lora_single.items():
-        torch.testing.assert_close(lora_multi[key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lora_multi[key], value, rtol=1e-4, atol=5e-5)
 
     # (c) exactly one set of logs and one LoRA
     assert len(list((multi / "logs/tensorboard").iterdir())) == 1
