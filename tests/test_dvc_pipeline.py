@@ -276,7 +276,8 @@ def test_experiment_workflow(repo, tmp_path):
             assert f"{value:.5g}" in cells, (name, row)  # DVC shows 5 significant digits
     assert exps["steps6"]["params"]["sample"]["steps"] == 6
     assert sorted(e["params"]["lora"]["rank"] for e in exps.values()) == [4, 8] + [16] * 7
-    for name, exp in exps.items():  # rank16, steps6, 2 queued, lrtiny (SDXL), flux, sd3, chroma, qwen-image
+    # rank16, steps6, 2 queued, lrtiny (SDXL), flux, sd3, chroma, qwen-image
+    for name, exp in exps.items():
         assert exp["metrics"]["final_average_loss"] > 0, name
         expected = "not_learning" if name == "lrtiny" else "healthy"
         assert exp["metrics"]["health"]["status"] == expected, name
