@@ -197,9 +197,11 @@ def _cat_padded(chunks: list[torch.Tensor]) -> torch.Tensor:
     longest: a family whose text conditioning is as long as its batch's longest caption
     (Qwen-Image, whose pipeline pads so) masks the padding, which zeros are, as its pipeline
     pads them."""
-    longest = max(c.shape[1] for c in chunks) if chunks[0].dim() > 1 else None
-    return torch.cat([c if longest is None or c.shape[1] == longest else
-                      torch.nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, longest - c.shape[1]))
+    if chunks[0].dim() < 2:
+        return torch.cat(chunks)
+    longest = max(c.shape[1] for c in chunks)
+    # F.pad's pairs run from the last dimension: none for those after the sequence's
+    return torch.cat([torch.nn.functional.pad(c, (0, 0) * (c.dim() - 2) + (0, longest - c.shape[1]))
                       for c in chunks])
 
 

@@ -202,7 +202,7 @@ def _kohya(a: ImageAdapter) -> Row:
         return Row("kohya", "ok", "networks.lora with its LoCon switch",
                    f"--network_args conv_dim={a.conv_rank} (ss_network_args says so)")
     known = family_list.BY_NAME[a.family]
-    if known.trainer != "kohya's sd-scripts":
+    if known.trainer != family_list.SD_SCRIPTS:
         return Row("kohya", "ok", f"{known.trainer}'s {known.network_module} reads it: "
                    "--network_weights to continue")
     return Row("kohya", "ok", f"{known.network_module}: --network_weights to continue, "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorapipe.core.evaluation import evaluating
+from lorapipe.diffusion.family_list import Facts
 from lorapipe.diffusion.schedulers import make_scheduler
 from lorapipe.diffusion.webui import network_args
 
@@ -19,10 +20,10 @@ if TYPE_CHECKING:
 class Family:
     """The interface; families.unet.UNetFamily (SD, SDXL) implements most of it."""
 
-    name: str  # shown in the train stage's first line and as model.family in dvc exp show
-    builtin: str  # the builtin model of this family (params: model.base)
+    # its entry in the family list: its name (shown in the train stage's first line and as
+    # model.family in dvc exp show), title, builtin, pipeline class name, fused WebUI names
+    facts: Facts
     pipeline_class: type  # the diffusers pipeline that loads, saves LoRAs and samples
-    diffusers_classes: tuple[str, ...]  # model_index.json `_class_name`s of this family
     # the pipeline attribute of the denoiser, which is also its key prefix in the diffusers
     # LoRA file: "unet" or "transformer"
     denoiser: str
@@ -31,7 +32,6 @@ class Family:
     # the cache tensors that condition the denoiser, besides `latents`
     cond_keys: tuple[str, ...]
     load_kwargs: dict  # extra from_pretrained/from_single_file arguments
-    title: str  # in messages: "a <title> checkpoint"
     example: str  # a base of this family, for hints
     # the pipeline's text encoders (attribute names, which are also the diffusers LoRA file's
     # key prefixes) -> their tokenizers' attribute names
@@ -52,13 +52,35 @@ class Family:
     reads_webui_files = True
     # image sides must be multiples of this (the VAE's 8x; Flux packs latents 2x2: 16)
     size_multiple = 8
-    # its WebUI names fuse several diffusers modules into one (Flux's BFL qkv): to_webui
-    fuses_webui_modules = False
     # whether sample.scheduler / train.sample_scheduler choose its sampler (else sampler()
     # keeps the family's own)
     uses_sample_scheduler = True
     # params key -> why this family refuses a non-zero value (the train stage checks)
     refused: dict[str, str] = {}
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+    @property
+    def builtin(self) -> str:
+        return self.facts.builtin
+
+    @property
+    def title(self) -> str:
+        """In messages: "a <title> checkpoint"."""
+        return self.facts.title
+
+    @property
+    def diffusers_classes(self) -> tuple[str, ...]:
+        """model_index.json `_class_name`s of this family."""
+        return (self.facts.pipeline,)
+
+    @property
+    def fuses_webui_modules(self) -> bool:
+        """Its WebUI names fuse several diffusers modules into one (Flux's BFL qkv):
+        to_webui writes them."""
+        return self.facts.fused_webui
 
     def specialize(self, pipe) -> Family:
         """This family as it applies to one loaded base (a variant: Flux dev or schnell)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SD_SCRIPTS = "kohya's sd-scripts"  # the trainer of most families' WebUI files
+
 # tensors of one family's single files only
 SD_UNET = "model.diffusion_model.input_blocks.0.0.weight"  # the LDM UNet (SD and SDXL)
 SDXL_ADM = "model.diffusion_model.label_emb.0.0.weight"  # SDXL's size embedding
@@ -35,7 +37,7 @@ class Facts:
     pipeline: str  # its diffusers pipeline class: model_index.json's _class_name
     flow_matching: bool  # trained by flow matching (else DDPM)
     # the kohya-family trainer and --network_module that read its WebUI file
-    trainer: str = "kohya's sd-scripts"
+    trainer: str = SD_SCRIPTS
     network_module: str = "networks.lora"
     # its WebUI names fuse q, k and v into one module (Flux's, SD3's reference layouts)
     fused_webui: bool = False

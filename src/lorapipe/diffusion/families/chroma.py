@@ -56,8 +56,6 @@ class Chroma(Flux):
     t5_tokens: int = T5_TOKENS
 
     facts = BY_NAME["chroma"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = ChromaPipeline
     cond_keys = ("text_states", "text_mask")
     example = "Chroma1-HD"

@@ -142,12 +142,9 @@ class Flux(Family):
     t5_tokens: int = T5_TOKENS["dev"]  # T5 tokens per caption, training and sampling alike
 
     facts = BY_NAME["flux"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = FluxPipeline
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"
-    fuses_webui_modules = True  # BFL's fused qkv and linear1 (to_webui)
     target_example = ("transformer module names such as attn.to_q, attn.to_k, attn.to_v, "
                       "attn.to_out.0")
     cond_keys = ("text_states", "pooled")

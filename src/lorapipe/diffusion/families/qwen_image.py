@@ -69,8 +69,6 @@ class QwenImage(Family):
     text_tokens: int = TEXT_TOKENS  # conditioning tokens per caption, training and sampling
 
     facts = BY_NAME["qwen-image"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = QwenImagePipeline
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"

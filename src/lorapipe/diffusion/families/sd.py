@@ -19,8 +19,6 @@ ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
 
 class SD(UNetFamily):
     facts = BY_NAME["sd"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusionPipeline
     cond_keys = ("text_states",)
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}

@@ -102,12 +102,9 @@ def mmdit_module(module: str, num_layers: int) -> tuple[str, int, int, bool]:
 
 class SD3(Family):
     facts = BY_NAME["sd3"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusion3Pipeline
     denoiser = "transformer"
     kohya_prefix = "lora_unet_"
-    fuses_webui_modules = True  # the MMDiT's fused qkv (to_webui)
     target_example = ("transformer module names such as attn.to_q, attn.to_k, attn.to_v, "
                       "attn.to_out.0")
     cond_keys = ("text_states", "pooled")

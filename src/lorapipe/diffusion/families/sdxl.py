@@ -30,8 +30,6 @@ TIME_ID_COLUMNS = ("original_height", "original_width", "crop_top", "crop_left",
 
 class SDXL(UNetFamily):
     facts = BY_NAME["sdxl"]  # its entry in the family list
-    name, builtin, title = facts.name, facts.builtin, facts.title
-    diffusers_classes = (facts.pipeline,)
     pipeline_class = StableDiffusionXLPipeline
     cond_keys = ("text_states", "pooled", "time_ids")
     load_kwargs = {"add_watermarker": False}
