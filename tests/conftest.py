@@ -386,18 +386,18 @@ LLM = {"task_type": "llm", "model__base": "builtin:tiny-llm", "data__dir": str(L
        "train__sample_prompts": ["What colour is the sun?", "What is two plus two?"]}
 
 
-def llm_encoded(data_dir: Path, out: Path, **llm) -> Path:
+def llm_encoded(data_dir: Path, out: Path, base: str = "builtin:tiny-llm", **llm) -> Path:
     """data.jsonl through validate's reader and encode's tokenizing, as the stages do."""
     from types import SimpleNamespace
 
     from lorapipe.llm.data import encode_examples, read_examples, save_token_cache
-    from lorapipe.llm.models import tiny_tokenizer
+    from lorapipe.llm.models import load_tokenizer
 
     p = SimpleNamespace(**{"max_length": 256, "too_long": "error", "train_on_prompt": False,
-                           **llm})
+                           "thinking": "keep", **llm})
     examples, findings, _ = read_examples(data_dir)
     assert not findings, findings
-    save_token_cache(encode_examples(examples, tiny_tokenizer(), p, "builtin:tiny-llm"), out)
+    save_token_cache(encode_examples(examples, load_tokenizer(base), p, base), out)
     return out
 
 

@@ -35,6 +35,7 @@ BUILTIN_PREFIX = "builtin:"
 METHODS = ("lora", "dora", "loha", "lokr")  # lora.method
 INIT_WEIGHTS = ("default", "pissa", "olora")  # lora.init_weights
 QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")  # model.quantize (lorapipe.core.quantize)
+GGUF_TYPES = ("f16", "bf16", "f32")  # llm.export_gguf (lorapipe.llm.gguf_export)
 # model.prediction_type and model.noise_schedule (lorapipe.diffusion.families.unet): "auto"
 # takes what the base says (its scheduler config, or a single file's v_pred / ztsnr marks)
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
@@ -297,6 +298,13 @@ class LlmParams:
                         "its response", choices=("error", "truncate"))
     train_on_prompt: bool = key("also train on the prompt tokens, not only the response")
     merge: bool = key("also write the LoRA merged into the base as a model folder")
+    thinking: str = key("<think>...</think> blocks in the answers: keep (trained, as the "
+                        "template renders them) or strip", choices=("keep", "strip"))
+    packing: bool = key("pack several examples into each sequence of up to llm.max_length "
+                        "tokens, attention kept within each")
+    export_gguf: bool | list[str] = key(
+        "also write the adapter as a llama.cpp LoRA GGUF: true (f16) or a list of f16, bf16, "
+        "f32; false = none", choices=GGUF_TYPES, allow_empty=True)
     max_new_tokens: int = key("tokens generated per sample", minimum=1)
     temperature: float = key("temperature of the sampled generations; 0 = greedy only",
                              minimum=0)
@@ -553,6 +561,8 @@ def _type_name(t) -> str:
         return "a list of integers >= 0"
     if t == str | list[str]:
         return "a preset name or a list of strings"
+    if t == bool | list[str]:
+        return "true, false or a list of strings"
     return names.get(t, "a list of strings")
 
 
@@ -567,6 +577,8 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path, checker: C
         or (t in (list[str], str | list[str]) and isinstance(value, list) and bool(value)
             and all(isinstance(v, str) and v for v in value))
         or (t == str | list[str] and isinstance(value, str))
+        or (t == bool | list[str] and (isinstance(value, bool) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value))))
         or (t == list[int] and isinstance(value, list) and (bool(value) or rule.allow_empty)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
     )
@@ -590,11 +602,14 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path, checker: C
         problems.append(
             f"{dotted} must be a preset ({', '.join(checker.presets)}) or a list of module "
             f"names, got {value!r}" + _did_you_mean(value, list(checker.presets)))
-    if rule.choices and value not in rule.choices:
-        problems.append(
-            f"{dotted} must be one of {', '.join(rule.choices)}, got {value!r}"
-            + _did_you_mean(str(value), list(rule.choices))
-        )
+    for item in (value if isinstance(value, list) else [] if isinstance(value, bool)
+                 else [value]) if rule.choices else ():
+        if item not in rule.choices:
+            problems.append(
+                f"{dotted} must be {'' if isinstance(value, list) else 'one of '}"
+                f"{'a list of ' if isinstance(value, list) else ''}"
+                f"{', '.join(rule.choices)}, got {item!r}"
+                + _did_you_mean(str(item), list(rule.choices)))
     if rule.path and not (rule.optional and value == ""):
         problems += _check_path(dotted, value, rule.path, root, checker)
     return value, problems

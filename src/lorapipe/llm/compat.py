@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.core.compat import Row
+from lorapipe.llm import gguf_export
 
 # vLLM's --max-lora-rank: its default and the values it accepts (vllm/config/lora.py,
 # MaxLoRARanks)
@@ -27,6 +28,7 @@ class LlmAdapter:
     # bias), "modules_to_save" (whole modules); lorapipe sets neither, so the end-of-train
     # check would catch a peft that wrote them
     extras: tuple[str, ...] = ()
+    gguf: tuple[str, ...] = ()  # the llama.cpp GGUF files' types (llm.export_gguf)
 
 
 def exported_rank(rank: int, init_weights: str) -> int:
@@ -38,8 +40,9 @@ def exported_rank(rank: int, init_weights: str) -> int:
 
 def from_params(params, root: Path) -> LlmAdapter:
     lp = params.lora
+    kinds = set(gguf_export.formats(params.llm.export_gguf))
     return LlmAdapter(lp.method, exported_rank(lp.rank, lp.init_weights), lp.rslora,
-                      lp.init_weights)
+                      lp.init_weights, gguf=tuple(k for k in gguf_export.TYPES if k in kinds))
 
 
 def from_files(folder: Path, trained: LlmAdapter) -> LlmAdapter:
@@ -52,8 +55,10 @@ def from_files(folder: Path, trained: LlmAdapter) -> LlmAdapter:
     extras = tuple(name for name, present in (
         ("bias", config.get("bias", "none") != "none"),
         ("modules_to_save", bool(config.get("modules_to_save")))) if present)
+    kinds = tuple(k for k in gguf_export.TYPES
+                  if (Path(folder) / gguf_export.file_name(k)).is_file())
     return LlmAdapter(method, int(config["r"]), trained.rslora and not config.get("use_rslora"),
-                      trained.init_weights, extras)
+                      trained.init_weights, extras, kinds)
 
 
 def facts(a: LlmAdapter) -> list[tuple[str, str]]:
@@ -114,12 +119,21 @@ def _llama_cpp(a: LlmAdapter) -> Row:
                    f"tensors only and stops at {kind}",
                    "lora.method lora, or llm.merge: true and convert the merged model "
                    "(convert_hf_to_gguf.py)")
+    strength = (" at the trained strength (rsLoRA's scale baked into adapter.lora.alpha)"
+                if a.rslora else "")
+    if a.gguf:
+        files = ", ".join(f"models/lora/{gguf_export.file_name(k)}" for k in a.gguf)
+        return Row("llama.cpp/Ollama", "ok", f"{files} (llm.export_gguf): llama-cli / "
+                   f"llama-server --lora on a GGUF of the base, Ollama's ADAPTER{strength}",
+                   f"llama-cli -m <base>.gguf --lora {files.split(', ')[0]}")
     if a.rslora:
         return Row("llama.cpp/Ollama", "ok", "convert_lora_to_gguf.py ignores use_rslora; the "
                    "export bakes rsLoRA's scale into lora_alpha, so it runs at the trained "
-                   "strength", "convert_lora_to_gguf.py models/lora --base <base>")
+                   "strength", "llm.export_gguf: true, or convert_lora_to_gguf.py models/lora "
+                   "--base <base>")
     return Row("llama.cpp/Ollama", "ok", "convert_lora_to_gguf.py, then Ollama's ADAPTER",
-               "convert_lora_to_gguf.py models/lora --base <base>")
+               "llm.export_gguf: true writes the GGUF; or convert_lora_to_gguf.py models/lora "
+               "--base <base>")
 
 
 def _merge(a: LlmAdapter) -> Row:

@@ -10,8 +10,11 @@ Tokenizing renders the conversation with the tokenizer's chat template and masks
 the assistant's tokens (and the end-of-turn token that teaches stopping), unless
 llm.train_on_prompt. No library does this for an arbitrary template: transformers'
 `return_assistant_tokens_mask` needs `{% generation %}` markers that real templates (Qwen's,
-Llama's) lack. So the template renders each growing prefix of the conversation and the
-pieces between prefixes are tokenized one by one, each marked trained or not.
+Llama's) lack. So the template renders each growing prefix of the conversation, which tells
+the answers' characters from the prompt's; a template that does not render a conversation as
+a growing prefix (Qwen3's, which drops earlier turns' thinking) has its answers found in the
+one rendering of the whole conversation (lorapipe.llm.chat). The whole text is then tokenized
+once, as at inference, and each token is trained or not by where its first character is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import json
 import statistics
 import unicodedata
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from safetensors.torch import save_file
 from lorapipe.core import outputs
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.findings import DatasetError, Finding, HasFindings, decode_text, read_data_file
+from lorapipe.llm.chat import family_of, strip_thinking
 
 DATA_FILE = "data.jsonl"
 CSV_FILE = "metadata.csv"
@@ -296,6 +301,12 @@ def _template_name(tokenizer) -> str:
     return "model.base's chat template"
 
 
+# Llama 3.x's templates write "Today Date: <date_string>" into every system header, from
+# strftime_now() unless date_string is given: the day of the run would change the tokens (and
+# the token cache's bytes). Given, fixed to the date Llama 3.1's own template falls back to.
+FIXED_DATE = "26 Jul 2024"
+
+
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
     if not messages:
         return ""
@@ -303,7 +314,8 @@ def _render(tokenizer, messages: list[dict], generation: bool) -> str:
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=generation)
+                                             add_generation_prompt=generation,
+                                             date_string=FIXED_DATE)
     except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
         # a template's raise_exception() (Gemma's "System role not supported"), its sandbox
         # refusing an attribute (SecurityError), or a template that is broken
@@ -311,7 +323,16 @@ def _render(tokenizer, messages: list[dict], generation: bool) -> str:
                              f"{type(exc).__name__}: {exc}") from None
 
 
-def segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+def _messages(example: Example, thinking: str) -> list[dict]:
+    """The conversation as the template gets it: llm.thinking strip drops each answer's
+    <think>...</think> blocks."""
+    if thinking != "strip":
+        return example.messages
+    return [{**m, "content": strip_thinking(m["content"])} if m["role"] == "assistant" else m
+            for m in example.messages]
+
+
+def segments(example: Example, tokenizer, thinking: str = "keep") -> list[tuple[str, bool]]:
     """The example's text in pieces, each (text, is it the answer)."""
     eos = tokenizer.eos_token or ""
     if example.text is not None:
@@ -323,44 +344,103 @@ def segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
                                "messages cannot be rendered; use prompt/response or text")
         return [(example.messages[0]["content"] + "\n", False),
                 (example.messages[1]["content"] + eos, True)]
-    pieces, done = [], ""
-    for i, message in enumerate(example.messages):
-        answer = message["role"] == "assistant"
-        before = _render(tokenizer, example.messages[:i], generation=answer) if i or answer \
-            else ""
-        after = _render(tokenizer, example.messages[:i + 1], generation=False)
-        if not (before.startswith(done) and after.startswith(before)):
-            raise DatasetError("CHAT_TEMPLATE", "model.base's chat template does not render a "
-                               "conversation as a growing prefix, so the answer tokens cannot "
-                               "be told from the prompt; use the text shape", file=DATA_FILE)
-        pieces += [(before[len(done):], False), (after[len(before):], answer)]
-        done = after
+    messages = _messages(example, thinking)
+    pieces = _by_prefixes(messages, tokenizer)
+    if pieces is None:
+        pieces = _by_turn_ends(messages, tokenizer)
+    if pieces is None:
+        family = family_of(tokenizer.chat_template)
+        raise DatasetError(
+            "CHAT_TEMPLATE", f"model.base's chat template ({family.name}) renders this "
+            "conversation's earlier turns differently once a later turn follows (Mistral "
+            "v0.3's moves the system message into the last user turn), so its answers cannot "
+            "be told from the prompt as the model saw it; give each answer its own example "
+            "(the turns before it as its prompt), drop the system message, or use the text "
+            "shape", file=DATA_FILE)
     return [(text, trained) for text, trained in pieces if text]
 
 
+def _by_prefixes(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """Pieces from each growing prefix's rendering; None if the renderings are not prefixes
+    of one another."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        answer = message["role"] == "assistant"
+        before = _render(tokenizer, messages[:i], generation=answer) if i or answer else ""
+        after = _render(tokenizer, messages[:i + 1], generation=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            return None
+        pieces += [(before[len(done):], False), (after[len(before):], answer)]
+        done = after
+    return pieces
+
+
+def _by_turn_ends(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """Pieces from the whole conversation's one rendering: each answer runs from where its
+    generation prompt ends (that prompt rendered alone must be a prefix of the whole) through
+    its family's turn-closing token and the newlines after it, and must hold the answer's
+    text. None if the template is of no known family or a turn is not found so."""
+    family = family_of(tokenizer.chat_template)
+    turn_end = tokenizer.eos_token if family.turn_end == "eos" else family.turn_end
+    if not turn_end:
+        return None
+    whole = _render(tokenizer, messages, generation=False)
+    pieces, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation=True)
+        start = len(prompt)
+        end = whole.find(turn_end, start)
+        if start < done or not whole.startswith(prompt) or end < 0:
+            return None
+        end += len(turn_end)
+        while whole.startswith("\n", end):
+            end += 1
+        if strip_thinking(message["content"]).strip() not in whole[start:end]:
+            return None
+        pieces += [(whole[done:start], False), (whole[start:end], True)]
+        done = end
+    return pieces + [(whole[done:], False)]
+
+
 def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool,
-             truncate: bool) -> Tokenized:
+             truncate: bool, thinking: str = "keep") -> Tokenized:
     """Token ids and the loss mask. Longer than max_length: cut from the end when
     `truncate` (the response loses its tail), else returned whole (validate reports it)."""
-    ids, trained = [], []
+    pieces = segments(example, tokenizer, thinking)
     # the tokenizer's own BOS (Llama's; Qwen's has none) once, at the start, unless the chat
     # template writes it itself
-    first = example.messages is None or not tokenizer.chat_template
-    rendered = []
-    for text, answer in segments(example, tokenizer):
-        rendered.append(text)
-        piece = tokenizer(text, add_special_tokens=first)["input_ids"]
-        first = False
-        ids += piece
-        trained += [answer or train_on_prompt] * len(piece)
+    specials = example.messages is None or not tokenizer.chat_template
+    text = "".join(piece for piece, _ in pieces)
+    if tokenizer.is_fast:
+        # the whole text at once, as the model reads it at inference (a SentencePiece
+        # tokenizer gives a piece tokenized alone a leading space it does not have in
+        # place); a token is in the loss when its first character is in an answer
+        encoded = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
+        starts, at = [], 0
+        for piece, _ in pieces:
+            starts.append(at)
+            at += len(piece)
+        ids = encoded["input_ids"]
+        trained = [pieces[bisect_right(starts, a) - 1][1] or train_on_prompt
+                   for a, _ in encoded["offset_mapping"]]
+    else:  # a slow tokenizer has no offsets: piece by piece
+        ids, trained = [], []
+        for piece, answer in pieces:
+            piece_ids = tokenizer(piece, add_special_tokens=specials)["input_ids"]
+            specials = False
+            ids += piece_ids
+            trained += [answer or train_on_prompt] * len(piece_ids)
     length = len(ids)
     if truncate and length > max_length:
         ids, trained = ids[:max_length], trained[:max_length]
-    return Tokenized(ids, trained, length > len(ids), length, "".join(rendered))
+    return Tokenized(ids, trained, length > len(ids), length, text)
 
 
 def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long: str,
-                  train_on_prompt: bool) -> tuple[list[Example], list[Finding], list[int], int]:
+                  train_on_prompt: bool, thinking: str = "keep"
+                  ) -> tuple[list[Example], list[Finding], list[int], int]:
     """Token lengths against llm.max_length: (examples that fit or were cut, findings,
     their lengths, their trained tokens)."""
     kept, findings, lengths, trained = [], [], [], 0
@@ -368,10 +448,15 @@ def check_lengths(examples: list[Example], tokenizer, max_length: int, too_long:
     for example in examples:
         try:
             tok = tokenize(example, tokenizer, max_length, train_on_prompt,
-                           truncate=too_long == "truncate")
+                           truncate=too_long == "truncate", thinking=thinking)
         except TemplateFailed as exc:
             findings.append(_error("CHAT_TEMPLATE", f"{exc}; change the example or use a base "
                                    "whose template takes it", example.line))
+            continue
+        except DatasetError as exc:  # a conversation its template cannot be masked in
+            if exc.finding.code != "CHAT_TEMPLATE":
+                raise
+            findings.append(_error("CHAT_TEMPLATE", str(exc), example.line))
             continue
         if not tok.truncated and (lost := round_trip_problem(tok, tokenizer, specials)):
             findings.append(_error("TOKENIZER_LOSSY", lost, example.line))
@@ -424,7 +509,7 @@ def round_trip_problem(tok: Tokenized, tokenizer, specials: list[str]) -> str | 
 
 
 def validate_examples(folder: str | Path, tokenizer, max_length: int, too_long: str,
-                      train_on_prompt: bool) -> LlmReport:
+                      train_on_prompt: bool, thinking: str = "keep") -> LlmReport:
     """Every check of the data, in the order a user fixes them; never writes in `folder`."""
     report = LlmReport()
     try:
@@ -444,7 +529,7 @@ def validate_examples(folder: str | Path, tokenizer, max_length: int, too_long: 
         unique.append(example)
     try:
         report.usable, found, report.lengths, report.trained_tokens = check_lengths(
-            unique, tokenizer, max_length, too_long, train_on_prompt)
+            unique, tokenizer, max_length, too_long, train_on_prompt, thinking)
     except DatasetError as exc:
         report.findings.append(exc.finding)
         return report
@@ -515,7 +600,7 @@ def encode_examples(examples: list[Example], tokenizer, p, base: str) -> TokenCa
     ids, trained, offsets, truncated = [], [], [0], 0
     for example in examples:
         tok = tokenize(example, tokenizer, p.max_length, p.train_on_prompt,
-                       truncate=p.too_long == "truncate")
+                       truncate=p.too_long == "truncate", thinking=p.thinking)
         if len(tok.ids) > p.max_length:
             raise LorapipeError(f"data line {example.line} has {len(tok.ids)} tokens, more "
                                 f"than llm.max_length {p.max_length}; rerun validate "
@@ -528,7 +613,8 @@ def encode_examples(examples: list[Example], tokenizer, p, base: str) -> TokenCa
                       torch.tensor(offsets, dtype=torch.int64),
                       [e.to_json() for e in examples], [e.line for e in examples],
                       {"task": "llm", "base": base, "truncated": truncated,
-                       "max_length": p.max_length, "train_on_prompt": p.train_on_prompt})
+                       "max_length": p.max_length, "train_on_prompt": p.train_on_prompt,
+                       "thinking": p.thinking})
 
 
 def save_token_cache(cache: TokenCache, folder: str | Path) -> Path:

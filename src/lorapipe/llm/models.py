@@ -24,6 +24,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.params import BUILTIN_PREFIX
+from lorapipe.llm import tiny
 from lorapipe.llm.model_files import llm_source_problem
 
 TINY_LLM = "builtin:tiny-llm"
@@ -117,6 +118,8 @@ def load_tokenizer(base: str, root: Path | None = None):
     """Only the tokenizer of model.base: what validate needs to count tokens."""
     if base == TINY_LLM:
         return tiny_tokenizer()
+    if base in tiny.BUILTINS:
+        return tiny.tokenizer(tiny.BUILTINS[base])
     path = _local(base, root)
     try:
         # never the folder's own code (llm_source_problem refused auto_map already)
@@ -134,6 +137,8 @@ def load_llm(base: str, root: Path | None = None):
     """(model, tokenizer) of model.base, on the CPU in fp32, in eval mode."""
     if base == TINY_LLM:
         return build_tiny_llm()
+    if base in tiny.BUILTINS:
+        return tiny.build(base)
     path = _local(base, root)
     tokenizer = load_tokenizer(base, root)
     try:
@@ -150,7 +155,8 @@ def load_llm(base: str, root: Path | None = None):
 def _local(base: str, root: Path | None) -> Path:
     if base.startswith(BUILTIN_PREFIX):
         raise LorapipeError(f"model.base: {base} is not a language model; with task_type llm "
-                            f"use {TINY_LLM} or a local Hugging Face folder")
+                            f"use {TINY_LLM}, another of {', '.join(tiny.BUILTINS)} or a local "
+                            "Hugging Face folder")
     path = (root or Path.cwd()) / base
     problem = llm_source_problem(path, base)
     if problem:

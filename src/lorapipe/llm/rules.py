@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from lorapipe.core.params import TaskRules
 
-BUILTINS = ("builtin:tiny-llm",)
+# builtin:tiny-llm (Qwen2.5's shape, ChatML) and one per chat family (lorapipe.llm.tiny)
+BUILTINS = ("builtin:tiny-llm", "builtin:tiny-llama3", "builtin:tiny-qwen3",
+            "builtin:tiny-gemma3", "builtin:tiny-mistral", "builtin:tiny-smollm2")
 
 # Switches of the image task that the LLM cannot honour: set under llm, they are refused.
 SD_ONLY_SWITCHES = {
@@ -30,6 +32,10 @@ def checks(v: dict[str, object]) -> list[str]:
     if v.get("model.config"):
         problems.append("model.config is for single-file Stable Diffusion checkpoints; "
                         "set it to \"\" for task_type llm")
+    if v.get("llm.export_gguf") and v.get("lora.method", "lora") != "lora":
+        problems.append(f"llm.export_gguf: llama.cpp loads LoRA adapters only, not lora.method "
+                        f"{v['lora.method']}; use lora.method lora, or set llm.export_gguf: "
+                        "false (llm.merge: true writes a merged model to convert instead)")
     for dotted in ("model.prediction_type", "model.noise_schedule"):
         if v.get(dotted, "auto") != "auto":
             problems.append(f"{dotted} is for task_type sd (a diffusion model's noise "

@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from lorapipe.core import compat as core_compat
 from lorapipe.core import outputs, quantize
 from lorapipe.core.adapters import RUN_KEY
+from lorapipe.core.errors import LorapipeError
 from lorapipe.core.evaluation import Evaluation, evaluating
 from lorapipe.core.metrics import (
     LR_LORA,
@@ -36,7 +37,7 @@ from lorapipe.core.metrics import (
     VALIDATION_DIVERGENCE,
 )
 from lorapipe.core.training import Data, Models, Recipe, compute_dtype, half_precision
-from lorapipe.llm import compat
+from lorapipe.llm import compat, gguf_export
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, bake_rslora, load_adapter
 from lorapipe.llm.data import CACHE_FILE, Example, load_token_cache
 from lorapipe.llm.models import KEEP, load_llm
@@ -86,6 +87,11 @@ class LlmRecipe(Recipe):
             model.save_pretrained(self.initial.name, safe_serialization=True)
             model.peft_config["default"].init_lora_weights = lp.init_weights
         self.init_notes = [load_adapter(model, lp.init)] if lp.init else []
+        if gguf_export.formats(self.params.llm.export_gguf):  # refused before training
+            problem = gguf_export.refusal(model.peft_config["default"].to_dict(),
+                                          self.base_config.to_dict())
+            if problem:
+                raise LorapipeError(f"llm.export_gguf: {problem}")
         if mode not in quantize.BITSANDBYTES:  # (prepared for them: their rest stays fp32)
             half_precision([model], self.accelerator.mixed_precision)
         self.n_quantized += quantize.after_adapter(model, mode, compute, KEEP)
@@ -238,6 +244,8 @@ class LlmRecipe(Recipe):
     def export(self, unwrapped: dict, saved_step: int, end_step: int) -> None:
         with outputs.atomic_dir(self.paths.out) as tmp:
             self._save_adapter(tmp)
+            if kinds := gguf_export.formats(self.params.llm.export_gguf):
+                gguf_export.write(tmp, self.base_config.to_dict(), kinds, self.tracker.name)
             if self.params.llm.merge:
                 merge(self.params.model.base, tmp, tmp / MERGED_DIR)
         saved = compat.from_files(self.paths.out, self.compat_facts)

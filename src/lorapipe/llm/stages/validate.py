@@ -24,7 +24,7 @@ def run(params, args) -> int:
 
     p = params.llm
     report = validate_examples(args.images, load_tokenizer(params.model.base), p.max_length,
-                               p.too_long, p.train_on_prompt)
+                               p.too_long, p.train_on_prompt, p.thinking)
     tokens = report.summary().get("tokens")
     lines = [f"validate: tokens per example min {tokens['min']}, median {tokens['median']:g}, "
              f"max {tokens['max']} (llm.max_length {p.max_length}); "
