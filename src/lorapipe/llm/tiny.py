@@ -160,7 +160,7 @@ BUILTINS = {spec.name: spec for spec in (
              stops=("<eos>", "<end_of_turn>"), byte_level=False,
              build=lambda ids: Gemma3ForCausalLM(Gemma3TextConfig(
                  **SHAPE, **ids, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                 layer_types=["sliding_attention", "full_attention"],
+                 layer_types=["sliding_attention", "sliding_attention"],
                  tie_word_embeddings=True))),
     TinyChat("builtin:tiny-mistral", "Mistral", ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
              bos="<s>", eos="</s>", pad="</s>", template=chat_templates.MISTRAL_V0_3,
