@@ -118,7 +118,8 @@ def test_the_gguf_names_and_shapes_are_llama_cpps_for_the_real_architecture(tmp_
     for i in range(config["num_hidden_layers"]):
         for module, name in LLAMA_CPP.items():
             d_in, d_out = dims[name]
-            a, b = tensors[f"blk.{i}.{name}.weight.lora_a"], tensors[f"blk.{i}.{name}.weight.lora_b"]
+            a = tensors[f"blk.{i}.{name}.weight.lora_a"]
+            b = tensors[f"blk.{i}.{name}.weight.lora_b"]
             # gguf's reader gives ggml's order (innermost first): lora_a is rank x in in
             # torch, [in, rank] here; llama.cpp's loader checks exactly these
             assert list(a.shape) == [d_in, 16] and list(b.shape) == [16, d_out]
@@ -165,9 +166,9 @@ def test_llama_cpp_applies_the_adapter_as_peft_does(runs, tmp_path):
     adapter GGUF: its logits equal transformers' for the base and peft's with the adapter."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     import numpy as np
+    from gguf_base import write_base
     from peft import PeftModel
 
-    from gguf_base import write_base
     from lorapipe.llm.models import load_llm
 
     for base, (root, _) in runs.items():
@@ -181,7 +182,7 @@ def test_llama_cpp_applies_the_adapter_as_peft_does(runs, tmp_path):
                 torch.tensor([ids])).logits[0].numpy()
         gguf_base = write_base(load_llm(base)[0], tokenizer, tmp_path / f"{base[8:]}.gguf")
 
-        def logits(**kw):
+        def logits(gguf_base=gguf_base, ids=ids, **kw):
             llm = llama_cpp.Llama(model_path=str(gguf_base), n_ctx=128, logits_all=True,
                                   verbose=False, n_threads=2, **kw)
             llm.eval(ids)

@@ -408,8 +408,10 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
+# packed (llm.packing): its layout of each batch must be as deterministic as the batch
 RESUME = {**LLM, "train__max_steps": 300, "train__checkpoint_every": 150,
-          "train__validation__every": 50, "train__sample_every": 100, "train__cpu_threads": 1}
+          "train__validation__every": 50, "train__sample_every": 100, "train__cpu_threads": 1,
+          "llm__packing": True}
 SAME_FILES = ("lora/" + ADAPTER, "lora/adapter_config.json", "dvclive/metrics.json",
               "dvclive/plots/metrics/loss/current.tsv", "dvclive/plots/metrics/lr/lora.tsv",
               "dvclive/plots/metrics/loss/validation/step_average.tsv",
@@ -436,10 +438,12 @@ def test_a_killed_llm_run_resumes_to_the_same_bytes(tmp_path, llm_cache):
 
 
 def test_two_llm_processes_match_one_at_the_same_global_batch(tmp_path, llm_cache):
+    """Two processes packing their shards (llm.packing) against one unpacked."""
     multi, single = run_dirs(tmp_path, "multi", "single")
     common = {**LLM, "train__max_steps": 16, "train__validation__every": 8,
               "train__grad_accum": 2}
-    make_params(multi, **common, train__num_processes=2, train__batch_size=2)
+    make_params(multi, **common, train__num_processes=2, train__batch_size=2,
+                llm__packing=True)
     make_params(single, **common, train__num_processes=1, train__batch_size=4)
     out = finish(stage(multi, llm_cache))
     finish(stage(single, llm_cache))
@@ -454,6 +458,65 @@ def test_two_llm_processes_match_one_at_the_same_global_batch(tmp_path, llm_cach
 
     assert len(curve(multi)) == 16
     assert curve(multi) == pytest.approx(curve(single), abs=1e-5)
+
+
+# -- packing --------------------------------------------------------------------------------
+def test_pack_fills_few_even_rows_within_the_length_and_is_deterministic():
+    from lorapipe.llm.packing import pack
+
+    lengths = [120, 15, 40, 40, 33, 90, 7, 60]
+    rows = pack(lengths, 256)
+    assert sorted(i for row in rows for i in row) == list(range(8))  # each example once
+    assert all(sum(lengths[i] for i in row) <= 256 for row in rows)
+    assert len(rows) == 2  # 405 tokens: two rows of 256 suffice
+    assert max(sum(lengths[i] for i in row) for row in rows) <= 205  # even, not 256 + 149
+    assert pack(lengths, 256) == rows and pack([256, 256], 256) == [[0], [1]]
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-llm", "builtin:tiny-qwen3",
+                                  "builtin:tiny-gemma3", "builtin:tiny-mistral"])
+def test_a_packed_row_gives_each_example_its_unpacked_logits(base):
+    """Position ids restarting per example and no mask: transformers' block-diagonal causal
+    mask (Gemma 3's sliding window too); an example attending to the one before it would
+    move its logits."""
+    from lorapipe.llm.models import load_llm
+
+    model, tokenizer = load_llm(base)
+    texts = ["What colour is snow? Answer: white.", "two plus two is four", "a b c"]
+    rows = [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
+    with torch.no_grad():
+        alone = [model(input_ids=r[None]).logits[0] for r in rows]
+        # no key/value cache, as in training: transformers reads packing from the position
+        # ids only without one
+        packed = model(input_ids=torch.cat(rows)[None],
+                       position_ids=torch.cat([torch.arange(len(r)) for r in rows])[None],
+                       attention_mask=None, use_cache=False).logits[0]
+    at = 0
+    for row, want in zip(rows, alone, strict=True):
+        torch.testing.assert_close(packed[at:at + len(row)], want, rtol=0, atol=1e-5)
+        at += len(row)
+
+
+def test_packing_trains_as_unpacked_on_the_same_batches(tmp_path, llm_cache, capsys):
+    """The same examples per step in fewer rows: the same loss per step and the same LoRA,
+    within floating-point summation order; healthy."""
+    packed, unpacked = run_dirs(tmp_path, "packed", "unpacked")
+    runs = {root: train_in(root, llm_cache, **LLM, train__max_steps=40, train__batch_size=8,
+                           llm__packing=root == packed) for root in (packed, unpacked)}
+    out = capsys.readouterr().out
+    assert re.search(r"llm\.packing: an epoch's batches in [\d,]+ token slots \(\d+% padding\) "
+                     r"instead of [\d,]+ unpacked", out)
+
+    def curve(root):
+        rows = (root / "dvclive/plots/metrics/loss/current.tsv").read_text().splitlines()[1:]
+        return [float(r.split("\t")[1]) for r in rows]
+
+    assert len(curve(packed)) == 40
+    assert curve(packed) == pytest.approx(curve(unpacked), rel=1e-5)
+    a, b = (load_file(str(root / "lora" / ADAPTER)) for root in runs)
+    for key, value in b.items():
+        torch.testing.assert_close(a[key], value, rtol=0, atol=1e-5)
+    assert all(r.summary["health"]["status"] == "healthy" for r in runs.values())
 
 
 # -- the DVC workflow -----------------------------------------------------------------------

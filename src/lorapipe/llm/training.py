@@ -41,6 +41,7 @@ from lorapipe.llm import compat, gguf_export
 from lorapipe.llm.adapter import ADAPTER_FILE, CONFIG_FILE, attach, bake_rslora, load_adapter
 from lorapipe.llm.data import CACHE_FILE, Example, load_token_cache
 from lorapipe.llm.models import KEEP, load_llm
+from lorapipe.llm.packing import pack, slots
 from lorapipe.llm.sampling import GenerationSettings, base_and_lora, base_only, to_markdown
 
 MERGED_DIR = "merged"
@@ -126,12 +127,54 @@ class LlmRecipe(Recipe):
                  + ("prompts too" if meta["train_on_prompt"] else "answers only")
                  + ")", *quantize.line(self.params.model.quantize, self.n_quantized, "model",
                                        compute_dtype(self.accelerator.mixed_precision)),
-                 core_compat.line(self.compat_rows), *self.init_notes]
+                 core_compat.line(self.compat_rows), *self.init_notes, self._padding_line(lengths)]
         return lines
 
+    def _padding_line(self, lengths: list[int]) -> str:
+        """What padding costs over the first epoch's micro-batches, packed and not."""
+        p, cap = self.p, self.params.llm.max_length
+        micro = max(1, round(self.plan.steps_per_epoch * p.grad_accum))
+        batches = [[lengths[self.train_idx[pos]] for pos in
+                    self.plan.batch_indices(m, p.seed).chunk(self.world)[self.rank].tolist()]
+                   for m in range(micro)]
+        tokens = sum(map(sum, batches))
+        padded = {packed: sum(slots(b, cap, packed) for b in batches) for packed in (False, True)}
+
+        def share(packed):
+            return f"{100 * (1 - tokens / padded[packed]):.0f}% padding"
+
+        if self.params.llm.packing:
+            return (f"train: llm.packing: an epoch's batches in {padded[True]:,} token slots "
+                    f"({share(True)}) instead of {padded[False]:,} unpacked ({share(False)})")
+        return (f"train: batches padded to their longest example: {share(False)} over an "
+                f"epoch; llm.packing: true would leave {share(True)}")
+
     # -- batches and the loss -------------------------------------------------------------
+    def _collate_packed(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        """Packed rows (lorapipe.llm.packing): ids, labels (each example's first token out of
+        the loss, as unpacked, where nothing predicts it), no mask, and position ids that
+        restart with each example (the trailing padding a block of its own)."""
+        examples = [self.cache.example(i) for i in idx]
+        rows = pack([len(ids) for ids, _ in examples], self.params.llm.max_length)
+        width = max(sum(len(examples[j][0]) for j in row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for j in row:
+                tokens, trained = examples[j]
+                n = len(tokens)
+                ids[r, at:at + n] = tokens
+                labels[r, at + 1:at + n] = torch.where(trained[1:], tokens[1:], IGNORE)
+                positions[r, at:at + n] = torch.arange(n)
+                at += n
+            positions[r, at:] = torch.arange(width - at)
+        return ids.to(self.device), labels.to(self.device), None, positions.to(self.device)
+
     def _collate(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        """Right-padded ids, labels (IGNORE outside the loss) and the attention mask."""
+        """Right-padded ids, labels (IGNORE outside the loss), the attention mask and no
+        position ids (the model counts them)."""
         examples = [self.cache.example(i) for i in idx]
         width = max(len(ids) for ids, _ in examples)
         pad = self.tokenizer.pad_token_id
@@ -143,13 +186,14 @@ class LlmRecipe(Recipe):
             ids[row, :n] = tokens
             labels[row, :n] = torch.where(trained, tokens, IGNORE)
             mask[row, :n] = 1
-        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device), None
 
-    def _summed_loss(self, model, idx: list[int], per_example: bool = False) -> torch.Tensor:
+    def _summed_loss(self, model, idx: list[int], per_example: bool = False,
+                     packed: bool = False) -> torch.Tensor:
         """Cross-entropy summed over the trained tokens of these examples (per_example: one
-        sum per example)."""
-        ids, labels, mask = self._collate(idx)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        sum per example, from unpacked rows)."""
+        ids, labels, mask, positions = (self._collate_packed if packed else self._collate)(idx)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         if not per_example:
             return torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -171,7 +215,8 @@ class LlmRecipe(Recipe):
         # DDP averages over processes and accelerate divides by grad_accum: scaled back, the
         # step's gradient is that of the mean over all its trained tokens
         scale = self.world * self.p.grad_accum / max(self._step_tokens(micro), 1)
-        return self._summed_loss(self.model, idx.tolist()) * scale
+        return self._summed_loss(self.model, idx.tolist(),
+                                 packed=self.params.llm.packing) * scale
 
     @torch.no_grad()
     def _fixed_losses(self) -> Evaluation:
