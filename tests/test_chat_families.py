@@ -115,6 +115,15 @@ def test_mistral_trains_each_answer_after_inst_and_refuses_a_moving_system_messa
     one_turn = data.Example(1, chat().messages[:3])
     tok, trained = masked(one_turn, tokenizer)
     assert tok.text == "<s>[INST] Be brief.\n\nWhat colour is snow?[/INST] Answer: white.</s>"
+    # Mistral v0.1's template puts no space before the answer: tokenized alone the answer
+    # would get SentencePiece's "▁" that it does not have in place
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}"
+        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    tok, trained = masked(example, tokenizer)
+    assert not tokenizer.convert_ids_to_tokens(trained)[0].startswith("\u2581")
+    assert_inference_tokens(example, tokenizer, tok)
 
 
 def test_smollm2_adds_its_default_system_prompt_untrained():
