@@ -64,6 +64,13 @@ def test_a_run_writes_each_gguf_type_with_llama_cpps_adapter_keys(runs):
             assert fields["adapter.lora.alpha"] == pytest.approx(config["lora_alpha"])
             assert set(tensors) == want
             assert {t.tensor_type.name for t in tensors.values()} == {qtype}
+        # the compatibility report names the files (and the end-of-train check finds them)
+        from lorapipe.llm import compat
+
+        saved = compat.from_files(root / "lora", compat.LlmAdapter("lora", 4, False, "default"))
+        assert saved.gguf == ("f16", "bf16", "f32")
+        row = next(r for r in compat.rows(saved) if r.client == "llama.cpp/Ollama")
+        assert row.status == "ok" and "models/lora/adapter-f16.gguf" in row.reason
         # rsLoRA: the scale llama.cpp applies (alpha / rank) is the trained alpha / sqrt(rank)
         lora = result.models["model"].peft_config["default"]
         if lora.use_rslora:

@@ -100,8 +100,8 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class ModelParams:
     base: str = key("a builtin (builtin:tiny-sd, -sdxl, -flux, -sd3, -chroma), a diffusers "
-                    "folder or a .safetensors file; with task_type llm builtin:tiny-llm or a "
-                    "Hugging Face folder",
+                    "folder or a .safetensors file; with task_type llm builtin:tiny-llm "
+                    "(-llama3, -qwen3, -gemma3, -mistral, -smollm2) or a Hugging Face folder",
                     path="model")
     config: str = key("diffusers folder with configs for a single-file base", path="dir",
                       optional=True)
