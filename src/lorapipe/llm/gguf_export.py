@@ -23,10 +23,12 @@ from lorapipe.core.errors import LorapipeError
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
-# transformers' model_type -> llama.cpp's architecture, for the causal LMs its converter
-# takes as text models (conversion/llama.py registers MistralForCausalLM as LLAMA)
+# transformers' model_type -> llama.cpp's architecture (conversion/llama.py registers
+# MistralForCausalLM as LLAMA; SmolLM2 is a Llama). Only those whose export was compared
+# tensor for tensor with convert_lora_to_gguf.py's output: others (Phi-3's fused qkv_proj,
+# Gemma 3's multimodal models) are refused with the converter to use instead.
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
-                 "gemma3_text": "GEMMA3", "gemma2": "GEMMA2", "gemma": "GEMMA", "phi3": "PHI3"}
+                 "gemma3_text": "GEMMA3"}
 PERMUTED = ("LLAMA",)  # LlamaModel.undo_permute
 TYPES = ("f16", "bf16", "f32")
 
