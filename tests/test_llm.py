@@ -556,10 +556,15 @@ def test_the_readme_llm_line_runs_the_pipeline_and_params_rerun_what_they_touch(
     # the workspace now holds the experiment: each llm key reruns the stages that read it
     set_param(root, "llm.temperature", 0)
     set_param(root, "llm.merge", "true")
+    set_param(root, "llm.export_gguf", "true")
+    set_param(root, "llm.packing", "true")
     assert ran(sh("dvc", "repro")) == ["params", "train", "sample"]
     assert (root / "models/lora/merged/config.json").exists()
+    assert (root / "models/lora/adapter-f16.gguf").exists()
+    assert "models/lora/adapter-f16.gguf" in (root / "reports/compatibility.md").read_text()
     assert "greedy only" in (root / "samples/samples.md").read_text()
     set_param(root, "llm.train_on_prompt", "true")
+    set_param(root, "llm.thinking", "strip")
     out = sh("dvc", "repro")
     # validate's token counts change, its usable rows do not: preprocess stays
     assert ran(out) == ["params", "validate", "encode", "train", "sample"]

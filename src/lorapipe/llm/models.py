@@ -26,6 +26,7 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.core.params import BUILTIN_PREFIX
 from lorapipe.llm import tiny
 from lorapipe.llm.model_files import llm_source_problem
+from lorapipe.llm.tiny import TINY_WORDS
 
 TINY_LLM = "builtin:tiny-llm"
 TINY_SEED = 0
@@ -50,19 +51,6 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Words the builtin tokenizer knows whole (anything else falls back to bytes): the example
-# set's vocabulary and the words most instructions are made of.
-TINY_WORDS = """
-the a an of to and in is it you that for on with as are be this was have or at by from
-not what which when how why who where can will do does your my me i we they he she there
-answer question reply user assistant system please give write tell say list name make
-colour color shape word words letter letters number numbers count sentence short long
-red blue green yellow purple orange pink black white grey brown
-circle square triangle star heart moon sun cat dog fish bird tree house car
-one two three four five six seven eight nine ten zero plus minus times equals
-first last next before after reverse upper lower case opposite big small hot cold
-yes no true false ok sure done
-""".split()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -34,6 +34,20 @@ SEED = 0
 EMBED_STD = 0.2  # as builtin:tiny-llm's (lorapipe.llm.models.TINY_EMBED_STD: why wide)
 SPACE = "\u2581"  # SentencePiece's word boundary
 
+# Words every builtin tokenizer (builtin:tiny-llm's too) knows whole (anything else falls back
+# to bytes): the example set's vocabulary and the words most instructions are made of.
+TINY_WORDS = """
+the a an of to and in is it you that for on with as are be this was have or at by from
+not what which when how why who where can will do does your my me i we they he she there
+answer question reply user assistant system please give write tell say list name make
+colour color shape word words letter letters number numbers count sentence short long
+red blue green yellow purple orange pink black white grey brown
+circle square triangle star heart moon sun cat dog fish bird tree house car
+one two three four five six seven eight nine ten zero plus minus times equals
+first last next before after reverse upper lower case opposite big small hot cold
+yes no true false ok sure done
+""".split()
+
 
 @dataclass(frozen=True)
 class TinyChat:
@@ -53,12 +67,6 @@ class TinyChat:
     build: Callable[[dict], torch.nn.Module] | None = None
 
 
-def _words() -> list[str]:
-    from lorapipe.llm.models import TINY_WORDS
-
-    return TINY_WORDS
-
-
 def _byte_level_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     byte_chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(byte_chars)}
@@ -74,7 +82,7 @@ def _sentencepiece_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _forms() -> list[str]:
-    return [f for w in _words() for f in (w, w.capitalize())]
+    return [f for w in TINY_WORDS for f in (w, w.capitalize())]
 
 
 def _merge_words(vocab: dict[str, int], words: list[str]) -> list[tuple[str, str]]:
