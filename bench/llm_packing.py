@@ -4,9 +4,10 @@
 
 Base: Qwen2.5-0.5B-Instruct's widths and vocabulary (151,936 tokens) with --layers of its 24
 layers, random weights (bench/llm_runs.py). LoRA rank 16 on the attention projections, fp32.
-Two data sets: the LLM example set (data/example-llm) and 400 short real-looking chats (one
-or two turns, some with a system message). Packing lays each batch's examples out in fewer
-rows; the batches and so the trained tokens are the same, so the gain is the time per step.
+Two data sets: the LLM example set (data/example-llm) and 258 short real-looking chats (400
+drawn, duplicates dropped; one or two turns, some with a system message). Packing lays each
+batch's examples out in fewer rows; the batches and so the trained tokens are the same, so
+the gain is the time per step.
 Each run is its own process; packed and unpacked alternate, --repeats pairs each.
 
 Prints a table and writes bench/results/llm_packing.json.

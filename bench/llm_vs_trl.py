@@ -6,9 +6,10 @@ TRL is not a lorapipe dependency: `pip install trl` first (this bench's results:
 
 The same model, data and settings in both: Qwen2.5-0.5B-Instruct's widths and vocabulary
 with --layers of its 24 layers (random weights, saved as a Hugging Face folder with the
-builtin tokenizer: bench/llm_runs.py), 240 short one-turn chats (some with a system message;
-bench/llm_runs.py), lorapipe's training split of them for both (its own held-out split: TRL
-trains on exactly the examples lorapipe does), LoRA rank 16 / alpha 16 on
+builtin tokenizer: bench/llm_runs.py), 111 short one-turn chats (240 drawn, duplicates
+dropped; some with a system message; bench/llm_runs.py), lorapipe's training split of them for
+both (its own held-out split: TRL trains on exactly the examples lorapipe does), LoRA rank 16 /
+alpha 16 on
 q,k,v,o_proj without dropout, AdamW at a constant 1e-4 with weight decay 0.01 and gradient
 clipping at 1.0, batch --batch, fp32, no gradient checkpointing, loss on the answers only
 (lorapipe's default; TRL's completion_only_loss on prompt/completion chats), each batch padded

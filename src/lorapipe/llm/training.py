@@ -194,12 +194,15 @@ class LlmRecipe(Recipe):
         sum per example, from unpacked rows)."""
         ids, labels, mask, positions = (self._collate_packed if packed else self._collate)(idx)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        # each position predicts the next token: the labels shifted left, not the logits (a
+        # slice of the logits would copy the step's largest tensor, batch x length x vocab)
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
         if not per_example:
             return torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                ignore_index=IGNORE, reduction="sum")
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                reduction="sum")
         return torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE,
+            logits.transpose(1, 2).float(), targets, ignore_index=IGNORE,
             reduction="none").sum(dim=1)
 
     def _step_tokens(self, micro: int) -> int:
