@@ -602,14 +602,12 @@ def _check_value(dotted: str, value, t: type, rule: Rule, root: Path, checker: C
         problems.append(
             f"{dotted} must be a preset ({', '.join(checker.presets)}) or a list of module "
             f"names, got {value!r}" + _did_you_mean(value, list(checker.presets)))
-    for item in (value if isinstance(value, list) else [] if isinstance(value, bool)
-                 else [value]) if rule.choices else ():
-        if item not in rule.choices:
-            problems.append(
-                f"{dotted} must be {'' if isinstance(value, list) else 'one of '}"
-                f"{'a list of ' if isinstance(value, list) else ''}"
-                f"{', '.join(rule.choices)}, got {item!r}"
-                + _did_you_mean(str(item), list(rule.choices)))
+    if rule.choices and not isinstance(value, bool):  # (true/false of bool | list[str])
+        what = "a list of" if isinstance(value, list) else "one of"
+        for item in value if isinstance(value, list) else [value]:
+            if item not in rule.choices:
+                problems.append(f"{dotted} must be {what} {', '.join(rule.choices)}, got "
+                                f"{item!r}" + _did_you_mean(str(item), list(rule.choices)))
     if rule.path and not (rule.optional and value == ""):
         problems += _check_path(dotted, value, rule.path, root, checker)
     return value, problems

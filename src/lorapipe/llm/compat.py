@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.core.compat import Row
+from lorapipe.core.params import GGUF_TYPES
 from lorapipe.llm import gguf_export
 
 # vLLM's --max-lora-rank: its default and the values it accepts (vllm/config/lora.py,
@@ -42,7 +43,7 @@ def from_params(params, root: Path) -> LlmAdapter:
     lp = params.lora
     kinds = set(gguf_export.formats(params.llm.export_gguf))
     return LlmAdapter(lp.method, exported_rank(lp.rank, lp.init_weights), lp.rslora,
-                      lp.init_weights, gguf=tuple(k for k in gguf_export.TYPES if k in kinds))
+                      lp.init_weights, gguf=tuple(k for k in GGUF_TYPES if k in kinds))
 
 
 def from_files(folder: Path, trained: LlmAdapter) -> LlmAdapter:
@@ -55,7 +56,7 @@ def from_files(folder: Path, trained: LlmAdapter) -> LlmAdapter:
     extras = tuple(name for name, present in (
         ("bias", config.get("bias", "none") != "none"),
         ("modules_to_save", bool(config.get("modules_to_save")))) if present)
-    kinds = tuple(k for k in gguf_export.TYPES
+    kinds = tuple(k for k in GGUF_TYPES
                   if (Path(folder) / gguf_export.file_name(k)).is_file())
     return LlmAdapter(method, int(config["r"]), trained.rslora and not config.get("use_rslora"),
                       trained.init_weights, extras, kinds)

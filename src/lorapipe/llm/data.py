@@ -26,6 +26,7 @@ import statistics
 import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -411,25 +412,22 @@ def tokenize(example: Example, tokenizer, max_length: int, train_on_prompt: bool
     pieces = segments(example, tokenizer, thinking)
     # the tokenizer's own BOS (Llama's; Qwen's has none) once, at the start, unless the chat
     # template writes it itself
-    specials = example.messages is None or not tokenizer.chat_template
+    add_specials = example.messages is None or not tokenizer.chat_template
     text = "".join(piece for piece, _ in pieces)
     if tokenizer.is_fast:
         # the whole text at once, as the model reads it at inference (a SentencePiece
         # tokenizer gives a piece tokenized alone a leading space it does not have in
         # place); a token is in the loss when its first character is in an answer
-        encoded = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
-        starts, at = [], 0
-        for piece, _ in pieces:
-            starts.append(at)
-            at += len(piece)
+        encoded = tokenizer(text, add_special_tokens=add_specials, return_offsets_mapping=True)
+        starts = list(accumulate((len(piece) for piece, _ in pieces[:-1]), initial=0))
         ids = encoded["input_ids"]
         trained = [pieces[bisect_right(starts, a) - 1][1] or train_on_prompt
                    for a, _ in encoded["offset_mapping"]]
     else:  # a slow tokenizer has no offsets: piece by piece
         ids, trained = [], []
         for piece, answer in pieces:
-            piece_ids = tokenizer(piece, add_special_tokens=specials)["input_ids"]
-            specials = False
+            piece_ids = tokenizer(piece, add_special_tokens=add_specials)["input_ids"]
+            add_specials = False
             ids += piece_ids
             trained += [answer or train_on_prompt] * len(piece_ids)
     length = len(ids)

@@ -30,7 +30,6 @@ CONFIG_FILE = "adapter_config.json"
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
                  "gemma3_text": "GEMMA3"}
 PERMUTED = ("LLAMA",)  # LlamaModel.undo_permute
-TYPES = ("f16", "bf16", "f32")
 
 
 def file_name(kind: str) -> str:
